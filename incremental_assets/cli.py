@@ -1,0 +1,177 @@
+"""``incremental-assets``: headless commands over the same definitions the UI shows.
+
+``sync`` does now what the sensors would do, as real Dagster runs recorded in ``$DAGSTER_HOME``
+(so the UI shows them); ``status`` tells how far each table's recorded watermark is behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .config import CONFIG_ENV, PROJECT_DIR, ConfigError
+
+DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
+
+
+def _prepare_environment(config: str | None) -> None:
+    if config:
+        os.environ[CONFIG_ENV] = str(Path(config).expanduser().resolve())
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME)))
+    home.mkdir(parents=True, exist_ok=True)
+    yaml_file = home / "dagster.yaml"
+    if not yaml_file.exists():
+        yaml_file.write_text((DEFAULT_DAGSTER_HOME / "dagster.yaml").read_text() if (DEFAULT_DAGSTER_HOME / "dagster.yaml").exists() else "")
+    warnings.filterwarnings("ignore", module="dagster")
+    warnings.filterwarnings("ignore", category=UserWarning, message=".*beta.*")
+
+
+class _Project:
+    """The loaded configuration, definitions, instance and per-table pieces."""
+
+    def __init__(self, only: list[str] | None):
+        import dagster as dg
+
+        from .config import load_config
+        from .defs.landing import landing_tables
+        from .definitions import load_definitions
+
+        self.config = load_config()
+        self.defs = load_definitions()
+        self.instance = dg.DagsterInstance.get()
+        tables = landing_tables(self.config)
+        if only:
+            known = {t.config.name for t in tables}
+            unknown = [n for n in only if n not in known]
+            if unknown:
+                raise ConfigError(f"{self.config.path}: no table named {unknown}; configured tables: {sorted(known)}")
+            tables = [t for t in tables if t.config.name in only]
+        self.tables = tables
+        self.resources = self.defs.resources or {}
+
+    def source(self, table):
+        return self.resources[table.source_key].get()
+
+    def asset(self, table):
+        from .defs.landing import build_landing_asset
+
+        return build_landing_asset(table, self.config)
+
+
+def _fmt(value) -> str:
+    return value if value not in (None, "") else "-"
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from .defs.sensors import plan_copy
+
+    project = _Project(args.table)
+    failed = False
+    log_level = "INFO" if args.verbose else "ERROR"
+    for table in project.tables:
+        name = table.config.name
+        source = project.source(table)
+        asset = project.asset(table)
+        runs = 0
+        while runs < args.max_runs:
+            try:
+                request = plan_copy(table, source, project.instance)
+            except Exception as exc:  # noqa: BLE001 - reported per table, the others go on
+                print(f"{name}: FAILED to plan: {exc}", file=sys.stderr)
+                failed = True
+                break
+            if request is None:
+                if runs == 0:
+                    print(f"{name}: up to date")
+                break
+            runs += 1
+            result = dg.materialize(
+                [asset],
+                instance=project.instance,
+                resources=project.resources,
+                partition_key=request.partition_key,
+                tags=request.tags,
+                raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+            )
+            if not result.success:
+                failure = next((e for e in result.all_events if e.is_failure), None)
+                message = failure.event_specific_data.error.message.strip() if failure and failure.event_specific_data and getattr(failure.event_specific_data, "error", None) else "see the run in the UI"
+                print(f"{name}: FAILED run {result.run_id}: {message}", file=sys.stderr)
+                failed = True
+                break
+            events = result.get_asset_materialization_events()
+            meta = {k: v.value for k, v in events[-1].materialization.metadata.items()} if events else {}
+            print(
+                f"{name}: [{request.describe()}] {meta.get('dagster/row_count', 0)} row(s), "
+                f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
+                f"frontier {_fmt(meta.get('frontier'))}, {meta.get('file_count', 0)} file(s), run {result.run_id}"
+            )
+            if not meta.get("dagster/row_count") and meta.get("horizon_note", "").startswith("held back"):
+                print(f"{name}: stopping: {meta['horizon_note']}")
+                break
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .defs.landing import recorded_frontier
+
+    project = _Project(args.table)
+    failed = False
+    print(f"{'table':<24} {'watermark column':<20} {'recorded frontier':<34} {'source max':<34} rows ahead")
+    for table in project.tables:
+        name = table.config.name
+        try:
+            source = project.source(table)
+            info = table.describe(source)
+            frontier = recorded_frontier(project.instance, table.key, info.kind)
+            ahead = source.slice_stats(info, frontier, None)[0]
+            top = source.slice_stats(info, None, None)[2]
+        except Exception as exc:  # noqa: BLE001
+            print(f"{name:<24} FAILED: {exc}")
+            failed = True
+            continue
+        kind = info.kind
+        print(
+            f"{name:<24} {info.watermark_column:<20} {_fmt(frontier and kind.to_text(frontier)):<34} "
+            f"{_fmt(top and kind.to_text(top)):<34} {ahead}"
+        )
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="incremental-assets", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help=f"configuration file (default: ${CONFIG_ENV}, else the embedded demo)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="copy what is new now, as the sensors would, and record it in Dagster")
+    sync.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    sync.add_argument("--table", action="append", help="only this table (repeatable)")
+    sync.add_argument("--max-runs", type=int, default=100, help="at most this many runs per table (default 100)")
+    sync.add_argument("-v", "--verbose", action="store_true", help="show the runs' logs")
+    sync.set_defaults(func=cmd_sync)
+    status = sub.add_parser("status", help="per table, the recorded watermark and how far the source is ahead")
+    status.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    status.add_argument("--table", action="append", help="only this table (repeatable)")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _prepare_environment(getattr(args, "sub_config", None) or args.config)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The project's YAML configuration: load, validate, and point at the file, table and key on error.
+
+``${VAR}`` (or ``${VAR:-default}``) in any string is replaced from the environment when the value
+is used, not when it is loaded, so secrets never sit in Dagster's resource config shown in the UI.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+DEMO_CONFIG = PACKAGE_DIR / "demo" / "demo.yaml"
+CONFIG_ENV = "INCREMENTAL_ASSETS_CONFIG"
+DEMO_DIR_ENV = "INCREMENTAL_ASSETS_DEMO_DIR"
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the file, the table and the key."""
+
+
+def expand(value: str, env: dict[str, str] | None = None, *, where: str = "") -> str:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` from the environment; a missing variable is an error."""
+    env = os.environ if env is None else env
+
+    def sub(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {name} is not set" if where else f"environment variable {name} is not set")
+
+    return _VAR.sub(sub, value)
+
+
+def env_var_name(value: str) -> str | None:
+    """The variable's name when ``value`` is exactly ``${VAR}`` (so Dagster can hold it as an EnvVar)."""
+    match = _VAR.fullmatch(value.strip())
+    return match.group(1) if match and match.group(2) is None else None
+
+
+class _Model(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Model):
+    url: str
+    retries: int = pydantic.Field(3, ge=0, le=20)
+    retry_delay_seconds: float = pydantic.Field(1.0, ge=0)
+    horizon_wait_seconds: float = pydantic.Field(30.0, ge=0)
+
+
+class LandingConfig(_Model):
+    url: str = "./landing"
+    format: Literal["parquet", "csv"] = "parquet"
+    max_rows_per_file: int | None = pydantic.Field(1_000_000, ge=1)
+
+
+class PartitionConfig(_Model):
+    granularity: Literal["hourly", "daily", "weekly", "monthly"] = "daily"
+    start: dt.date | dt.datetime = dt.date(2024, 1, 1)
+
+
+class TableConfig(_Model):
+    name: str
+    source: str
+    table: str
+    mode: Literal["watermark"] = "watermark"
+    watermark_column: str
+    primary_key: list[str] = []
+    columns: list[str] | None = None
+    partitions: PartitionConfig = PartitionConfig()
+    watermark_timezone: str = "UTC"
+    lag_seconds: float = pydantic.Field(0.0, ge=0)
+    null_watermark: Literal["fail", "warn"] = "fail"
+    batch_size: int = pydantic.Field(100_000, ge=1)
+    description: str | None = None
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be letters, digits, '_' or '-' (it names the asset landing/<name> and its folder)")
+        return value
+
+    @pydantic.field_validator("watermark_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        if value.upper() == "UTC":
+            return "UTC"
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except Exception:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Paris)") from None
+        return value
+
+    @property
+    def lag(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.lag_seconds)
+
+
+class SensorConfig(_Model):
+    enabled: bool = True
+    interval_seconds: int = pydantic.Field(30, ge=5)
+
+
+class ProjectConfig(_Model):
+    sources: dict[str, SourceConfig]
+    landing: LandingConfig = LandingConfig()
+    tables: list[TableConfig]
+    sensors: SensorConfig = SensorConfig()
+    #: where the file was read from; relative local paths resolve against its folder
+    path: Path | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _references(self) -> ProjectConfig:
+        seen: set[str] = set()
+        for i, table in enumerate(self.tables):
+            if table.source not in self.sources:
+                raise ValueError(
+                    f"tables[{i}] (table {table.name!r}): key 'source': unknown source {table.source!r}; "
+                    f"configured sources: {sorted(self.sources)}"
+                )
+            if table.name in seen:
+                raise ValueError(f"tables[{i}] (table {table.name!r}): key 'name': duplicate table name")
+            seen.add(table.name)
+        return self
+
+    def table(self, name: str) -> TableConfig:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise ConfigError(f"{self.path}: no table named {name!r}; configured tables: {[t.name for t in self.tables]}")
+
+
+
+def resolve_local(url: str, base_dir: str | Path | None) -> str:
+    """A relative local folder resolves against ``base_dir`` (the configuration file's folder)."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    path = Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    return str(path)
+
+
+def _describe_location(raw: Any, loc: tuple) -> str:
+    """'table 'x': key 'y'' for a pydantic error location."""
+    parts = []
+    if len(loc) >= 2 and loc[0] == "tables" and isinstance(loc[1], int):
+        name = None
+        if isinstance(raw, dict) and isinstance(raw.get("tables"), list) and loc[1] < len(raw["tables"]):
+            entry = raw["tables"][loc[1]]
+            name = entry.get("name") if isinstance(entry, dict) else None
+        parts.append(f"tables[{loc[1]}] (table {name!r})" if name else f"tables[{loc[1]}]")
+        loc = loc[2:]
+    elif len(loc) >= 2 and loc[0] == "sources":
+        parts.append(f"source {loc[1]!r}")
+        loc = loc[2:]
+    if loc:
+        parts.append("key " + repr(".".join(str(p) for p in loc)))
+    return ": ".join(parts) or "top level"
+
+
+def parse_config(text: str, path: Path | str | None = None) -> ProjectConfig:
+    where = str(path) if path else "<config>"
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys sources, landing, tables")
+    try:
+        config = ProjectConfig.model_validate({**raw, "path": Path(path).resolve() if path else None})
+    except pydantic.ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling)"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            location = _describe_location(raw, tuple(err["loc"])) if err["loc"] else ""
+            lines.append(f"{where}: {location}: {msg}" if location else f"{where}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    # every ${VAR} must be resolvable now, so a bad deployment fails at load, not at 3 a.m.
+    for name, source in config.sources.items():
+        expand(source.url, where=f"{where}: source {name!r}: key 'url'")
+    expand(config.landing.url, where=f"{where}: landing: key 'url'")
+    return config
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    """The configuration file: ``--config``, else ``$INCREMENTAL_ASSETS_CONFIG``, else the demo."""
+    chosen = explicit or os.environ.get(CONFIG_ENV)
+    return Path(chosen).expanduser().resolve() if chosen else DEMO_CONFIG
+
+
+def load_config(explicit: str | Path | None = None) -> ProjectConfig:
+    path = config_path(explicit)
+    if path == DEMO_CONFIG:
+        os.environ.setdefault(DEMO_DIR_ENV, str(PROJECT_DIR / ".demo"))
+    if not path.exists():
+        raise ConfigError(f"configuration file {path} does not exist (set --config or {CONFIG_ENV})")
+    return parse_config(path.read_text(), path)

@@ -1,0 +1,165 @@
+"""Copying slices from a source into a landing store (no Dagster here).
+
+A slice is the half-open watermark range ``[lo, hi)`` of one table, landed as one file (or a few,
+when large) under ``<table>/<partition>/`` with a name made from its bounds, so a retry writes
+the same name again instead of a second copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+
+from .landing import LandedFile, LandingStore
+from .sources import Source, SourceError, TableInfo
+from .sources.watermarks import WatermarkKind
+
+log = logging.getLogger("incremental_assets")
+
+START_TOKEN = "start"
+
+
+def slice_stem(kind: WatermarkKind, lo: Any, hi: Any) -> str:
+    """``<lo>__<hi>``: sorts in watermark order; ``start`` marks an open lower bound."""
+    return f"{START_TOKEN if lo is None else kind.file_token(lo)}__{kind.file_token(hi)}"
+
+
+def _stem_lo(path: str) -> str:
+    return path.rsplit("/", 1)[-1].split("__", 1)[0]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One partition's watermark window ``[start, end)``; ``open_start`` for the first partition."""
+
+    key: str
+    start: Any
+    end: Any
+    open_start: bool = False
+
+
+@dataclass(frozen=True)
+class PlannedSlice:
+    partition: str
+    lo: Any  # None: no lower bound (the first partition takes everything before it)
+    hi: Any
+
+
+@dataclass
+class SliceCopy:
+    partition: str
+    lo: Any
+    hi: Any
+    rows: int = 0
+    files: list[LandedFile] = field(default_factory=list)
+    max_watermark: Any = None
+    seconds: float = 0.0
+
+
+def plan_window_slices(
+    windows: Sequence[Window], frontier: Any, horizon: Any, *, refresh: bool = False
+) -> list[PlannedSlice]:
+    """Slices for time windows over the watermark's own time.
+
+    Incremental (default): everything below ``frontier`` is landed already, so each window is
+    copied from ``max(frontier, start)`` up to ``min(end, horizon)``. Refresh re-copies whole
+    windows (up to the horizon). Windows with nothing to copy yield no slice.
+    """
+    if horizon is None:
+        return []  # no safe upper bound yet: copy nothing rather than risk a late commit
+    planned = []
+    for w in windows:
+        lo = None if w.open_start else w.start
+        if not refresh and frontier is not None and (lo is None or frontier > lo):
+            lo = frontier
+        hi = min(w.end, horizon)
+        if lo is not None and lo >= hi:
+            continue
+        planned.append(PlannedSlice(w.key, lo, hi))
+    return planned
+
+
+def next_watermark(source: Source, info: TableInfo, lo: Any, hi: Any) -> Any:
+    """The lowest watermark in ``[lo, hi)``, or None: one indexed probe to skip empty windows."""
+    col = source.dialect.result_column(info.table.c[info.watermark_column])
+    query = sa.select(sa.func.min(col)).where(*source.range_filter(info, lo, hi))
+    with source.connect() as conn:
+        value = conn.execute(query).scalar()
+    return None if value is None else info.kind.from_db(value)
+
+
+def _track_max(batches: Iterable[pa.RecordBatch], column: str, out: SliceCopy, kind: WatermarkKind) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        out.rows += batch.num_rows
+        if batch.num_rows:
+            top = pc.max(batch.column(column)).as_py()
+            if top is not None:
+                top = kind.from_db(top)
+                if out.max_watermark is None or top > out.max_watermark:
+                    out.max_watermark = top
+        yield batch
+
+
+def remove_orphans(store: LandingStore, table: str, partition: str, kind: WatermarkKind, lo: Any) -> list[str]:
+    """Delete files of ``partition`` starting at or after ``lo``: left by a run that landed them
+    but died before recording its watermark, they would overlap the slice about to be written."""
+    token = None if lo is None else kind.file_token(lo)
+    orphans = [p for p in store.list_files(table, partition) if token is None or _stem_lo(p) >= token]
+    if orphans:
+        log.warning("%s/%s: removing %d file(s) of an unrecorded earlier attempt: %s", table, partition, len(orphans), orphans)
+        store.delete(orphans)
+    return orphans
+
+
+def copy_slice(
+    source: Source,
+    info: TableInfo,
+    store: LandingStore,
+    *,
+    table: str,
+    slice_: PlannedSlice,
+    batch_size: int = 100_000,
+    max_rows_per_file: int | None = None,
+    replace: bool = False,
+) -> SliceCopy:
+    """Land one slice. With ``replace`` every other file of the partition is deleted afterwards
+    (a refresh); otherwise orphans of unrecorded attempts at or after ``lo`` are deleted first."""
+    kind = info.kind
+    result = SliceCopy(slice_.partition, slice_.lo, slice_.hi)
+    started = time.perf_counter()
+    if not replace:
+        remove_orphans(store, table, slice_.partition, kind, slice_.lo)
+    batches = source.read_slice(info, slice_.lo, slice_.hi, batch_size=batch_size)
+    tracked = _track_max(batches, info.watermark_column, result, kind)
+    result.files = store.write_slice(
+        table, slice_.partition, slice_stem(kind, slice_.lo, slice_.hi), info.schema, tracked,
+        max_rows_per_file=max_rows_per_file,
+    )
+    if replace:
+        keep = {f.path for f in result.files}
+        stale = [p for p in store.list_files(table, slice_.partition) if p not in keep]
+        if stale:
+            store.delete(stale)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def check_null_watermarks(source: Source, info: TableInfo, policy: str, table: str) -> int:
+    """Apply the NULL-watermark policy: ``fail`` raises, ``warn`` logs; returns the count."""
+    count = source.null_watermark_count(info)
+    if count and policy == "fail":
+        raise SourceError(
+            f"table {table!r}: {count} row(s) have a NULL watermark column {info.watermark_column!r} and would never "
+            "be copied; fix the data, or set null_watermark: warn in the table's configuration to copy the other rows"
+        )
+    if count:
+        log.warning("table %r: %d row(s) with NULL %r are not copied (null_watermark: warn)", table, count, info.watermark_column)
+    return count
+

@@ -1,0 +1,60 @@
+"""Dagster definitions built from the configuration (``INCREMENTAL_ASSETS_CONFIG`` or the demo)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config
+from .defs.landing import build_landing_asset, landing_tables
+from .defs.resources import LandingResource, SourceResource, source_resource_key
+from .defs.sensors import build_landing_sensor
+
+
+def _secret_or_template(value: str):
+    """A value that is exactly ``${VAR}`` becomes a Dagster EnvVar; others stay templates."""
+    name = env_var_name(value)
+    return dg.EnvVar(name) if name else value
+
+
+def build_definitions(config: ProjectConfig) -> dg.Definitions:
+    tables = landing_tables(config)
+    assets, sensors = [], []
+    for table in tables:
+        asset = build_landing_asset(table, config)
+        assets.append(asset)
+        sensors.append(build_landing_sensor(table, asset, config))
+    resources: dict[str, object] = {
+        source_resource_key(name): SourceResource(
+            name=name,
+            url=_secret_or_template(src.url),
+            retries=src.retries,
+            retry_delay_seconds=src.retry_delay_seconds,
+            horizon_wait_seconds=src.horizon_wait_seconds,
+        )
+        for name, src in config.sources.items()
+    }
+    resources["landing"] = LandingResource(
+        url=_secret_or_template(config.landing.url),
+        format=config.landing.format,
+        max_rows_per_file=config.landing.max_rows_per_file,
+        base_dir=str(config.path.parent) if config.path else None,
+    )
+    jobs, schedules = [], []
+    if config.path == DEMO_CONFIG:
+        from .defs.demo import demo_activity
+
+        jobs, schedules = demo_activity()
+    return dg.Definitions(assets=assets, sensors=sensors, resources=resources, jobs=jobs, schedules=schedules)
+
+
+def load_definitions(config_file=None) -> dg.Definitions:
+    if config_path(config_file) == DEMO_CONFIG:
+        from .demo import ensure_demo_database
+
+        ensure_demo_database()
+    return build_definitions(load_config(config_file))
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return load_definitions()

@@ -1,0 +1,1 @@
+"""The Dagster layer: resources, partitions, assets, sensors built from the configuration."""

@@ -1,0 +1,267 @@
+"""``landing/<table>``: one partitioned asset per configured table.
+
+The materialization metadata is the system of record: ``frontier`` says that every row whose
+watermark is below it has been landed, ``previous_watermark``/``new_watermark`` bound what one run
+copied. The next run starts where the latest materialization's ``frontier`` ends.
+"""
+
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from ..config import ProjectConfig, TableConfig
+from ..copying import PlannedSlice, SliceCopy, Window, check_null_watermarks, copy_slice, next_watermark, plan_window_slices
+from ..sources import Source, TableInfo, TimestampKind, WatermarkKind
+from .partitions import partitions_def_for, window
+from .resources import source_resource_key
+
+TABLE_TAG = "incremental_assets/table"
+BACKFILL_TAG = "dagster/backfill"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+MAX_FILES_SHOWN = 50
+
+
+class CopyConfig(dg.Config):
+    """Run configuration of a landing copy."""
+
+    refresh: bool = False  # re-copy whole windows and replace their files (backfills always do)
+
+
+@dataclass(frozen=True)
+class LandingTable:
+    """Everything the Dagster layer knows about one configured table."""
+
+    config: TableConfig
+    partitions_def: dg.TimeWindowPartitionsDefinition
+    source_key: str
+
+    @property
+    def key(self) -> dg.AssetKey:
+        return dg.AssetKey(["landing", self.config.name])
+
+    @property
+    def pool(self) -> str:
+        return f"incremental_assets/{self.config.name}"
+
+    def describe(self, source: Source) -> TableInfo:
+        tc = self.config
+        return source.describe_table(
+            tc.table,
+            watermark_column=tc.watermark_column,
+            columns=tc.columns,
+            column_timezone=tc.watermark_timezone,
+            primary_key=tc.primary_key or None,
+        )
+
+    def windows(self, keys: list[str]) -> list[Window]:
+        first = self.partitions_def.get_first_partition_key()
+        out = []
+        for k in keys:
+            start, end = window(self.partitions_def, k)
+            out.append(Window(k, start, end, open_start=(k == first)))
+        return out
+
+
+def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict[str, Any] | None:
+    filt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None)
+    records = instance.fetch_materializations(filt, limit=1).records
+    if not records:
+        return None
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def recorded_frontier(instance: dg.DagsterInstance, key: dg.AssetKey, kind: WatermarkKind) -> Any:
+    """Every row with a watermark below this value has been landed (None: nothing yet)."""
+    meta = latest_metadata(instance, key)
+    text = meta.get("frontier") if meta else None
+    return kind.from_text(text) if text else None
+
+
+def recorded_ranges(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str, kind: WatermarkKind) -> tuple[Any, Any] | None:
+    """The union ``[lo, hi)`` of the slices recorded for one capture-time window (for a replay)."""
+    lows, highs, cursor, open_low = [], [], None, False
+    while True:
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1000, cursor=cursor
+        )
+        for record in result.records:
+            meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+            if meta.get("run_mode") == "replay" or not meta.get("new_watermark"):
+                continue
+            prev = meta.get("previous_watermark")
+            if prev in (None, "", "(start)"):
+                open_low = True
+            else:
+                lows.append(kind.from_text(prev))
+            highs.append(kind.from_text(meta["new_watermark"]))
+        if not result.has_more:
+            break
+        cursor = result.cursor
+    if not highs:
+        return None
+    return (None if open_low else min(lows)), max(highs)
+
+
+def _text(kind: WatermarkKind, value: Any) -> str:
+    return "(start)" if value is None else kind.to_text(value)
+
+
+def _is_refresh(context: dg.AssetExecutionContext, config: CopyConfig) -> bool:
+    return config.refresh or BACKFILL_TAG in context.run.tags
+
+
+def _copy_windows(context, table: LandingTable, source, info, store, keys, refresh, horizon, frontier):
+    """Timestamp watermark: windows over the watermark's own time."""
+    windows = table.windows(keys)
+    planned = plan_window_slices(windows, frontier, horizon.value, refresh=refresh)
+    copies: list[SliceCopy] = []
+    i = 0
+    while i < len(planned):
+        if len(planned) > 1:
+            # skip runs of empty windows with one indexed probe instead of one read each
+            nxt = next_watermark(source, info, planned[i].lo, planned[-1].hi)
+            if nxt is None:
+                break
+            while i < len(planned) and planned[i].hi <= nxt:
+                i += 1
+            if i == len(planned):
+                break
+        copies.append(_land(context, table, source, info, store, planned[i], replace=refresh))
+        i += 1
+    new_frontier = frontier
+    if horizon.value is not None and windows:
+        first = windows[0]
+        contiguous = (first.open_start if frontier is None else (first.open_start or first.start <= frontier)) and (
+            frontier is None or windows[-1].end > frontier
+        )
+        if contiguous:
+            reached = min(horizon.value, windows[-1].end)
+            new_frontier = reached if frontier is None else max(frontier, reached)
+    low = planned[0].lo if planned else frontier
+    high = max((c.hi for c in copies), default=None) if refresh else new_frontier
+    return copies, low, high, new_frontier, ("refresh" if refresh else "incremental")
+
+
+def _copy_capture_windows(context, table: LandingTable, source, info, store, keys, refresh, horizon, frontier):
+    """Integer / rowversion watermark: windows over capture time; new slices go to the current one."""
+    current = table.partitions_def.get_last_partition_key()
+    copies: list[SliceCopy] = []
+    low, high, new_frontier, mode = frontier, frontier, frontier, "incremental"
+    for key in keys:
+        if key == current and not refresh:
+            hi = horizon.value
+            if hi is None or (frontier is not None and hi <= frontier):
+                continue
+            copies.append(_land(context, table, source, info, store, PlannedSlice(key, frontier, hi), replace=False))
+            low, high, new_frontier = frontier, hi, hi
+        else:
+            mode = "replay"
+            recorded = recorded_ranges(context.instance, table.key, key, info.kind)
+            if recorded is None:
+                context.log.warning(f"{table.config.name}: window {key} has no recorded slices to replay")
+                continue
+            copies.append(_land(context, table, source, info, store, PlannedSlice(key, *recorded), replace=True))
+            low, high = recorded
+    return copies, low, high, new_frontier, mode
+
+
+def _land(context, table: LandingTable, source, info, store, planned: PlannedSlice, replace: bool) -> SliceCopy:
+    copy = copy_slice(
+        source, info, store, table=table.config.name, slice_=planned,
+        batch_size=table.config.batch_size, max_rows_per_file=_max_rows(context), replace=replace,
+    )
+    kind = info.kind
+    context.log.info(
+        f"{table.config.name} [{planned.partition}]: copied {copy.rows} row(s) with "
+        f"{info.watermark_column} in [{_text(kind, planned.lo)}, {kind.to_text(planned.hi)}) "
+        f"into {len(copy.files)} file(s) in {copy.seconds:.2f}s"
+    )
+    return copy
+
+
+def _max_rows(context) -> int | None:
+    return context.resources.landing.max_rows_per_file
+
+
+def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.AssetsDefinition:
+    tc = table.config
+    src_cfg = config.sources[tc.source]
+    kinds = {"sql", config.landing.format}
+    if config.landing.url.startswith("azure://"):
+        kinds.add("azure")
+
+    @dg.asset(
+        key=table.key,
+        partitions_def=table.partitions_def,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool=table.pool,
+        retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+        required_resource_keys={table.source_key, "landing"},
+        group_name="landing",
+        kinds=kinds,
+        description=tc.description
+        or f"Table `{tc.table}` of source `{tc.source}`, copied incrementally by `{tc.watermark_column}`.",
+        metadata={
+            "source": tc.source,
+            "source_table": tc.table,
+            "watermark_column": tc.watermark_column,
+        },
+    )
+    def _asset(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
+        started = time.perf_counter()
+        source: Source = getattr(context.resources, table.source_key).get()
+        store = context.resources.landing.get()
+        info = table.describe(source)
+        kind = info.kind
+        if not info.watermark_indexed:
+            context.log.warning(
+                f"{tc.name}: no index leads with {tc.watermark_column!r} on {tc.table!r}; every incremental read "
+                f"scans the table. Create one, e.g. CREATE INDEX ON {tc.table} ({tc.watermark_column})"
+            )
+        nulls = check_null_watermarks(source, info, tc.null_watermark, tc.name)
+        refresh = _is_refresh(context, config)
+        frontier = recorded_frontier(context.instance, table.key, kind)
+        t0 = time.perf_counter()
+        horizon = source.safe_horizon(info, lag=tc.lag)
+        horizon_seconds = time.perf_counter() - t0
+        if horizon.value is None:
+            context.log.warning(f"{tc.name}: no safe upper bound yet ({horizon.note}); nothing copied this time")
+        copier = _copy_windows if isinstance(kind, TimestampKind) else _copy_capture_windows
+        keys = list(context.partition_keys)
+        copies, low, high, new_frontier, mode = copier(context, table, source, info, store, keys, refresh, horizon, frontier)
+        if frontier is None and mode == "incremental" and copies:
+            mode = "initial"
+        files = [f.uri for c in copies for f in c.files]
+        rows = sum(c.rows for c in copies)
+        top = max((c.max_watermark for c in copies if c.max_watermark is not None), default=None)
+        metadata = {
+            "previous_watermark": _text(kind, low),
+            "new_watermark": "" if high is None else kind.to_text(high),
+            "frontier": "" if new_frontier is None else kind.to_text(new_frontier),
+            "max_watermark_copied": "" if top is None else kind.to_text(top),
+            "dagster/row_count": dg.MetadataValue.int(rows),
+            "run_mode": mode,
+            "watermark_kind": kind.name,
+            "horizon": "" if horizon.value is None else kind.to_text(horizon.value),
+            "horizon_note": horizon.note,
+            "file_count": len(files),
+            "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
+            "landing": store.describe(),
+            "null_watermark_rows": nulls,
+            "copy_seconds": dg.MetadataValue.float(round(sum(c.seconds for c in copies), 3)),
+            "horizon_seconds": dg.MetadataValue.float(round(horizon_seconds, 3)),
+            "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
+        }
+        if len(files) > MAX_FILES_SHOWN:
+            metadata["files_truncated"] = True
+        return dg.MaterializeResult(metadata=metadata)
+
+    return _asset
+
+
+def landing_tables(config: ProjectConfig) -> list[LandingTable]:
+    return [LandingTable(t, partitions_def_for(t), source_resource_key(t.source)) for t in config.tables]

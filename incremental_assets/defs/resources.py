@@ -1,0 +1,68 @@
+"""Dagster resources wrapping the engine's source and landing store.
+
+URLs are kept as written in the configuration (``${VAR}`` unexpanded, or an ``EnvVar``) and
+expanded only when used, so the UI's resource view never shows a password.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from ..config import expand, resolve_local
+from ..landing import LandingStore, open_landing_store
+from ..sources import Source
+
+
+class SourceResource(dg.ConfigurableResource):
+    """One source database."""
+
+    name: str
+    url: str
+    retries: int = 3
+    retry_delay_seconds: float = 1.0
+    horizon_wait_seconds: float = 30.0
+
+    _source: Source | None = PrivateAttr(default=None)
+
+    def get(self) -> Source:
+        if self._source is None:
+            self._source = Source(
+                self.name,
+                expand(self.url, where=f"source {self.name!r}: key 'url'"),
+                retries=self.retries,
+                retry_delay=self.retry_delay_seconds,
+                horizon_wait=self.horizon_wait_seconds,
+            )
+        return self._source
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._source is not None:
+            self._source.dispose()
+
+
+class LandingResource(dg.ConfigurableResource):
+    """The landing store: a local folder or ``azure://container/prefix``.
+
+    Azure credentials come from the environment: ``AZURE_STORAGE_CONNECTION_STRING``, or
+    ``AZURE_STORAGE_ACCOUNT_URL`` / ``AZURE_STORAGE_ACCOUNT`` with ``AZURE_STORAGE_KEY``,
+    ``AZURE_STORAGE_SAS_TOKEN`` or ``DefaultAzureCredential``.
+    """
+
+    url: str
+    format: str = "parquet"
+    max_rows_per_file: int | None = 1_000_000
+    #: relative folder paths resolve against this folder (the configuration file's)
+    base_dir: str | None = None
+
+    _store: LandingStore | None = PrivateAttr(default=None)
+
+    def get(self) -> LandingStore:
+        if self._store is None:
+            url = resolve_local(expand(self.url, where="landing: key 'url'"), self.base_dir)
+            self._store = open_landing_store(url, self.format)
+        return self._store
+
+
+def source_resource_key(source_name: str) -> str:
+    return "source_" + "".join(ch if ch.isalnum() else "_" for ch in source_name)

@@ -1,0 +1,103 @@
+"""Sensors that watch each source table and request landing copies when there is new data.
+
+The same planning serves the CLI's ``sync``, so "what the sensor would do" is one function.
+"""
+
+
+import datetime as dt
+from dataclasses import dataclass
+
+import dagster as dg
+
+from ..config import ProjectConfig
+from ..sources import Source, TimestampKind
+from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, recorded_frontier
+from .partitions import key_for_time, window
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+@dataclass(frozen=True)
+class CopyRequest:
+    """One run of ``landing/<table>``: a single partition, or a range run (one run, many windows)."""
+
+    table: str
+    first_key: str
+    last_key: str
+    reason: str
+
+    @property
+    def partition_key(self) -> str | None:
+        return self.first_key if self.first_key == self.last_key else None
+
+    @property
+    def tags(self) -> dict[str, str]:
+        tags = {TABLE_TAG: self.table}
+        if self.partition_key is None:
+            tags.update({RANGE_START_TAG: self.first_key, RANGE_END_TAG: self.last_key})
+        return tags
+
+    def describe(self) -> str:
+        return self.first_key if self.partition_key else f"{self.first_key}...{self.last_key}"
+
+
+def plan_copy(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> CopyRequest | None:
+    """The run a sensor tick would request now, or None when the source has nothing new."""
+    info = table.describe(source)
+    kind = info.kind
+    pdef = table.partitions_def
+    current = pdef.get_last_partition_key()
+    frontier = recorded_frontier(instance, table.key, kind)
+    name = table.config.name
+    if isinstance(kind, TimestampKind):
+        horizon = source.safe_horizon(info, lag=table.config.lag).value
+        if horizon is None:
+            return None
+        _, current_end = window(pdef, current)
+        hi = min(horizon, current_end)
+        if frontier is not None and frontier >= hi:
+            return None
+        if not source.has_rows(info, frontier, hi):
+            return None
+        first = pdef.get_first_partition_key() if frontier is None else key_for_time(pdef, frontier)
+        last = key_for_time(pdef, hi - dt.timedelta(microseconds=1))  # hi is exclusive
+        reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
+        return CopyRequest(name, first, last, reason)
+    if not source.has_rows(info, frontier, None):
+        return None
+    reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
+    return CopyRequest(name, current, current, reason)
+
+
+def _in_flight(instance: dg.DagsterInstance, table: str) -> bool:
+    runs = instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={TABLE_TAG: table}), limit=1)
+    return bool(runs)
+
+
+def build_landing_sensor(table: LandingTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=f"landing_{table.config.name.replace('-', '_')}_sensor",
+        target=[asset],
+        minimum_interval_seconds=config.sensors.interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
+        required_resource_keys={table.source_key},
+        description=f"Requests landing/{table.config.name} copies when source `{table.config.source}` has new rows.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext):
+        if _in_flight(context.instance, table.config.name):
+            return dg.SkipReason(f"a copy of {table.config.name} is already queued or running")
+        source = getattr(context.resources, table.source_key).get()
+        request = plan_copy(table, source, context.instance)
+        if request is None:
+            return dg.SkipReason(f"no new rows in {table.config.table}")
+        context.log.info(f"{table.config.name}: requesting {request.describe()} ({request.reason})")
+        return dg.RunRequest(
+            asset_selection=[table.key], partition_key=request.partition_key, tags=request.tags
+        )
+
+    return _sensor

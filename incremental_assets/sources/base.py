@@ -1,0 +1,396 @@
+"""A source database: reflection, safe horizons and streaming watermark reads.
+
+Everything specific to one engine lives in that engine's module (``sqlite.py``,
+``postgresql.py``, ``mysql.py``, ``mssql.py``) as an :class:`EngineDialect`; this module never
+branches on the engine's name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from .types import arrow_type, column_converter, is_timezone_aware, rows_to_batch
+from .watermarks import IntegerKind, RowversionKind, TimestampKind, WatermarkKind
+
+log = logging.getLogger("incremental_assets")
+UTC = dt.timezone.utc
+
+
+class SourceError(Exception):
+    """A problem with a source, its tables or columns; the message never holds a password."""
+
+
+class SourceUnavailable(SourceError):
+    """The source could not be reached after the configured retries (transient)."""
+
+
+def redact_url(url: str | sa.URL) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL we can parse: show nothing of it
+        return "<unparseable url>"
+
+
+def scrub(message: str, url: str | sa.URL) -> str:
+    """Remove the password of ``url`` from a driver's message, in case the driver echoes it."""
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    if password:
+        message = message.replace(str(password), "***")
+    return re.sub(r"(AccountKey|Password|PWD|SharedAccessSignature)=[^;'\"\s]+", r"\1=***", message, flags=re.I)
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A configured table reference: ``table`` or ``schema.table``; double quotes keep dots."""
+
+    schema: str | None
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> TableRef:
+        """``table``, ``schema.table``, or either part in double quotes (``"my.table"``, ``""`` for a quote).
+
+        An unquoted part is taken literally up to the next dot, quotes included, so a table
+        called ``we"ird`` can be written as it is.
+        """
+        parts: list[str] = []
+        i, n = 0, len(text)
+        while True:
+            if i < n and text[i] == '"':
+                buf, i = "", i + 1
+                while True:
+                    if i >= n:
+                        raise ValueError(f"not a table reference: {text!r} (unterminated double quote)")
+                    if text[i] == '"':
+                        if i + 1 < n and text[i + 1] == '"':
+                            buf, i = buf + '"', i + 2
+                            continue
+                        i += 1
+                        break
+                    buf, i = buf + text[i], i + 1
+                parts.append(buf)
+                if i == n:
+                    break
+                if text[i] != ".":
+                    raise ValueError(f"not a table reference: {text!r} (a quoted part must end at a dot or the end)")
+                i += 1
+            else:
+                dot = text.find(".", i)
+                if dot < 0:
+                    parts.append(text[i:])
+                    break
+                parts.append(text[i:dot])
+                i = dot + 1
+        if not all(parts) or len(parts) > 2:
+            raise ValueError(f"not a table reference: {text!r} (use table or schema.table; quote parts holding dots)")
+        return cls(parts[0], parts[1]) if len(parts) == 2 else cls(None, parts[0])
+
+    @staticmethod
+    def _quote(part: str) -> str:
+        return '"' + part.replace('"', '""') + '"' if ("." in part or part.startswith('"')) else part
+
+    def __str__(self) -> str:
+        """The configuration text of this reference: ``TableRef.parse(str(ref)) == ref``."""
+        name = self._quote(self.name)
+        return f"{self._quote(self.schema)}.{name}" if self.schema else name
+
+
+@dataclass
+class TableInfo:
+    ref: TableRef
+    table: sa.Table
+    columns: list[str]
+    schema: pa.Schema
+    watermark_column: str | None = None
+    kind: WatermarkKind | None = None
+    watermark_indexed: bool = True
+    primary_key: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """The exclusive upper bound below which no future commit can land, and why it is where it is."""
+
+    value: Any
+    note: str = ""
+
+
+class EngineDialect:
+    """Engine-specific behaviour. Subclasses override what their engine does differently."""
+
+    #: seconds a horizon for an integer watermark may wait for older transactions to end
+    engine_kwargs: dict[str, Any] = {}
+
+    def db_now(self, conn: sa.Connection) -> dt.datetime:
+        """The database clock, as an aware UTC datetime."""
+        raise NotImplementedError
+
+    def open_transactions(self, conn: sa.Connection) -> list[tuple[str, dt.datetime | None]]:
+        """Other sessions' open transactions in this database: (description, start time UTC)."""
+        return []
+
+    def rowversion_horizon(self, conn: sa.Connection) -> int:
+        raise SourceError("rowversion watermarks exist only on SQL Server")
+
+    def bind_timestamp(self, kind: TimestampKind, value: dt.datetime) -> sa.BindParameter | Any:
+        return sa.literal(kind.to_column_value(value), type_=sa.DateTime(timezone=kind.timezone_aware))
+
+    def bind_rowversion(self, value: int) -> Any:
+        return sa.literal(int(value).to_bytes(8, "big"), type_=sa.LargeBinary)
+
+    def watermark_kind(self, column: sa.Column, column_timezone: str) -> WatermarkKind | None:
+        t = column.type
+        if type(t).__name__.upper() in {"ROWVERSION", "TIMESTAMP"} and not isinstance(t, sa.DateTime):
+            return RowversionKind()
+        if isinstance(t, sa.DateTime) or type(t).__name__.upper() == "DATETIMEOFFSET":
+            return TimestampKind(timezone_aware=is_timezone_aware(t), column_timezone=column_timezone)
+        if isinstance(t, sa.Integer) or (isinstance(t, sa.Numeric) and t.scale == 0):
+            return IntegerKind()
+        return None
+
+    def result_column(self, column: sa.Column) -> sa.ColumnElement:
+        """How a column is selected; engines whose drivers mangle a type read it as text instead."""
+        return column
+
+    def read_batches(self, source: Source, select: sa.Select, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
+        """Stream a SELECT as Arrow batches in bounded memory (the generic path: SQLAlchemy rows)."""
+        converters = [column_converter(f.type) for f in schema]
+        with source.connect() as conn:
+            result = conn.execution_options(stream_results=True, max_row_buffer=batch_size).execute(select)
+            for rows in result.partitions(batch_size):
+                yield rows_to_batch(rows, schema, converters)
+
+
+def dialect_for(engine_name: str) -> EngineDialect:
+    from . import mssql, mysql, postgresql, sqlite  # noqa: F401  (registration by import)
+
+    try:
+        return _DIALECTS[engine_name]()
+    except KeyError:
+        raise SourceError(f"unsupported database engine {engine_name!r}: use sqlite, postgresql, mysql or mssql") from None
+
+
+_DIALECTS: dict[str, type[EngineDialect]] = {}
+
+
+def register(*names: str):
+    def wrap(cls: type[EngineDialect]) -> type[EngineDialect]:
+        for name in names:
+            _DIALECTS[name] = cls
+        return cls
+
+    return wrap
+
+
+class Source:
+    """One configured source database."""
+
+    def __init__(self, name: str, url: str, *, retries: int = 3, retry_delay: float = 1.0, horizon_wait: float = 30.0):
+        self.name = name
+        self.url = url
+        self.redacted_url = redact_url(url)
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.horizon_wait = horizon_wait
+        try:
+            parsed = make_url(url)
+        except Exception:
+            raise SourceError(f"source {name!r}: not a SQLAlchemy URL: {self.redacted_url}") from None
+        self.dialect = dialect_for(parsed.get_backend_name())
+        try:
+            self.engine = sa.create_engine(parsed, **self.dialect.engine_kwargs)
+        except Exception as exc:  # missing driver, bad options
+            raise SourceError(f"source {name!r} ({self.redacted_url}): {scrub(str(exc), url)}") from None
+
+    def __repr__(self) -> str:
+        return f"Source({self.name!r}, {self.redacted_url!r})"
+
+    # -- connections -----------------------------------------------------------------------
+    def connect(self) -> sa.Connection:
+        """Connect, retrying with exponential backoff; fail naming the source, never the password."""
+        delay = self.retry_delay
+        for attempt in range(self.retries + 1):
+            try:
+                return self.engine.connect()
+            except sa.exc.OperationalError as exc:
+                if attempt == self.retries:
+                    raise SourceUnavailable(
+                        f"source {self.name!r} ({self.redacted_url}) is unreachable after {self.retries + 1} attempts: "
+                        f"{scrub(str(exc.orig), self.url).strip()}"
+                    ) from None
+                log.warning("source %r unreachable (attempt %d), retrying in %.1fs", self.name, attempt + 1, delay)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- reflection ------------------------------------------------------------------------
+    def describe_table(
+        self,
+        table: str,
+        *,
+        watermark_column: str | None = None,
+        columns: Sequence[str] | None = None,
+        column_timezone: str = "UTC",
+        primary_key: Sequence[str] | None = None,
+    ) -> TableInfo:
+        ref = TableRef.parse(table)
+        with self.connect() as conn:
+            try:
+                sa_table = sa.Table(ref.name, sa.MetaData(), schema=ref.schema, autoload_with=conn)
+            except sa.exc.NoSuchTableError:
+                raise SourceError(f"table {str(ref)!r} not found in source {self.name!r} ({self.redacted_url})") from None
+            indexes = sa.inspect(conn).get_indexes(ref.name, schema=ref.schema)
+        names = [c.name for c in sa_table.columns]
+        if columns:
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise SourceError(f"table {str(ref)!r} in source {self.name!r} has no column(s) {missing}; it has {names}")
+            selected = list(columns)
+            if watermark_column and watermark_column not in selected:
+                selected.append(watermark_column)
+        else:
+            selected = names
+        keys = list(primary_key or [c.name for c in sa_table.primary_key.columns])
+        missing_keys = [k for k in keys if k not in names]
+        if missing_keys:
+            raise SourceError(f"table {str(ref)!r} in source {self.name!r} has no primary key column(s) {missing_keys}")
+        schema = pa.schema([pa.field(c, arrow_type(sa_table.c[c].type)) for c in selected])
+        info = TableInfo(ref=ref, table=sa_table, columns=selected, schema=schema, primary_key=keys)
+        if watermark_column is not None:
+            if watermark_column not in names:
+                raise SourceError(
+                    f"table {str(ref)!r} in source {self.name!r} has no watermark column {watermark_column!r}; it has {names}"
+                )
+            column = sa_table.c[watermark_column]
+            kind = self.dialect.watermark_kind(column, column_timezone)
+            if kind is None:
+                raise SourceError(
+                    f"watermark column {watermark_column!r} of table {str(ref)!r} has type {column.type}, "
+                    "which cannot be a watermark: use a timestamp, an integer or a rowversion column"
+                )
+            info.watermark_column = watermark_column
+            info.kind = kind
+            leading = {ix["column_names"][0] for ix in indexes if ix.get("column_names")}
+            pk_cols = [c.name for c in sa_table.primary_key.columns]
+            info.watermark_indexed = watermark_column in leading or (pk_cols[:1] == [watermark_column])
+        return info
+
+    # -- horizons --------------------------------------------------------------------------
+    def _bind(self, info: TableInfo, value: Any) -> Any:
+        kind = info.kind
+        if isinstance(kind, TimestampKind):
+            return self.dialect.bind_timestamp(kind, value)
+        if isinstance(kind, RowversionKind):
+            return self.dialect.bind_rowversion(value)
+        return sa.literal(int(value), type_=sa.BigInteger)
+
+    def safe_horizon(self, info: TableInfo, *, lag: dt.timedelta = dt.timedelta(0)) -> Horizon:
+        """The exclusive upper bound of the next slice: no later commit can land below it.
+
+        Timestamps: the database clock, held back to the start of the oldest open transaction
+        (a row's timestamp is taken after its transaction began), minus ``lag`` for clocks
+        outside the database, floored to whole seconds for engines with second-precision clocks.
+        Integers: ``MAX + 1`` once every transaction that was open when MAX was read has ended
+        (ids are handed out before commit). Rowversions: ``MIN_ACTIVE_ROWVERSION()``.
+        """
+        kind = info.kind
+        if isinstance(kind, RowversionKind):
+            with self.connect() as conn:
+                return Horizon(self.dialect.rowversion_horizon(conn), "MIN_ACTIVE_ROWVERSION()")
+        if isinstance(kind, TimestampKind):
+            with self.connect() as conn:
+                now = self.dialect.db_now(conn)
+                open_txns = self.dialect.open_transactions(conn)
+            horizon, note = now, "database clock"
+            unknown = [who for who, start in open_txns if start is None]
+            if unknown:
+                return Horizon(None, f"held back: open transaction {unknown[0]} of unknown start")
+            starts = list(open_txns)
+            if starts:
+                who, oldest = min(starts, key=lambda s: s[1])
+                if oldest < horizon:
+                    horizon, note = oldest, f"held back by open transaction {who} started {oldest.isoformat()}"
+            horizon = horizon.replace(microsecond=0) - lag
+            if lag:
+                note += f", minus lag {lag}"
+            return Horizon(horizon, note)
+        return self._integer_horizon(info)
+
+    def _integer_horizon(self, info: TableInfo) -> Horizon:
+        col = info.table.c[info.watermark_column]
+        deadline = time.monotonic() + self.horizon_wait
+        with self.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            top = conn.execute(sa.select(sa.func.max(col))).scalar()
+            read_at = self.dialect.db_now(conn)
+            while True:
+                blocking = [(w, s) for w, s in self.dialect.open_transactions(conn) if s is None or s <= read_at]
+                if not blocking:
+                    break
+                if time.monotonic() > deadline:
+                    who = ", ".join(w for w, _ in blocking[:3])
+                    return Horizon(None, f"held back: transaction(s) {who} open since before MAX({info.watermark_column}) was read")
+                time.sleep(0.2)
+        if top is None:
+            return Horizon(None, "table is empty")
+        return Horizon(int(top) + 1, f"MAX({info.watermark_column}) + 1, no older transaction open")
+
+    # -- reads -----------------------------------------------------------------------------
+    def range_filter(self, info: TableInfo, lo: Any, hi: Any) -> list:
+        col = info.table.c[info.watermark_column]
+        clauses = []
+        if lo is not None:
+            clauses.append(col >= self._bind(info, lo))
+        if hi is not None:
+            clauses.append(col < self._bind(info, hi))
+        if not clauses:
+            clauses.append(col.is_not(None))
+        return clauses
+
+    def select_slice(self, info: TableInfo, lo: Any, hi: Any) -> sa.Select:
+        return sa.select(*self._result_columns(info)).where(*self.range_filter(info, lo, hi))
+
+    def _result_columns(self, info: TableInfo) -> list:
+        return [self.dialect.result_column(info.table.c[c]).label(c) for c in info.columns]
+
+    def read_slice(self, info: TableInfo, lo: Any, hi: Any, *, batch_size: int = 100_000) -> Iterator[pa.RecordBatch]:
+        """Rows with ``lo <= watermark < hi`` (either bound may be open) as Arrow batches."""
+        return self.dialect.read_batches(self, self.select_slice(info, lo, hi), info.schema, batch_size)
+
+    def slice_stats(self, info: TableInfo, lo: Any, hi: Any) -> tuple[int, Any, Any]:
+        """Row count, min and max watermark in ``[lo, hi)``: cheap with an index on the watermark."""
+        col = self.dialect.result_column(info.table.c[info.watermark_column])
+        q = sa.select(sa.func.count(), sa.func.min(col), sa.func.max(col)).where(*self.range_filter(info, lo, hi))
+        with self.connect() as conn:
+            count, low, high = conn.execute(q).one()
+        kind = info.kind
+        return int(count), (None if low is None else kind.from_db(low)), (None if high is None else kind.from_db(high))
+
+    def has_rows(self, info: TableInfo, lo: Any, hi: Any) -> bool:
+        q = sa.select(sa.literal(1)).where(*self.range_filter(info, lo, hi)).limit(1)
+        with self.connect() as conn:
+            return conn.execute(q).first() is not None
+
+    def null_watermark_count(self, info: TableInfo) -> int:
+        col = info.table.c[info.watermark_column]
+        with self.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(col.is_(None))).scalar())
+
+    def select_nulls(self, info: TableInfo) -> sa.Select:
+        return sa.select(*self._result_columns(info)).where(info.table.c[info.watermark_column].is_(None))

@@ -1,0 +1,118 @@
+"""Mapping reflected SQLAlchemy column types to Arrow types that keep values exact."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+
+def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
+    """The Arrow type that holds every value of ``sa_type`` without loss.
+
+    Unknown types fall back to text, so nothing is ever dropped.
+    """
+    name = type(sa_type).__name__.upper()
+    if name in {"ROWVERSION", "TIMESTAMP"} and not isinstance(sa_type, sa.DateTime):
+        return pa.binary()
+    if isinstance(sa_type, sa.Boolean):
+        return pa.bool_()
+    if isinstance(sa_type, sa.Integer):
+        if isinstance(sa_type, sa.SmallInteger):
+            return pa.int16()
+        if isinstance(sa_type, sa.BigInteger):
+            return pa.int64()
+        return pa.int64() if name in {"INTEGER", "INT", "MEDIUMINT", "TINYINT"} else pa.int64()
+    if isinstance(sa_type, sa.Float) or name in {"REAL", "DOUBLE", "DOUBLE_PRECISION", "FLOAT"}:
+        return pa.float64()
+    if isinstance(sa_type, sa.Numeric):
+        precision, scale = sa_type.precision, sa_type.scale
+        if precision is None:
+            # unconstrained NUMERIC: no fixed scale can hold every value exactly
+            return pa.string()
+        scale = scale or 0
+        return pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)
+    if isinstance(sa_type, sa.DateTime):
+        return pa.timestamp("us", tz="UTC" if getattr(sa_type, "timezone", False) else None)
+    if name == "DATETIMEOFFSET":
+        return pa.timestamp("us", tz="UTC")
+    if isinstance(sa_type, sa.Date):
+        return pa.date32()
+    if isinstance(sa_type, sa.Time):
+        return pa.time64("us")
+    if isinstance(sa_type, sa.Interval):
+        return pa.duration("us")
+    if isinstance(sa_type, (sa.LargeBinary, sa.types._Binary)):
+        return pa.binary()
+    return pa.string()
+
+
+def is_timezone_aware(sa_type: sa.types.TypeEngine) -> bool:
+    return bool(getattr(sa_type, "timezone", False)) or type(sa_type).__name__.upper() == "DATETIMEOFFSET"
+
+
+def _to_text(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return str(value)
+
+
+def _to_timestamp(value: Any, aware: bool) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if aware:
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+    return value
+
+
+def _to_decimal(value: Any) -> Any:
+    if value is None or isinstance(value, decimal.Decimal):
+        return value
+    return decimal.Decimal(str(value))
+
+
+def column_converter(arrow_t: pa.DataType):
+    """A per-value converter from a driver value to one ``pa.array`` accepts for ``arrow_t``.
+
+    Returns ``None`` where drivers already hand over acceptable values.
+    """
+    if pa.types.is_string(arrow_t):
+        return _to_text
+    if pa.types.is_timestamp(arrow_t):
+        aware = arrow_t.tz is not None
+        return lambda v: _to_timestamp(v, aware)
+    if pa.types.is_decimal(arrow_t):
+        return _to_decimal
+    if pa.types.is_binary(arrow_t):
+        return lambda v: None if v is None else bytes(v)
+    if pa.types.is_boolean(arrow_t):
+        return lambda v: None if v is None else bool(v)
+    if pa.types.is_date(arrow_t):
+        return lambda v: dt.date.fromisoformat(v) if isinstance(v, str) else (v.date() if isinstance(v, dt.datetime) else v)
+    return None
+
+
+def rows_to_batch(rows: list, schema: pa.Schema, converters: list) -> pa.RecordBatch:
+    """Columnar conversion of a fetched block of rows (the fallback path for drivers without Arrow)."""
+    columns = list(zip(*rows)) if rows else [[] for _ in schema]
+    arrays = []
+    for values, field, conv in zip(columns, schema, converters):
+        if conv is not None:
+            values = [conv(v) for v in values]
+        arrays.append(pa.array(values, type=field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)

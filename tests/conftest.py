@@ -1,0 +1,109 @@
+"""Shared fixtures: real PostgreSQL, MariaDB and SQLite databases; Azurite lives in tests/azurite.py.
+
+A test needing a service that is unreachable is skipped with the reason, except under CI=true,
+where it fails: CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+pytest_plugins = ["tests.azurite"]
+
+PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str):
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: services must be up)")
+    pytest.skip(reason)
+
+
+def _server(url: str, label: str) -> sa.Engine:
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure means the service is not usable
+        engine.dispose()
+        unavailable(f"{label} is unreachable at {engine.url.render_as_string(hide_password=True)}: {type(exc).__name__}")
+    return engine
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    engine = _server(PG_URL, "PostgreSQL")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server():
+    engine = _server(MARIADB_URL, "MariaDB")
+    yield engine
+    engine.dispose()
+
+
+class Database:
+    """A real database for one test: its URL, an engine, and a helper to run SQL."""
+
+    def __init__(self, url: str, engine: sa.Engine, schema: str | None = None):
+        self.url = url
+        self.engine = engine
+        self.schema = schema
+
+    def run(self, *statements: str, params=None):
+        with self.engine.begin() as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement), params or {})
+
+    def rows(self, query: str):
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(query))]
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    engine = sa.create_engine(url)
+    yield Database(url, engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_db(pg_server):
+    """A fresh PostgreSQL database per test (tables never collide between tests)."""
+    name = f"ia_{uuid.uuid4().hex[:10]}"
+    with pg_server.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = pg_server.url.set(database=name).render_as_string(hide_password=False)
+    engine = sa.create_engine(url)
+    yield Database(url, engine)
+    engine.dispose()
+    with pg_server.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def mariadb_db(mariadb_server):
+    name = f"ia_{uuid.uuid4().hex[:10]}"
+    with mariadb_server.begin() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}`"))
+    url = mariadb_server.url.set(database=name).render_as_string(hide_password=False)
+    engine = sa.create_engine(url)
+    yield Database(url, engine)
+    engine.dispose()
+    with mariadb_server.begin() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def any_db(request):
+    """The same test on each real engine."""
+    return request.getfixturevalue({"sqlite": "sqlite_db", "postgresql": "pg_db", "mariadb": "mariadb_db"}[request.param])
