@@ -66,6 +66,22 @@ def _fmt(value) -> str:
     return value if value not in (None, "") else "-"
 
 
+def _failure_message(result) -> str:
+    """The step's own failure description, or the innermost error of its chain."""
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        data = event.step_failure_data
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            return data.user_failure_data.description
+        error = data.error
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None:
+            return error.message.strip()
+    return "see the run in the Dagster UI"
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     import dagster as dg
 
@@ -101,8 +117,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
             )
             if not result.success:
-                failure = next((e for e in result.all_events if e.is_failure), None)
-                message = failure.event_specific_data.error.message.strip() if failure and failure.event_specific_data and getattr(failure.event_specific_data, "error", None) else "see the run in the UI"
+                message = _failure_message(result)
                 print(f"{name}: FAILED run {result.run_id}: {message}", file=sys.stderr)
                 failed = True
                 break

@@ -111,7 +111,10 @@ def remove_orphans(store: LandingStore, table: str, partition: str, kind: Waterm
     """Delete files of ``partition`` starting at or after ``lo``: left by a run that landed them
     but died before recording its watermark, they would overlap the slice about to be written."""
     token = None if lo is None else kind.file_token(lo)
-    orphans = [p for p in store.list_files(table, partition) if token is None or _stem_lo(p) >= token]
+    orphans = [
+        p for p in store.list_files(table, partition)
+        if token is None or (_stem_lo(p) != START_TOKEN and _stem_lo(p) >= token)
+    ]
     if orphans:
         log.warning("%s/%s: removing %d file(s) of an unrecorded earlier attempt: %s", table, partition, len(orphans), orphans)
         store.delete(orphans)

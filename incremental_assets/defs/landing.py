@@ -12,9 +12,10 @@ from typing import Any
 
 import dagster as dg
 
-from ..config import ProjectConfig, TableConfig
+from ..config import ConfigError, ProjectConfig, TableConfig
+from ..landing import LandingError
 from ..copying import PlannedSlice, SliceCopy, Window, check_null_watermarks, copy_slice, next_watermark, plan_window_slices
-from ..sources import Source, TableInfo, TimestampKind, WatermarkKind
+from ..sources import Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind
 from .partitions import partitions_def_for, window
 from .resources import source_resource_key
 
@@ -199,7 +200,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         partitions_def=table.partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=table.pool,
-        retry_policy=dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL),
+        retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
         required_resource_keys={table.source_key, "landing"},
         group_name="landing",
         kinds=kinds,
@@ -212,6 +213,15 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         },
     )
     def _asset(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
+        try:
+            return _materialize(context, config)
+        except SourceUnavailable:
+            raise  # transient: the retry policy tries again later
+        except (SourceError, LandingError, ConfigError) as exc:
+            # bad input: retrying cannot help; say what is wrong once, plainly
+            raise dg.Failure(description=f"{tc.name}: {exc}", allow_retries=False) from None
+
+    def _materialize(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
         started = time.perf_counter()
         source: Source = getattr(context.resources, table.source_key).get()
         store = context.resources.landing.get()
@@ -252,7 +262,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
             "landing": store.describe(),
             "null_watermark_rows": nulls,
-            "copy_seconds": dg.MetadataValue.float(round(sum(c.seconds for c in copies), 3)),
+            "copy_seconds": dg.MetadataValue.float(round(float(sum(c.seconds for c in copies)), 3)),
             "horizon_seconds": dg.MetadataValue.float(round(horizon_seconds, 3)),
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
         }

@@ -29,7 +29,7 @@ class SourceResource(dg.ConfigurableResource):
         if self._source is None:
             self._source = Source(
                 self.name,
-                expand(self.url, where=f"source {self.name!r}: key 'url'"),
+                expand(_value(self.url), where=f"source {self.name!r}: key 'url'"),
                 retries=self.retries,
                 retry_delay=self.retry_delay_seconds,
                 horizon_wait=self.horizon_wait_seconds,
@@ -59,9 +59,14 @@ class LandingResource(dg.ConfigurableResource):
 
     def get(self) -> LandingStore:
         if self._store is None:
-            url = resolve_local(expand(self.url, where="landing: key 'url'"), self.base_dir)
+            url = resolve_local(expand(_value(self.url), where="landing: key 'url'"), self.base_dir)
             self._store = open_landing_store(url, self.format)
         return self._store
+
+
+def _value(field: str) -> str:
+    """A field's value, also when the resource is used outside a run (the CLI plans with it)."""
+    return field.get_value() or "" if isinstance(field, dg.EnvVar) else field
 
 
 def source_resource_key(source_name: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql import quoted_name
 
 from .types import arrow_type, column_converter, is_timezone_aware, rows_to_batch
 from .watermarks import IntegerKind, RowversionKind, TimestampKind, WatermarkKind
@@ -98,6 +99,12 @@ class TableRef:
             raise ValueError(f"not a table reference: {text!r} (use table or schema.table; quote parts holding dots)")
         return cls(parts[0], parts[1]) if len(parts) == 2 else cls(None, parts[0])
 
+    @property
+    def sa_schema(self) -> str | None:
+        """The schema for SQLAlchemy, always quoted as one identifier (SQL Server's dialect would
+        otherwise read a dotted schema such as ``my.schema`` as ``database.owner``)."""
+        return None if self.schema is None else quoted_name(self.schema, quote=True)
+
     @staticmethod
     def _quote(part: str) -> str:
         return '"' + part.replace('"', '""') + '"' if ("." in part or part.startswith('"')) else part
@@ -131,8 +138,12 @@ class Horizon:
 class EngineDialect:
     """Engine-specific behaviour. Subclasses override what their engine does differently."""
 
-    #: seconds a horizon for an integer watermark may wait for older transactions to end
+    #: keyword arguments for ``sqlalchemy.create_engine``
     engine_kwargs: dict[str, Any] = {}
+    #: how much earlier than the clock / a reported transaction start a not-yet-visible row's
+    #: timestamp may be (delay before a new transaction shows in :meth:`timestamp_holds`, or
+    #: between a statement taking its timestamp and its transaction being registered)
+    clock_margin: dt.timedelta = dt.timedelta(0)
 
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         """The database clock, as an aware UTC datetime."""
@@ -141,6 +152,14 @@ class EngineDialect:
     def open_transactions(self, conn: sa.Connection) -> list[tuple[str, dt.datetime | None]]:
         """Other sessions' open transactions in this database: (description, start time UTC)."""
         return []
+
+    def timestamp_holds(self, conn: sa.Connection) -> list[tuple[str, dt.datetime | None]]:
+        """What may still commit a row whose timestamp is already in the past: (who, since when).
+
+        Defaults to :meth:`open_transactions`; engines whose statements take their timestamp
+        before their transaction becomes visible add running statements.
+        """
+        return self.open_transactions(conn)
 
     def rowversion_horizon(self, conn: sa.Connection) -> int:
         raise SourceError("rowversion watermarks exist only on SQL Server")
@@ -151,12 +170,22 @@ class EngineDialect:
     def bind_rowversion(self, value: int) -> Any:
         return sa.literal(int(value).to_bytes(8, "big"), type_=sa.LargeBinary)
 
+    def is_timezone_aware(self, sa_type: sa.types.TypeEngine) -> bool:
+        """Whether a column holds instants (its values mean one UTC time whatever the session zone)."""
+        return is_timezone_aware(sa_type)
+
+    def arrow_type(self, sa_type: sa.types.TypeEngine) -> pa.DataType:
+        t = arrow_type(sa_type)
+        if pa.types.is_timestamp(t) and t.tz is None and self.is_timezone_aware(sa_type):
+            return pa.timestamp(t.unit, tz="UTC")
+        return t
+
     def watermark_kind(self, column: sa.Column, column_timezone: str) -> WatermarkKind | None:
         t = column.type
         if type(t).__name__.upper() in {"ROWVERSION", "TIMESTAMP"} and not isinstance(t, sa.DateTime):
             return RowversionKind()
         if isinstance(t, sa.DateTime) or type(t).__name__.upper() == "DATETIMEOFFSET":
-            return TimestampKind(timezone_aware=is_timezone_aware(t), column_timezone=column_timezone)
+            return TimestampKind(timezone_aware=self.is_timezone_aware(t), column_timezone=column_timezone)
         if isinstance(t, sa.Integer) or (isinstance(t, sa.Numeric) and t.scale == 0):
             return IntegerKind()
         return None
@@ -199,6 +228,13 @@ class Source:
     """One configured source database."""
 
     def __init__(self, name: str, url: str, *, retries: int = 3, retry_delay: float = 1.0, horizon_wait: float = 30.0):
+        parsed = self._setup(name, url, retries=retries, retry_delay=retry_delay, horizon_wait=horizon_wait)
+        try:
+            self.engine = sa.create_engine(parsed, **self.dialect.engine_kwargs)
+        except Exception as exc:  # missing driver, bad options
+            raise SourceError(f"source {name!r} ({self.redacted_url}): {scrub(str(exc), url)}") from None
+
+    def _setup(self, name: str, url: str, *, retries: int, retry_delay: float, horizon_wait: float) -> sa.URL:
         self.name = name
         self.url = url
         self.redacted_url = redact_url(url)
@@ -210,10 +246,20 @@ class Source:
         except Exception:
             raise SourceError(f"source {name!r}: not a SQLAlchemy URL: {self.redacted_url}") from None
         self.dialect = dialect_for(parsed.get_backend_name())
-        try:
-            self.engine = sa.create_engine(parsed, **self.dialect.engine_kwargs)
-        except Exception as exc:  # missing driver, bad options
-            raise SourceError(f"source {name!r} ({self.redacted_url}): {scrub(str(exc), url)}") from None
+        return parsed
+
+    @classmethod
+    def offline(cls, name: str, url: str, **options: Any) -> Source:
+        """A source that only builds SQL (no driver loaded, no engine, never connects).
+
+        With :meth:`table_info` it yields the exact statements a real source would run, e.g. to
+        check generated SQL for engines that cannot run here.
+        """
+        self = cls.__new__(cls)
+        self._setup(name, url, retries=options.get("retries", 0), retry_delay=options.get("retry_delay", 0.0),
+                    horizon_wait=options.get("horizon_wait", 0.0))
+        self.engine = None
+        return self
 
     def __repr__(self) -> str:
         return f"Source({self.name!r}, {self.redacted_url!r})"
@@ -221,6 +267,8 @@ class Source:
     # -- connections -----------------------------------------------------------------------
     def connect(self) -> sa.Connection:
         """Connect, retrying with exponential backoff; fail naming the source, never the password."""
+        if self.engine is None:
+            raise SourceError(f"source {self.name!r} ({self.redacted_url}) was built offline and cannot connect")
         delay = self.retry_delay
         for attempt in range(self.retries + 1):
             try:
@@ -237,7 +285,8 @@ class Source:
         raise AssertionError("unreachable")
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
 
     # -- reflection ------------------------------------------------------------------------
     def describe_table(
@@ -249,19 +298,69 @@ class Source:
         column_timezone: str = "UTC",
         primary_key: Sequence[str] | None = None,
     ) -> TableInfo:
-        ref = TableRef.parse(table)
+        try:
+            ref = TableRef.parse(table)
+        except ValueError as exc:
+            raise SourceError(f"source {self.name!r}: {exc}") from None
         with self.connect() as conn:
             try:
-                sa_table = sa.Table(ref.name, sa.MetaData(), schema=ref.schema, autoload_with=conn)
+                sa_table = sa.Table(ref.name, sa.MetaData(), schema=ref.sa_schema, autoload_with=conn)
             except sa.exc.NoSuchTableError:
-                raise SourceError(f"table {str(ref)!r} not found in source {self.name!r} ({self.redacted_url})") from None
-            indexes = sa.inspect(conn).get_indexes(ref.name, schema=ref.schema)
+                # the engine folded an unquoted name's case (PostgreSQL: lower): accept a unique match
+                try:
+                    inspector = sa.inspect(conn)
+                    known = inspector.get_table_names(schema=ref.sa_schema) + inspector.get_view_names(schema=ref.sa_schema)
+                except sa.exc.DBAPIError:  # e.g. an unknown schema
+                    known = []
+                same = [n for n in known if n.lower() == ref.name.lower()]
+                if len(same) != 1:
+                    raise SourceError(f"table {str(ref)!r} not found in source {self.name!r} ({self.redacted_url})") from None
+                ref = TableRef(ref.schema, same[0])
+                sa_table = sa.Table(ref.name, sa.MetaData(), schema=ref.sa_schema, autoload_with=conn)
+            indexes = sa.inspect(conn).get_indexes(ref.name, schema=ref.sa_schema)
+        return self.table_info(
+            sa_table,
+            watermark_column=watermark_column,
+            columns=columns,
+            column_timezone=column_timezone,
+            primary_key=primary_key,
+            indexes=indexes,
+            ref=ref,
+        )
+
+    def table_info(
+        self,
+        sa_table: sa.Table,
+        *,
+        watermark_column: str | None = None,
+        columns: Sequence[str] | None = None,
+        column_timezone: str = "UTC",
+        primary_key: Sequence[str] | None = None,
+        indexes: Sequence[dict] = (),
+        ref: TableRef | None = None,
+    ) -> TableInfo:
+        """A :class:`TableInfo` for an already reflected (or hand-built) table; no database access.
+
+        ``indexes`` are as ``Inspector.get_indexes`` returns them (used for ``watermark_indexed``).
+        """
+        ref = ref or TableRef(sa_table.schema, sa_table.name)
         names = [c.name for c in sa_table.columns]
+
+        def resolve(name: str) -> str:
+            """The column's real name; a unique case-insensitive match stands in for a folded name."""
+            if name in names:
+                return name
+            same = [n for n in names if n.lower() == name.lower()]
+            return same[0] if len(same) == 1 else name
+
+        columns = [resolve(c) for c in columns] if columns else columns
+        primary_key = [resolve(c) for c in primary_key] if primary_key else primary_key
+        watermark_column = resolve(watermark_column) if watermark_column is not None else None
         if columns:
             missing = [c for c in columns if c not in names]
             if missing:
                 raise SourceError(f"table {str(ref)!r} in source {self.name!r} has no column(s) {missing}; it has {names}")
-            selected = list(columns)
+            selected = list(dict.fromkeys(columns))
             if watermark_column and watermark_column not in selected:
                 selected.append(watermark_column)
         else:
@@ -270,13 +369,13 @@ class Source:
         missing_keys = [k for k in keys if k not in names]
         if missing_keys:
             raise SourceError(f"table {str(ref)!r} in source {self.name!r} has no primary key column(s) {missing_keys}")
-        schema = pa.schema([pa.field(c, arrow_type(sa_table.c[c].type)) for c in selected])
+        if watermark_column is not None and watermark_column not in names:
+            raise SourceError(
+                f"table {str(ref)!r} in source {self.name!r} has no watermark column {watermark_column!r}; it has {names}"
+            )
+        schema = pa.schema([pa.field(c, self.dialect.arrow_type(sa_table.c[c].type)) for c in selected])
         info = TableInfo(ref=ref, table=sa_table, columns=selected, schema=schema, primary_key=keys)
         if watermark_column is not None:
-            if watermark_column not in names:
-                raise SourceError(
-                    f"table {str(ref)!r} in source {self.name!r} has no watermark column {watermark_column!r}; it has {names}"
-                )
             column = sa_table.c[watermark_column]
             kind = self.dialect.watermark_kind(column, column_timezone)
             if kind is None:
@@ -315,17 +414,20 @@ class Source:
                 return Horizon(self.dialect.rowversion_horizon(conn), "MIN_ACTIVE_ROWVERSION()")
         if isinstance(kind, TimestampKind):
             with self.connect() as conn:
-                now = self.dialect.db_now(conn)
-                open_txns = self.dialect.open_transactions(conn)
+                now = self.dialect.db_now(conn)  # first: whatever starts after this is later than it
+                holds = self.dialect.timestamp_holds(conn)
             horizon, note = now, "database clock"
-            unknown = [who for who, start in open_txns if start is None]
+            unknown = [who for who, start in holds if start is None]
             if unknown:
-                return Horizon(None, f"held back: open transaction {unknown[0]} of unknown start")
-            starts = list(open_txns)
-            if starts:
-                who, oldest = min(starts, key=lambda s: s[1])
+                return Horizon(None, f"held back: {unknown[0]} open since an unknown time")
+            if holds:
+                who, oldest = min(holds, key=lambda s: s[1])
                 if oldest < horizon:
-                    horizon, note = oldest, f"held back by open transaction {who} started {oldest.isoformat()}"
+                    horizon, note = oldest, f"held back by {who} open since {oldest.isoformat()}"
+            margin = self.dialect.clock_margin
+            if margin:
+                horizon -= margin
+                note += f", minus margin {margin}"
             horizon = horizon.replace(microsecond=0) - lag
             if lag:
                 note += f", minus lag {lag}"
@@ -345,7 +447,9 @@ class Source:
                     break
                 if time.monotonic() > deadline:
                     who = ", ".join(w for w, _ in blocking[:3])
-                    return Horizon(None, f"held back: transaction(s) {who} open since before MAX({info.watermark_column}) was read")
+                    return Horizon(
+                        None, f"held back: transaction(s) {who} open since before MAX({info.watermark_column}) was read"
+                    )
                 time.sleep(0.2)
         if top is None:
             return Horizon(None, "table is empty")
@@ -373,24 +477,29 @@ class Source:
         """Rows with ``lo <= watermark < hi`` (either bound may be open) as Arrow batches."""
         return self.dialect.read_batches(self, self.select_slice(info, lo, hi), info.schema, batch_size)
 
+    def select_stats(self, info: TableInfo, lo: Any, hi: Any) -> sa.Select:
+        col = self.dialect.result_column(info.table.c[info.watermark_column])
+        return sa.select(sa.func.count(), sa.func.min(col), sa.func.max(col)).where(*self.range_filter(info, lo, hi))
+
+    def select_any(self, info: TableInfo, lo: Any, hi: Any) -> sa.Select:
+        return sa.select(sa.literal_column("1")).select_from(info.table).where(*self.range_filter(info, lo, hi)).limit(1)
+
     def slice_stats(self, info: TableInfo, lo: Any, hi: Any) -> tuple[int, Any, Any]:
         """Row count, min and max watermark in ``[lo, hi)``: cheap with an index on the watermark."""
-        col = self.dialect.result_column(info.table.c[info.watermark_column])
-        q = sa.select(sa.func.count(), sa.func.min(col), sa.func.max(col)).where(*self.range_filter(info, lo, hi))
         with self.connect() as conn:
-            count, low, high = conn.execute(q).one()
+            count, low, high = conn.execute(self.select_stats(info, lo, hi)).one()
         kind = info.kind
         return int(count), (None if low is None else kind.from_db(low)), (None if high is None else kind.from_db(high))
 
     def has_rows(self, info: TableInfo, lo: Any, hi: Any) -> bool:
-        q = sa.select(sa.literal(1)).where(*self.range_filter(info, lo, hi)).limit(1)
         with self.connect() as conn:
-            return conn.execute(q).first() is not None
+            return conn.execute(self.select_any(info, lo, hi)).first() is not None
 
     def null_watermark_count(self, info: TableInfo) -> int:
         col = info.table.c[info.watermark_column]
+        query = sa.select(sa.func.count()).select_from(info.table).where(col.is_(None))
         with self.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).where(col.is_(None))).scalar())
+            return int(conn.execute(query).scalar())
 
     def select_nulls(self, info: TableInfo) -> sa.Select:
         return sa.select(*self._result_columns(info)).where(info.table.c[info.watermark_column].is_(None))

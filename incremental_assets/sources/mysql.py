@@ -1,38 +1,85 @@
 """MySQL / MariaDB: open InnoDB transactions from information_schema.innodb_trx.
 
 Sessions run in UTC (``time_zone = '+00:00'``) so the clock, ``trx_started`` and TIMESTAMP
-columns all read as UTC.
+columns all read as UTC; TIMESTAMP columns are instants and are read as UTC-aware values.
+
+Two traps make a plain ``SELECT ... FROM innodb_trx`` unsafe, and both are handled here:
+
+- InnoDB serves ``innodb_trx`` from a cache that is refreshed only after 0.1 s *without readers*:
+  a monitor polling it keeps it stale indefinitely, hiding new transactions. We open a snapshot
+  transaction of our own first and tag our query with a fresh token; a reading is accepted only
+  when it shows our transaction running that very query (``trx_query``), which proves the cache
+  was filled after our transaction started (a thread id alone does not: pooled connections reuse
+  it). Otherwise the start is unknown and the horizon makes no progress.
+- ``NOW()``/``CURRENT_TIMESTAMP`` are the *statement's* start, taken before InnoDB registers the
+  transaction (e.g. while the statement waits for a metadata lock). Statements running in other
+  sessions (``information_schema.processlist``, not cached) hold timestamp horizons back to their
+  start, and :attr:`clock_margin` covers the short gap for statements that have just finished.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
+import uuid
 
 import sqlalchemy as sa
 
 from .base import EngineDialect, SourceError, register
+from .watermarks import TimestampKind
 
 UTC = dt.timezone.utc
-OPEN_TRANSACTIONS = sa.text(
-    "SELECT CONCAT('thread ', trx_mysql_thread_id), trx_started FROM information_schema.innodb_trx "
-    "WHERE trx_mysql_thread_id <> CONNECTION_ID()"
+#: ``{tag}``: a fresh token per reading, echoed in our own row's trx_query when the cache is fresh
+OPEN_TRANSACTIONS = "SELECT /* ia-horizon {tag} */ trx_mysql_thread_id, trx_started, trx_query FROM information_schema.innodb_trx"
+RUNNING_STATEMENTS = sa.text(
+    "SELECT CONCAT('statement of thread ', ID), UTC_TIMESTAMP(6) - INTERVAL (TIME + 1) SECOND "
+    "FROM information_schema.processlist "
+    "WHERE ID <> CONNECTION_ID() AND COMMAND IN ('Query', 'Execute')"
 )
+#: how long to wait for the innodb_trx cache to be refreshed after our snapshot started
+FRESH_WAIT = 3.0
 
 
 @register("mysql", "mariadb")
 class MySQLDialect(EngineDialect):
     engine_kwargs = {"connect_args": {"init_command": "SET time_zone = '+00:00'"}}
+    clock_margin = dt.timedelta(seconds=1)
 
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         return conn.execute(sa.text("SELECT UTC_TIMESTAMP(6)")).scalar().replace(tzinfo=UTC)
 
+    def is_timezone_aware(self, sa_type: sa.types.TypeEngine) -> bool:
+        return isinstance(sa_type, sa.TIMESTAMP) or super().is_timezone_aware(sa_type)
+
+    def bind_timestamp(self, kind: TimestampKind, value: dt.datetime):
+        # the session is UTC: aware bounds are sent as UTC wall-clock text
+        return sa.literal(kind.to_column_value(value).replace(tzinfo=None), type_=sa.DateTime())
+
     def open_transactions(self, conn: sa.Connection):
         try:
-            rows = conn.execute(OPEN_TRANSACTIONS).all()
+            me = conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar()
+            query = sa.text(OPEN_TRANSACTIONS.format(tag=uuid.uuid4().hex))
+            conn.exec_driver_sql("START TRANSACTION WITH CONSISTENT SNAPSHOT")
+            try:
+                deadline = time.monotonic() + FRESH_WAIT
+                while True:
+                    rows = conn.execute(query).all()
+                    if any(thread == me and text == query.text for thread, _, text in rows):
+                        break  # the cache was filled while this very query of our transaction ran
+                    if time.monotonic() > deadline:
+                        return [("a transaction hidden by a stale information_schema.innodb_trx cache", None)]
+                    time.sleep(0.15)  # the cache refreshes only after 0.1 s without readers
+            finally:
+                conn.exec_driver_sql("ROLLBACK")
         except sa.exc.DBAPIError as exc:
             raise SourceError(
                 "cannot read information_schema.innodb_trx to find a safe horizon; "
                 "grant the PROCESS privilege to the source user"
             ) from exc
         # trx_started is floored to whole seconds: earlier than the true start, which is the safe side
-        return [(who, start.replace(tzinfo=UTC)) for who, start in rows]
+        return [(f"transaction of thread {thread}", start.replace(tzinfo=UTC)) for thread, start, _ in rows if thread != me]
+
+    def timestamp_holds(self, conn: sa.Connection):
+        # statements first: one still running now may not be in InnoDB yet when we read innodb_trx
+        running = [(who, start.replace(tzinfo=UTC)) for who, start in conn.execute(RUNNING_STATEMENTS)]
+        return running + self.open_transactions(conn)

@@ -25,9 +25,9 @@ def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
     if isinstance(sa_type, sa.Integer):
         if isinstance(sa_type, sa.SmallInteger):
             return pa.int16()
-        if isinstance(sa_type, sa.BigInteger):
-            return pa.int64()
-        return pa.int64() if name in {"INTEGER", "INT", "MEDIUMINT", "TINYINT"} else pa.int64()
+        if isinstance(sa_type, sa.BigInteger) and getattr(sa_type, "unsigned", False):
+            return pa.uint64()  # MySQL BIGINT UNSIGNED: beyond int64
+        return pa.int64()
     if isinstance(sa_type, sa.Float) or name in {"REAL", "DOUBLE", "DOUBLE_PRECISION", "FLOAT"}:
         return pa.float64()
     if isinstance(sa_type, sa.Numeric):

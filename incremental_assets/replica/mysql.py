@@ -1,0 +1,144 @@
+"""MySQL / MariaDB replica: executemany into a temporary staging table, then INSERT ... SELECT ...
+ON DUPLICATE KEY UPDATE with the version guard.
+
+- ON DUPLICATE KEY UPDATE has no WHERE: each column is set with ``IF(guard, new, old)``, and the
+  version column is assigned **last**, because MySQL evaluates the assignments left to right and
+  a guard evaluated after the version changed would compare the new version with itself.
+- Text is compared binary and without PAD SPACE (``utf8mb4_nopad_bin`` on MariaDB,
+  ``utf8mb4_0900_bin`` on MySQL 8): with the default collations the keys ``'a'``, ``'A'`` and
+  ``'a '`` would be one key in the replica while they are three in the source.
+- Text keys are ``VARCHAR(n)`` within InnoDB's 3072-byte key limit; other text is ``LONGTEXT``.
+- Both timestamp kinds are ``DATETIME(6)``; instants are stored in UTC (sessions run in UTC).
+- Sessions run in strict mode, so a value that does not fit fails instead of being truncated.
+- DDL commits implicitly here, so :meth:`Replica.ensure_table` runs before the merge's transaction;
+  merges of one table queue on ``GET_LOCK`` (a session lock, released after the transaction).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+from .base import DELETED, MergePlan, ReplicaDialect, ReplicaError, SqlType, decimal_text, duration_micros, register, timestamp_text
+
+SQL_MODE = "STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
+#: best first: binary, NO PAD
+COLLATIONS = ("utf8mb4_nopad_bin", "utf8mb4_0900_bin", "utf8mb4_bin")
+LOCK_WAIT_SECONDS = 3600
+
+
+@register("mysql", "mariadb")
+class MySQLReplica(ReplicaDialect):
+    engine_kwargs = {
+        "connect_args": {"init_command": f"SET time_zone = '+00:00', sql_mode = '{SQL_MODE}'", "charset": "utf8mb4"}
+    }
+    max_key_bytes = 3072
+    op_column_sql = "CAST(0 AS SIGNED)"
+
+    def __init__(self) -> None:
+        self.collation = COLLATIONS[-1]
+
+    def prepare(self, conn: sa.Connection) -> None:
+        found = set(
+            conn.exec_driver_sql(
+                "SELECT COLLATION_NAME FROM information_schema.COLLATIONS WHERE COLLATION_NAME IN (%s, %s, %s)",
+                COLLATIONS,
+            ).scalars()
+        )
+        self.collation = next((c for c in COLLATIONS if c in found), COLLATIONS[-1])
+        conn.rollback()
+
+    @property
+    def table_options(self) -> str:
+        return f" ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={self.collation}"
+
+    def column_type(self, t: pa.DataType, *, key_bytes: int | None = None) -> str:
+        if pa.types.is_boolean(t):
+            return "BOOLEAN"
+        if pa.types.is_integer(t):
+            name = {8: "TINYINT", 16: "SMALLINT", 32: "INT"}.get(t.bit_width, "BIGINT")
+            return name + (" UNSIGNED" if pa.types.is_unsigned_integer(t) else "")
+        if pa.types.is_floating(t):
+            return "DOUBLE" if t.bit_width == 64 else "FLOAT"
+        if pa.types.is_decimal(t):
+            if t.precision > 65 or t.scale > 30:
+                raise ValueError(f"{t} exceeds MySQL's DECIMAL(65,30)")
+            return f"DECIMAL({t.precision},{t.scale})"
+        if pa.types.is_string(t):
+            kind = f"VARCHAR({max(1, key_bytes // 4)})" if key_bytes else "LONGTEXT"
+            return f"{kind} CHARACTER SET utf8mb4 COLLATE {self.collation}"
+        if pa.types.is_binary(t):
+            return f"VARBINARY({key_bytes})" if key_bytes else "LONGBLOB"
+        if pa.types.is_date(t):
+            return "DATE"
+        if pa.types.is_timestamp(t):
+            return "DATETIME(6)"
+        if pa.types.is_time(t):
+            return "TIME(6)"
+        if pa.types.is_duration(t):
+            return "BIGINT"  # microseconds
+        raise ValueError(f"type {t} has no MySQL mapping")
+
+    def sql_type(self, sa_type: sa.types.TypeEngine) -> SqlType:
+        name = type(sa_type).__name__.upper()
+        if name == "TINYINT" and getattr(sa_type, "display_width", None) == 1:
+            return SqlType("bool", text=str(sa_type))
+        if name == "DATETIME":
+            return SqlType("timestamp", tz=None, text=str(sa_type))  # no zone recorded: UTC by convention
+        if name == "TIMESTAMP":
+            return SqlType("timestamp", tz=True, text=str(sa_type))
+        if name == "YEAR":
+            return SqlType("int", bits=16, text=str(sa_type))
+        return super().sql_type(sa_type)
+
+    # -- staging ------------------------------------------------------------------------------
+    def create_staging_sql(self, plan: MergePlan) -> list[str]:
+        # a temporary table survives a rollback here: drop a leftover of a failed merge first
+        return [self.drop_staging_sql(plan), *super().create_staging_sql(plan)]
+
+    def drop_staging_sql(self, plan: MergePlan) -> str:
+        return f"DROP TEMPORARY TABLE IF EXISTS {plan.staging}"
+
+    def python_values(self, array):
+        t = array.type
+        if pa.types.is_timestamp(t):
+            return timestamp_text(array, utc_suffix="").to_pylist()
+        if pa.types.is_decimal(t):
+            return decimal_text(array)
+        if pa.types.is_duration(t):
+            return duration_micros(array).to_pylist()
+        return array.to_pylist()
+
+    # -- merge --------------------------------------------------------------------------------
+    @staticmethod
+    def _lock_key(name: str) -> str:
+        return "ia_replica_" + hashlib.sha1(name.encode()).hexdigest()  # GET_LOCK names: at most 64 chars
+
+    def lock(self, conn: sa.Connection, name: str) -> None:
+        got = conn.exec_driver_sql("SELECT GET_LOCK(%s, %s)", (self._lock_key(name), LOCK_WAIT_SECONDS)).scalar()
+        if got != 1:
+            raise ReplicaError(f"timed out after {LOCK_WAIT_SECONDS}s waiting for another merge of {name!r}")
+
+    def unlock(self, conn: sa.Connection, name: str) -> None:
+        conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (self._lock_key(name),)).scalar()
+        conn.rollback()
+
+    def upsert_sql(self, target, source, columns, key, version, q):
+        v = q(version)
+        guard = f"({target}.{v} IS NULL OR (VALUES({v}) IS NOT NULL AND VALUES({v}) >= {target}.{v}))"
+        ordered = [c for c in columns if c not in key and c != version] + [version]  # version last
+        sets = ", ".join(f"{q(c)} = IF({guard}, VALUES({q(c)}), {target}.{q(c)})" for c in ordered)
+        return (
+            f"INSERT INTO {target} ({', '.join(q(c) for c in columns)}) SELECT * FROM ({source}) AS x "
+            f"ON DUPLICATE KEY UPDATE {sets}"
+        )
+
+    def soft_delete_sql(self, plan: MergePlan) -> str:
+        q = plan.q
+        return (
+            f"UPDATE {plan.target} AS t INNER JOIN {plan.staging} AS s ON {plan.on('t', 's')} "
+            f"SET t.{q(plan.version)} = s.{q(plan.version)}, t.{q(DELETED)} = s.{q(DELETED)} "
+            f"WHERE {plan.is_delete()} AND {plan.newer_or_equal('s', 't')}"
+        )

@@ -1,0 +1,298 @@
+"""End to end as a user runs it: a configuration file, `incremental-assets sync`, real databases,
+a real Dagster instance in DAGSTER_HOME, and the landed files read back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from incremental_assets.config import CONFIG_ENV
+from tests.helpers import ADF_ROWS, after_horizon, fresh_time, adf_table, create_adf_table, insert_rows, landed, landed_rows, run_cli, write_config
+
+
+@pytest.fixture(autouse=True)
+def dagster_home(tmp_path, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv(CONFIG_ENV, "")  # restored after the CLI sets it
+    return home
+
+
+def materializations(home, table="data_source_table"):
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.fetch_materializations(dg.AssetKey(["landing", table]), limit=1000).records
+        return [
+            {k: v.value for k, v in r.asset_materialization.metadata.items()} | {"partition": r.partition_key}
+            for r in reversed(records)
+        ]
+
+
+@pytest.mark.parametrize("db_fixture", ["sqlite_db", "pg_db", "mariadb_db"])
+def test_adf_tutorial_one_table_copies_only_new_rows(request, db_fixture, tmp_path, capsys, dagster_home):
+    db = request.getfixturevalue(db_fixture)
+    create_adf_table(db)
+    config = write_config(tmp_path, db.url, [adf_table()])
+    landing = str(tmp_path / "landing")
+
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert "5 row(s)" in out
+    assert landed_rows(landing, "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS]
+    first = materializations(dagster_home)[-1]
+    assert first["previous_watermark"] == "(start)"
+    assert first["dagster/row_count"] == 5
+    assert first["max_watermark_copied"] == "2017-09-05T08:06:00+00:00"
+    assert first["frontier"] and first["new_watermark"] == first["frontier"]
+
+    # ADF's next step: new rows arrive; only they are copied
+    now = fresh_time()
+    insert_rows(db, [(6, "newdata", now), (7, "newdata", now)])
+    after_horizon()
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert "2 row(s)" in out
+    files, data = landed(landing, "data_source_table")
+    assert sorted(data.column("PersonID").to_pylist()) == [1, 2, 3, 4, 5, 6, 7]  # nothing twice
+    last = materializations(dagster_home)[-1]
+    assert last["previous_watermark"] == first["frontier"]
+    assert last["dagster/row_count"] == 2
+    assert last["partition"] == now.strftime("%Y-%m-01")
+
+    # nothing new: nothing runs
+    code, out, _ = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0 and "up to date" in out
+    code, out, _ = run_cli(capsys, "--config", str(config), "status")
+    assert code == 0 and "data_source_table" in out and out.strip().endswith("0")
+
+
+def test_landed_values_are_exact(pg_db, tmp_path, capsys):
+    pg_db.run(
+        "CREATE TABLE t (id int PRIMARY KEY, amount numeric(18,4), at timestamptz, note text, blob bytea, ok boolean)",
+        "INSERT INTO t VALUES (1, 12345678901234.5678, '2026-10-31 01:59:59.123456+02', 'é, \"quoted\"', '\\x00ff', true),"
+        " (2, NULL, '2026-10-31 02:00:00.000001+00', NULL, NULL, NULL)",
+    )
+    config = write_config(tmp_path, pg_db.url, [{"name": "t", "table": "t", "watermark_column": "at",
+                                                  "partitions": {"granularity": "daily", "start": "2026-10-30"}}])
+    code, _, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    _, data = landed(str(tmp_path / "landing"), "t")
+    rows = sorted(data.to_pylist(), key=lambda r: r["id"])
+    import decimal
+
+    assert rows[0]["amount"] == decimal.Decimal("12345678901234.5678")
+    assert rows[0]["at"] == dt.datetime(2026, 10, 30, 23, 59, 59, 123456, tzinfo=dt.timezone.utc)
+    assert str(data.schema.field("at").type) == "timestamp[us, tz=UTC]"
+    assert rows[0]["note"] == 'é, "quoted"' and rows[0]["blob"] == b"\x00\xff" and rows[0]["ok"] is True
+    assert rows[1]["amount"] is None and rows[1]["at"].microsecond == 1
+    # windows are over the watermark's own time: 2026-10-30 and 2026-10-31 (UTC)
+    files, _ = landed(str(tmp_path / "landing"), "t")
+    assert {f.split("/")[1] for f in files} == {"2026-10-30", "2026-10-31"}
+
+
+def test_late_commit_on_postgresql_timestamp_and_id(pg_db, tmp_path, capsys):
+    """A transaction that began before rows already copied commits afterwards: its rows still land, once."""
+    pg_db.run(
+        "CREATE TABLE events (id serial PRIMARY KEY, name text, modified timestamptz NOT NULL DEFAULT now())",
+        "CREATE INDEX ON events (modified)",
+    )
+    config = write_config(tmp_path, pg_db.url, [
+        {"name": "by_time", "table": "events", "watermark_column": "modified", "partitions": {"start": "2026-01-01"}},
+        {"name": "by_id", "table": "events", "watermark_column": "id", "partitions": {"start": "2026-01-01"}},
+    ])
+    late = sa.create_engine(pg_db.url)
+    conn = late.connect()
+    trans = conn.begin()
+    conn.execute(sa.text("INSERT INTO events (name) VALUES ('late')"))  # takes id 1 and now() = its start
+    pg_db.run("INSERT INTO events (name) VALUES ('early')")  # id 2, committed first
+    try:
+        code, out, err = run_cli(capsys, "--config", str(config), "sync")
+        assert code == 0, err
+        landing = str(tmp_path / "landing")
+        # neither watermark may move past the open transaction's row
+        assert landed_rows(landing, "by_time", ("id", "name")) == []
+        assert landed_rows(landing, "by_id", ("id", "name")) == []
+    finally:
+        trans.commit()
+        conn.close()
+        late.dispose()
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    for table in ("by_time", "by_id"):
+        assert landed_rows(landing, table, ("id", "name")) == [(1, "late"), (2, "early")], table
+
+
+def test_backfill_replaces_window_files(sqlite_db, tmp_path, capsys, dagster_home):
+    create_adf_table(sqlite_db)
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()])  # monthly windows from 2017-09
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    landing = str(tmp_path / "landing")
+    files_before, _ = landed(landing, "data_source_table")
+    # a row is corrected inside an old window; a backfill of that window re-copies it and replaces its files
+    sqlite_db.run("UPDATE data_source_table SET Name = 'BBBB', LastModifytime = '2017-09-02 06:00:00' WHERE PersonID = 2")
+    from incremental_assets.definitions import load_definitions
+
+    defs = load_definitions(config)
+    with dg.DagsterInstance.get() as instance:
+        asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
+        result = dg.materialize([asset], instance=instance, partition_key="2017-09-01", tags={"dagster/backfill": "manual"})
+        assert result.success
+    files_after, data = landed(landing, "data_source_table")
+    window_files = [f for f in files_after if "/2017-09-01/" in f]
+    assert len(window_files) == 1 and window_files[0].split("/")[-1].startswith("start__")
+    assert sorted(zip(data.column("PersonID").to_pylist(), data.column("Name").to_pylist())) == [
+        (1, "aaaa"), (2, "BBBB"), (3, "cccc"), (4, "dddd"), (5, "eeee")]
+    assert len(files_after) == len(files_before)
+    assert materializations(dagster_home)[-1]["run_mode"] == "refresh"
+
+
+def test_integer_watermark_capture_windows_and_replay(pg_db, tmp_path, capsys, dagster_home):
+    pg_db.run("CREATE TABLE orders (id bigserial PRIMARY KEY, item text)",
+              "INSERT INTO orders (item) SELECT 'item ' || g FROM generate_series(1, 100) g")
+    config = write_config(tmp_path, pg_db.url, [{"name": "orders", "table": "orders", "watermark_column": "id",
+                                                  "partitions": {"start": "2026-01-01"}}])
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    pg_db.run("INSERT INTO orders (item) VALUES ('a'), ('b')")
+    code, out, _ = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0 and "2 row(s)" in out
+    mats = materializations(dagster_home, "orders")
+    assert [m["previous_watermark"] for m in mats] == ["(start)", "101"]
+    assert [m["new_watermark"] for m in mats] == ["101", "103"]
+    landing = str(tmp_path / "landing")
+    files, data = landed(landing, "orders")
+    assert len(files) == 2 and data.num_rows == 102
+    today = mats[-1]["partition"]
+    # replaying the window re-copies the ranges its materializations recorded, as one file
+    from incremental_assets.definitions import load_definitions
+
+    defs = load_definitions(config)
+    with dg.DagsterInstance.get() as instance:
+        asset = defs.resolve_assets_def(dg.AssetKey(["landing", "orders"]))
+        assert dg.materialize([asset], instance=instance, partition_key=today, tags={"dagster/backfill": "x"}).success
+    files, data = landed(landing, "orders")
+    assert len(files) == 1 and sorted(data.column("id").to_pylist()) == list(range(1, 103))
+    assert materializations(dagster_home, "orders")[-1]["run_mode"] == "replay"
+
+
+def test_null_watermarks_fail_by_default_and_warn_when_asked(sqlite_db, tmp_path, capsys):
+    create_adf_table(sqlite_db)
+    sqlite_db.run("INSERT INTO data_source_table VALUES (9, 'no time', NULL)")
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()])
+    code, _, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 1
+    assert "NULL" in err and "LastModifytime" in err and "data_source_table" in err and "null_watermark" in err
+    assert landed_rows(str(tmp_path / "landing"), "data_source_table") == []  # nothing recorded, nothing landed
+    config = write_config(tmp_path, sqlite_db.url, [adf_table(null_watermark="warn")])
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert len(landed_rows(str(tmp_path / "landing"), "data_source_table")) == 5
+
+
+def test_failed_write_then_retry_loses_and_doubles_nothing(sqlite_db, tmp_path, capsys):
+    create_adf_table(sqlite_db)
+    landing = tmp_path / "landing"
+    (landing).mkdir()
+    (landing / "data_source_table").write_text("a file where the table's folder should be")
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()])
+    code, _, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 1 and "data_source_table" in err
+    (landing / "data_source_table").unlink()
+    code, _, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert landed_rows(str(landing), "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS]
+
+
+def test_orphan_file_of_an_unrecorded_attempt_is_replaced(sqlite_db, tmp_path, capsys):
+    create_adf_table(sqlite_db)
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()])
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    landing = tmp_path / "landing"
+    # an attempt that landed a file and died before recording its watermark
+    now = fresh_time()
+    insert_rows(sqlite_db, [(6, "x", now)])
+    after_horizon()
+    orphan_dir = landing / "data_source_table" / now.strftime("%Y-%m-01")
+    orphan_dir.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    first = next((landing / "data_source_table").rglob("*.parquet"))
+    frontier_token = "20990101T000000000000Z"
+    shutil.copy(first, orphan_dir / f"{frontier_token}__20990102T000000000000Z.parquet")
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    ids = [p for p, _ in landed_rows(str(landing), "data_source_table")]
+    assert ids == [1, 2, 3, 4, 5, 6]
+
+
+def test_secrets_never_reach_output_or_metadata(pg_db, tmp_path, capsys, monkeypatch, dagster_home):
+    create_adf_table(pg_db)
+    secret = "s3cr3t-Pa55"
+    url = sa.make_url(pg_db.url).set(password=secret).render_as_string(hide_password=False)
+    monkeypatch.setenv("SOURCE_URL", url)
+    config = write_config(tmp_path, "${SOURCE_URL}", [adf_table()])
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert secret not in out + err
+    assert secret not in str(materializations(dagster_home))
+    # a source that is down: retried, then a failure naming the source and never the password
+    monkeypatch.setenv("SOURCE_URL", sa.make_url(url).set(port=1).render_as_string(hide_password=False))
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 1
+    assert "'src'" in err and "unreachable" in err and secret not in out + err
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        logs = [r.event_log_entry.user_message for r in instance.get_event_records(dg.EventRecordsFilter(dg.DagsterEventType.RUN_FAILURE))]
+        all_text = " ".join(str(e) for e in instance.all_logs(instance.get_runs()[0].run_id))
+    assert secret not in all_text and secret not in " ".join(logs)
+
+
+def test_landing_into_azurite(sqlite_db, tmp_path, capsys, azure_container, monkeypatch):
+    create_adf_table(sqlite_db)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azure_container.connection_string)
+    landing = f"azure://{azure_container.name}/adf"
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()], landing=landing)
+    code, _, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    files, data = landed(landing, "data_source_table")
+    assert files and all(f.startswith("data_source_table/") for f in files)
+    assert sorted(data.column("PersonID").to_pylist()) == [1, 2, 3, 4, 5]
+
+
+def test_missing_azure_container_fails_clearly(sqlite_db, tmp_path, capsys, azurite, monkeypatch):
+    create_adf_table(sqlite_db)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()], landing="azure://no-such-container/x")
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 1
+    assert "no-such-container" in err and azurite.account_key not in out + err
+
+
+def test_sensor_requests_initial_load_then_only_new_windows(sqlite_db, tmp_path, monkeypatch):
+    create_adf_table(sqlite_db)
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()])
+    from incremental_assets.definitions import load_definitions
+
+    defs = load_definitions(config)
+    sensor = defs.resolve_sensor_def("landing_data_source_table_sensor")
+    with dg.DagsterInstance.get() as instance:
+        def tick():
+            with dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs) as ctx:
+                data = sensor.evaluate_tick(ctx)
+                return data.run_requests[0] if data.run_requests else data.skip_message
+
+        request = tick()
+        assert isinstance(request, dg.RunRequest)
+        # the initial load is one run over a range of windows, not one run per window
+        assert request.tags["dagster/asset_partition_range_start"] == "2017-09-01"
+        assert request.partition_key is None
+        asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
+        assert dg.materialize([asset], instance=instance, tags=request.tags).success
+        assert "no new rows" in tick()
+        now = fresh_time()
+        insert_rows(sqlite_db, [(6, "new", now)])
+        after_horizon()
+        request = tick()
+        assert isinstance(request, dg.RunRequest)
+        assert request.partition_key == now.strftime("%Y-%m-01")
