@@ -495,13 +495,16 @@ def test_sqlite_horizon_waits_for_the_writer(sqlite_db, sources):
     writer.driver_connection.execute("BEGIN IMMEDIATE")
     writer.driver_connection.execute("INSERT INTO events (name) VALUES ('late')")
     threading.Timer(0.5, lambda: writer.driver_connection.execute("COMMIT")).start()
+    began = time.monotonic()
     try:
-        horizon = source.safe_horizon(info)  # waits for the writer's lock, then reads
+        horizon = source.safe_horizon(info)  # waits for the writer's lock to go, then answers
+        waited = time.monotonic() - began
     finally:
         time.sleep(0.6)
         writer.close()
-    assert horizon.value in (2, 3)
-    assert horizon.value == 3 or _names(read(source, info, None, None)) == ["late", "old"]
+    assert waited >= 0.4 and horizon.value in (2, 3), (waited, horizon)  # answered only once the writer had committed
+    assert _names(read(source, info, None, 2)) == ["old"]
+    assert _names(read(source, info, 2, None)) == ["late"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,6 +611,23 @@ def test_schema_qualified_names_on_postgresql(pg_db, sources):
     assert read(source, info, 2, None).column("v").to_pylist() == ["b"]
     pg_db.run("CREATE TABLE public.plain (id int)")
     assert source.describe_table("public.plain", watermark_column="id").ref == TableRef("public", "plain")
+
+
+def test_postgresql_folded_names_resolve_without_case(pg_db, sources):
+    """ADF's DDL run unquoted on PostgreSQL folds names to lower case; the configured names still resolve."""
+    create_adf_table(pg_db)
+    source = sources(pg_db)
+    info = source.describe_table("Data_Source_Table", watermark_column="LastModifytime", columns=["PersonID", "Name"],
+                                 primary_key=["PersonID"])
+    assert info.ref == TableRef(None, "data_source_table")
+    assert (info.columns, info.watermark_column, info.primary_key) == (
+        ["personid", "name", "lastmodifytime"], "lastmodifytime", ["personid"])
+    pg_db.run('CREATE TABLE "Mixed" (a int, "A" int)')  # exact names win over case-insensitive ones
+    assert source.describe_table("Mixed", watermark_column="A").watermark_column == "A"
+    assert source.describe_table("mixed", watermark_column="a").ref == TableRef(None, "Mixed")
+    pg_db.run('CREATE TABLE "MIXED" (a int)')  # now ambiguous without case: not guessed
+    with pytest.raises(SourceError, match="not found"):
+        source.describe_table("mixed", watermark_column="a")
 
 
 def test_table_ref_parse_and_str():

@@ -162,9 +162,14 @@ def storable(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def timestamp_text(array: pa.ChunkedArray, *, sep: str = " ", utc_suffix: str = "+00:00") -> pa.ChunkedArray:
+def utc_wall_clock(array: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Instants as naive UTC wall-clock values (formatting zone-aware values is 20x slower in Arrow)."""
+    return array.cast(pa.timestamp("us")) if array.type.tz is not None else array
+
+
+def timestamp_text(array: pa.ChunkedArray, *, utc_suffix: str = "+00:00") -> pa.ChunkedArray:
     """Fixed-width ISO text (``2024-01-31 10:00:00.123456``, ``+00:00`` for instants): sorts as time does."""
-    text = pc.strftime(array, format=f"%Y-%m-%d{sep}%H:%M:%S")  # %S carries the 6 fractional digits
+    text = pc.cast(utc_wall_clock(array), pa.string())
     if array.type.tz is not None and utc_suffix:
         text = pc.binary_join_element_wise(text, utc_suffix, "")
     return text
@@ -363,6 +368,9 @@ class ReplicaDialect:
     def lock(self, conn: sa.Connection, name: str) -> None:
         """Take the per-table lock for the current transaction (merges of one table queue)."""
 
+    def begin_merge(self, conn: sa.Connection) -> None:
+        """Session settings for the merge's transaction (called first in it)."""
+
     def unlock(self, conn: sa.Connection, name: str) -> None:
         """Release a lock that outlives transactions (called after commit or rollback)."""
 
@@ -402,6 +410,16 @@ class ReplicaDialect:
             f"SELECT {cols} FROM {plan.staging} AS s LEFT JOIN {plan.tombstones} AS d "
             f"ON {plan.on('d', 's')} WHERE {where}"
         )
+
+    def is_empty_sql(self, plan: MergePlan) -> str:
+        """One row, two NULLs when the target and its tombstones are empty (index endpoint reads)."""
+        k0 = plan.q(plan.key[0])
+        return f"SELECT (SELECT MIN({k0}) FROM {plan.target}), (SELECT MIN({k0}) FROM {plan.tombstones})"
+
+    def insert_all_sql(self, plan: MergePlan) -> str:
+        """The fast path into an empty table (no tombstones, no deletes): every staged row is new."""
+        cols = ", ".join(plan.q(c) for c in plan.columns)
+        return f"INSERT INTO {plan.target} ({cols}) SELECT {cols} FROM {plan.staging}"
 
     def tombstone_source_sql(self, plan: MergePlan) -> str:
         cols = ", ".join(f"s.{plan.q(c)}" for c in plan.key + [plan.version])
@@ -1057,16 +1075,21 @@ class Replica:
         counts = self.dialect.count_sql(plan)
         statements = self.dialect.merge_statements(plan)
         with self._transaction(table) as conn:
+            self.dialect.begin_merge(conn)
             for sql in self.dialect.create_staging_sql(plan):
                 self._execute(conn, sql)
-            rest = chunks
-            for step, chunk in enumerate(itertools.chain([first], rest)):
+            for step, chunk in enumerate(itertools.chain([first], chunks)):
                 staged = self._stage(table, chunk, layout, plan, operation_column)
                 if staged.num_rows == 0:
                     continue
                 if step:
                     self._execute(conn, self.dialect.clear_staging_sql(plan))
                 self.dialect.load_staging(conn, plan, staged, self._execute)
+                if not plan.deletes and self._execute(conn, self.dialect.is_empty_sql(plan)).one() == (None, None):
+                    # e.g. an initial load: nothing to compare with, a plain insert is ~2x faster than an upsert
+                    self._execute(conn, self.dialect.insert_all_sql(plan))
+                    result.inserted += staged.num_rows
+                    continue
                 _, inserted, updated, deleted, skipped = (int(v or 0) for v in self._execute(conn, counts).one())
                 for sql in statements:
                     self._execute(conn, sql)

@@ -402,9 +402,11 @@ class Source:
     def safe_horizon(self, info: TableInfo, *, lag: dt.timedelta = dt.timedelta(0)) -> Horizon:
         """The exclusive upper bound of the next slice: no later commit can land below it.
 
-        Timestamps: the database clock, held back to the start of the oldest open transaction
-        (a row's timestamp is taken after its transaction began), minus ``lag`` for clocks
-        outside the database, floored to whole seconds for engines with second-precision clocks.
+        Timestamps: the database clock (read first), held back to the oldest start among what may
+        still commit an earlier timestamp (:meth:`EngineDialect.timestamp_holds`: open
+        transactions, and on some engines running statements), minus the engine's
+        ``clock_margin``, floored to whole seconds, minus ``lag`` for clocks outside the database.
+        Anything open since an unknown time gives ``Horizon(None)``: no progress, never a guess.
         Integers: ``MAX + 1`` once every transaction that was open when MAX was read has ended
         (ids are handed out before commit). Rowversions: ``MIN_ACTIVE_ROWVERSION()``.
         """
