@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config
 from .defs.landing import build_landing_asset, landing_tables
-from .defs.resources import LandingResource, SourceResource, source_resource_key
+from .defs.resources import LandingResource, SourceResource, azure_blob_resource, source_resource_key
 from .defs.sensors import build_landing_sensor
 
 
@@ -38,6 +40,7 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         format=config.landing.format,
         max_rows_per_file=config.landing.max_rows_per_file,
         base_dir=str(config.path.parent) if config.path else None,
+        azure=azure_blob_resource(os.environ) if config.landing.url.startswith("azure://") else None,
     )
     jobs, schedules = [], []
     if config.path == DEMO_CONFIG:

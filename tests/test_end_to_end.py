@@ -260,6 +260,20 @@ def test_landing_into_azurite(sqlite_db, tmp_path, capsys, azure_container, monk
     assert sorted(data.column("PersonID").to_pylist()) == [1, 2, 3, 4, 5]
 
 
+def test_landing_into_azurite_through_dagster_azure_with_account_url_and_key(sqlite_db, tmp_path, capsys, azure_container, azurite, monkeypatch):
+    create_adf_table(sqlite_db)
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_URL", azurite.blob_endpoint)
+    monkeypatch.setenv("AZURE_STORAGE_KEY", azurite.account_key)
+    landing = f"azure://{azure_container.name}"
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()], landing=landing)
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert azurite.account_key not in out + err
+    files, data = landed(landing, "data_source_table", env={"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string})
+    assert sorted(data.column("PersonID").to_pylist()) == [1, 2, 3, 4, 5]
+
+
 def test_missing_azure_container_fails_clearly(sqlite_db, tmp_path, capsys, azurite, monkeypatch):
     create_adf_table(sqlite_db)
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)

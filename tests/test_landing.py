@@ -259,12 +259,15 @@ def test_open_landing_store_urls(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="orc"):
         open_landing_store("rel", format="orc")
 
-    missing = open_landing_store(str(tmp_path / "nope"))
-    with pytest.raises(LandingError, match="does not exist") as err:
-        missing.check_writable()
-    assert "nope" in str(err.value)
-    with pytest.raises(LandingError):
-        missing.write_slice("t", "p", "s", SCHEMA, batches(sample(1)))
+    # a local landing folder is created on first use, as a user expects of a folder path
+    fresh = open_landing_store(str(tmp_path / "new" / "landing"))
+    fresh.check_writable()
+    assert [f.rows for f in fresh.write_slice("t", "p", "s", SCHEMA, batches(sample(1)))] == [1]
+    # a path that cannot be a folder fails clearly, naming it
+    (tmp_path / "blocked").write_text("not a folder")
+    with pytest.raises(LandingError) as err:
+        open_landing_store(str(tmp_path / "blocked")).write_slice("t", "p", "s", SCHEMA, batches(sample(1)))
+    assert "blocked" in str(err.value)
 
 
 def test_redact_removes_secrets():

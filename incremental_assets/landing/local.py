@@ -35,7 +35,10 @@ class LocalLandingStore(LandingStore):
         super().__init__(format)
         self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
         if create:
-            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LandingError(f"cannot create landing folder: {exc.strerror or exc}", store=self.describe()) from None
 
     # ---- public -----------------------------------------------------------------------
 

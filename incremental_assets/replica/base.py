@@ -22,6 +22,7 @@ never branches on the engine's name.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import hashlib
@@ -211,6 +212,11 @@ class MergePlan:
     soft_delete: bool
     flag: bool  # the table has ``_deleted``
     q: Callable[[str], str]
+    #: learnt from :meth:`ReplicaDialect.count_sql` for the staged rows: no staged key is in the
+    #: target (a plain insert does), or some staged rows are older than the target's (leave them out
+    #: of the upsert, which would otherwise lock and rewrite them for nothing)
+    new_only: bool = False
+    filter_older: bool = False
 
     @property
     def staging_columns(self) -> list[str]:
@@ -375,7 +381,8 @@ class ReplicaDialect:
         """Release a lock that outlives transactions (called after commit or rollback)."""
 
     def count_sql(self, plan: MergePlan) -> str:
-        """One row: rows staged, inserted, updated, deleted, skipped as older; read before any change."""
+        """One row, read before any change: rows staged, inserted, updated, deleted, skipped as older,
+        and upserts whose key is in the target (updated or older)."""
         q, s = plan.q, "s"
         k0 = q(plan.key[0])
         exists, fresh = f"t.{k0} IS NOT NULL", plan.not_tombstoned(s)
@@ -396,6 +403,7 @@ class ReplicaDialect:
             ]
         else:
             parts += ["0", f"SUM(CASE WHEN NOT {fresh} OR {older_t} THEN 1 ELSE 0 END)"]
+        parts.append(f"SUM(CASE WHEN {up}{fresh} AND {exists} THEN 1 ELSE 0 END)")
         return (
             f"SELECT {', '.join(parts)} FROM {plan.staging} AS s "
             f"LEFT JOIN {plan.target} AS t ON {plan.on('t', 's')} "
@@ -406,10 +414,11 @@ class ReplicaDialect:
         """The staged inserts/updates not older than a tombstone of their key."""
         cols = ", ".join(f"s.{plan.q(c)}" for c in plan.columns)
         where = (plan.is_upsert() + " AND " if plan.deletes else "") + plan.not_tombstoned("s")
-        return (
-            f"SELECT {cols} FROM {plan.staging} AS s LEFT JOIN {plan.tombstones} AS d "
-            f"ON {plan.on('d', 's')} WHERE {where}"
-        )
+        joins = f"LEFT JOIN {plan.tombstones} AS d ON {plan.on('d', 's')}"
+        if plan.filter_older:
+            joins += f" LEFT JOIN {plan.target} AS t ON {plan.on('t', 's')}"
+            where += f" AND (t.{plan.q(plan.key[0])} IS NULL OR {plan.newer_or_equal('s', 't')})"
+        return f"SELECT {cols} FROM {plan.staging} AS s {joins} WHERE {where}"
 
     def is_empty_sql(self, plan: MergePlan) -> str:
         """One row, two NULLs when the target and its tombstones are empty (index endpoint reads)."""
@@ -450,9 +459,13 @@ class ReplicaDialect:
         statements = []
         if plan.deletes:
             statements.append(self.soft_delete_sql(plan) if plan.soft_delete else self.delete_sql(plan))
-        statements.append(
-            self.upsert_sql(plan.target, self.upsert_source_sql(plan), plan.columns, plan.key, plan.version, plan.q)
-        )
+        if plan.new_only:
+            cols = ", ".join(plan.q(c) for c in plan.columns)
+            statements.append(f"INSERT INTO {plan.target} ({cols}) {self.upsert_source_sql(plan)}")
+        else:
+            statements.append(
+                self.upsert_sql(plan.target, self.upsert_source_sql(plan), plan.columns, plan.key, plan.version, plan.q)
+            )
         if plan.deletes:
             statements.append(
                 self.upsert_sql(
@@ -1073,7 +1086,6 @@ class Replica:
             staging=self.dialect.staging_name(uuid.uuid4().hex[:12]),
         )
         counts = self.dialect.count_sql(plan)
-        statements = self.dialect.merge_statements(plan)
         with self._transaction(table) as conn:
             self.dialect.begin_merge(conn)
             for sql in self.dialect.create_staging_sql(plan):
@@ -1090,8 +1102,9 @@ class Replica:
                     self._execute(conn, self.dialect.insert_all_sql(plan))
                     result.inserted += staged.num_rows
                     continue
-                _, inserted, updated, deleted, skipped = (int(v or 0) for v in self._execute(conn, counts).one())
-                for sql in statements:
+                _, inserted, updated, deleted, skipped, matched = (int(v or 0) for v in self._execute(conn, counts).one())
+                step_plan = dataclasses.replace(plan, new_only=matched == 0, filter_older=matched > updated)
+                for sql in self.dialect.merge_statements(step_plan):
                     self._execute(conn, sql)
                 result.inserted += inserted
                 result.updated += updated
