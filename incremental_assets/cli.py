@@ -97,11 +97,14 @@ def cmd_sync(args: argparse.Namespace) -> int:
         runs = 0
         while runs < args.max_runs:
             try:
-                request = plan_copy(table, source, project.instance)
+                plan = plan_copy(table, source, project.instance)
             except Exception as exc:  # noqa: BLE001 - reported per table, the others go on
                 print(f"{name}: FAILED to plan: {exc}", file=sys.stderr)
                 failed = True
                 break
+            if plan.warning and runs == 0:
+                print(f"{name}: WARNING: {plan.warning}", file=sys.stderr)
+            request = plan.request
             if request is None:
                 if runs == 0:
                     print(f"{name}: up to date")
@@ -135,7 +138,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .defs.landing import recorded_frontier
+    from .defs.landing import recorded_state
+    from .defs.sensors import backwards_note
 
     project = _Project(args.table)
     failed = False
@@ -145,9 +149,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             source = project.source(table)
             info = table.describe(source)
-            frontier = recorded_frontier(project.instance, table.key, info.kind)
+            recorded = recorded_state(project.instance, table.key, info.kind)
+            frontier = recorded.frontier
             ahead = source.slice_stats(info, frontier, None)[0]
-            top = source.slice_stats(info, None, None)[2]
+            top = source.max_watermark(info)
+            warning = backwards_note(table, source, info, recorded)
         except Exception as exc:  # noqa: BLE001
             print(f"{name:<24} FAILED: {exc}")
             failed = True
@@ -157,6 +163,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{name:<24} {info.watermark_column:<20} {_fmt(frontier and kind.to_text(frontier)):<34} "
             f"{_fmt(top and kind.to_text(top)):<34} {ahead}"
         )
+        if warning:
+            print(f"  WARNING: {warning}")
     return 1 if failed else 0
 
 

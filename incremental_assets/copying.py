@@ -15,7 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import sqlalchemy as sa
 
 from .landing import LandedFile, LandingStore
 from .sources import Source, SourceError, TableInfo
@@ -84,15 +83,6 @@ def plan_window_slices(
             continue
         planned.append(PlannedSlice(w.key, lo, hi))
     return planned
-
-
-def next_watermark(source: Source, info: TableInfo, lo: Any, hi: Any) -> Any:
-    """The lowest watermark in ``[lo, hi)``, or None: one indexed probe to skip empty windows."""
-    col = source.dialect.result_column(info.table.c[info.watermark_column])
-    query = sa.select(sa.func.min(col)).where(*source.range_filter(info, lo, hi))
-    with source.connect() as conn:
-        value = conn.execute(query).scalar()
-    return None if value is None else info.kind.from_db(value)
 
 
 def _track_max(batches: Iterable[pa.RecordBatch], column: str, out: SliceCopy, kind: WatermarkKind) -> Iterator[pa.RecordBatch]:

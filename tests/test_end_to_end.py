@@ -310,3 +310,28 @@ def test_sensor_requests_initial_load_then_only_new_windows(sqlite_db, tmp_path,
         request = tick()
         assert isinstance(request, dg.RunRequest)
         assert request.partition_key == now.strftime("%Y-%m-01")
+
+
+def test_watermark_going_backwards_is_said_out_loud(pg_db, tmp_path, capsys):
+    pg_db.run("CREATE TABLE orders (id bigint PRIMARY KEY, item text)",
+              "INSERT INTO orders SELECT g, 'item' FROM generate_series(1, 10) g")
+    config = write_config(tmp_path, pg_db.url, [{"name": "orders", "table": "orders", "watermark_column": "id",
+                                                  "partitions": {"start": "2026-01-01"}}])
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    # the table is reset and refilled with ids below those already copied
+    pg_db.run("TRUNCATE orders", "INSERT INTO orders SELECT g, 'again' FROM generate_series(1, 3) g")
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert "watermark went backwards" in err and "MAX(id) = 3" in err and "wipe its materializations" in err
+    code, out, err = run_cli(capsys, "--config", str(config), "status")
+    assert "watermark went backwards" in out
+
+
+def test_csv_landing_is_adf_delimited_text(sqlite_db, tmp_path, capsys):
+    create_adf_table(sqlite_db)
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()], fmt="csv")
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    files = sorted((tmp_path / "landing" / "data_source_table").rglob("*.csv"))
+    assert len(files) == 1
+    lines = files[0].read_text(encoding="utf-8").splitlines()
+    assert lines[0].replace('"', "") == "PersonID,Name,LastModifytime"
+    assert len(lines) == 6 and lines[1].startswith('1,"aaaa",')

@@ -14,7 +14,7 @@ import dagster as dg
 
 from ..config import ConfigError, ProjectConfig, TableConfig
 from ..landing import LandingError
-from ..copying import PlannedSlice, SliceCopy, Window, check_null_watermarks, copy_slice, next_watermark, plan_window_slices
+from ..copying import PlannedSlice, SliceCopy, Window, check_null_watermarks, copy_slice, plan_window_slices
 from ..sources import Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind
 from .partitions import partitions_def_for, window
 from .resources import source_resource_key
@@ -75,11 +75,22 @@ def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: s
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What the latest materialization of a table says."""
+
+    frontier: Any = None  # every row with a watermark below it has landed (None: nothing yet)
+    highest: Any = None  # the highest watermark value ever copied
+
+
+def recorded_state(instance: dg.DagsterInstance, key: dg.AssetKey, kind: WatermarkKind) -> Recorded:
+    meta = latest_metadata(instance, key) or {}
+    values = [meta.get(k) for k in ("frontier", "highest_watermark")]
+    return Recorded(*(kind.from_text(v) if v else None for v in values))
+
+
 def recorded_frontier(instance: dg.DagsterInstance, key: dg.AssetKey, kind: WatermarkKind) -> Any:
-    """Every row with a watermark below this value has been landed (None: nothing yet)."""
-    meta = latest_metadata(instance, key)
-    text = meta.get("frontier") if meta else None
-    return kind.from_text(text) if text else None
+    return recorded_state(instance, key, kind).frontier
 
 
 def recorded_ranges(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str, kind: WatermarkKind) -> tuple[Any, Any] | None:
@@ -124,7 +135,7 @@ def _copy_windows(context, table: LandingTable, source, info, store, keys, refre
     while i < len(planned):
         if len(planned) > 1:
             # skip runs of empty windows with one indexed probe instead of one read each
-            nxt = next_watermark(source, info, planned[i].lo, planned[-1].hi)
+            nxt = source.min_watermark(info, planned[i].lo, planned[-1].hi)
             if nxt is None:
                 break
             while i < len(planned) and planned[i].hi <= nxt:
@@ -234,7 +245,8 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             )
         nulls = check_null_watermarks(source, info, tc.null_watermark, tc.name)
         refresh = _is_refresh(context, config)
-        frontier = recorded_frontier(context.instance, table.key, kind)
+        recorded = recorded_state(context.instance, table.key, kind)
+        frontier = recorded.frontier
         t0 = time.perf_counter()
         horizon = source.safe_horizon(info, lag=tc.lag)
         horizon_seconds = time.perf_counter() - t0
@@ -248,11 +260,13 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         files = [f.uri for c in copies for f in c.files]
         rows = sum(c.rows for c in copies)
         top = max((c.max_watermark for c in copies if c.max_watermark is not None), default=None)
+        highest = max((v for v in (top, recorded.highest) if v is not None), default=None)
         metadata = {
             "previous_watermark": _text(kind, low),
             "new_watermark": "" if high is None else kind.to_text(high),
             "frontier": "" if new_frontier is None else kind.to_text(new_frontier),
             "max_watermark_copied": "" if top is None else kind.to_text(top),
+            "highest_watermark": "" if highest is None else kind.to_text(highest),
             "dagster/row_count": dg.MetadataValue.int(rows),
             "run_mode": mode,
             "watermark_kind": kind.name,

@@ -11,7 +11,7 @@ import dagster as dg
 
 from ..config import ProjectConfig
 from ..sources import Source, TimestampKind
-from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, recorded_frontier
+from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, Recorded, recorded_state
 from .partitions import key_for_time, window
 
 IN_FLIGHT = [
@@ -46,13 +46,44 @@ class CopyRequest:
         return self.first_key if self.partition_key else f"{self.first_key}...{self.last_key}"
 
 
-def plan_copy(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> CopyRequest | None:
-    """The run a sensor tick would request now, or None when the source has nothing new."""
+@dataclass(frozen=True)
+class Plan:
+    request: CopyRequest | None
+    skip_reason: str = ""  # why nothing is requested
+    warning: str = ""  # something the user must hear about, request or not
+
+
+def backwards_note(table: LandingTable, source: Source, info, recorded: Recorded) -> str:
+    """A watermark that went backwards: said out loud, since rows written below the frontier are
+    not copied by a watermark copy (a table restored, ids restarted, values rewritten lower)."""
+    if recorded.highest is None:
+        return ""
+    top = source.max_watermark(info)
+    if top is not None and top >= recorded.highest:
+        return ""
+    kind = info.kind
+    seen = "no rows" if top is None else f"MAX({info.watermark_column}) = {kind.to_text(top)}"
+    return (
+        f"watermark went backwards on {table.config.table!r}: the source has {seen}, below "
+        f"{kind.to_text(recorded.highest)} already copied; rows written below the recorded frontier "
+        f"{kind.to_text(recorded.frontier)} are not copied. If the table was reset, reset landing/{table.config.name} "
+        "(wipe its materializations) to copy it again"
+    )
+
+
+def plan_copy(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
+    """The run a sensor tick would request now (``request`` None when the source has nothing new)."""
     info = table.describe(source)
+    recorded = recorded_state(instance, table.key, info.kind)
+    warning = backwards_note(table, source, info, recorded)
+    request = _request(table, source, info, recorded.frontier)
+    return Plan(request, "" if request else f"no new rows in {table.config.table}", warning)
+
+
+def _request(table: LandingTable, source: Source, info, frontier) -> CopyRequest | None:
     kind = info.kind
     pdef = table.partitions_def
     current = pdef.get_last_partition_key()
-    frontier = recorded_frontier(instance, table.key, kind)
     name = table.config.name
     if isinstance(kind, TimestampKind):
         horizon = source.safe_horizon(info, lag=table.config.lag).value
@@ -92,9 +123,12 @@ def build_landing_sensor(table: LandingTable, asset: dg.AssetsDefinition, config
         if _in_flight(context.instance, table.config.name):
             return dg.SkipReason(f"a copy of {table.config.name} is already queued or running")
         source = getattr(context.resources, table.source_key).get()
-        request = plan_copy(table, source, context.instance)
+        plan = plan_copy(table, source, context.instance)
+        if plan.warning:
+            context.log.warning(f"{table.config.name}: {plan.warning}")
+        request = plan.request
         if request is None:
-            return dg.SkipReason(f"no new rows in {table.config.table}")
+            return dg.SkipReason(plan.warning or plan.skip_reason)
         context.log.info(f"{table.config.name}: requesting {request.describe()} ({request.reason})")
         return dg.RunRequest(
             asset_selection=[table.key], partition_key=request.partition_key, tags=request.tags

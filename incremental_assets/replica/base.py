@@ -45,6 +45,7 @@ from ..sources.base import redact_url, scrub
 
 log = logging.getLogger("incremental_assets")
 UTC = dt.timezone.utc
+_ARROW_MAJOR = int(pa.__version__.split(".")[0])
 
 #: soft-delete flag column, created on demand by ``merge(..., soft_delete=True)``
 DELETED = "_deleted"
@@ -250,6 +251,8 @@ class ReplicaDialect:
     max_key_bytes: int | None = None
     #: how the staging table's operation column is created
     op_column_sql = "CAST(0 AS SMALLINT)"
+    #: the usual driver's paramstyle, for SQL built offline when that driver cannot be imported
+    driver_paramstyle = "pyformat"
 
     def configure_engine(self, engine: sa.Engine) -> None:
         """Install engine event hooks (transactions, session settings)."""
@@ -262,8 +265,8 @@ class ReplicaDialect:
         """The DDL type for Arrow type ``t``; ``key_bytes`` is set for key columns (their byte budget)."""
         raise NotImplementedError
 
-    def boolean_type(self) -> str:
-        return self.column_type(pa.bool_())
+    #: the soft-delete flag, added to existing rows as false
+    flag_column_sql = "BOOLEAN NOT NULL DEFAULT FALSE"
 
     def sql_type(self, sa_type: sa.types.TypeEngine) -> SqlType:
         """A reflected SQLAlchemy type as a :class:`SqlType`."""
@@ -736,7 +739,11 @@ class Replica:
         self = cls.__new__(cls)
         parsed = self._setup(url, schema=schema, retries=0, retry_delay=0.0, chunk_rows=CHUNK_ROWS)
         self.engine = None
-        self.sql_dialect = parsed.get_dialect()()
+        dialect_cls = parsed.get_dialect()
+        try:  # the driver's paramstyle, when it is installed (no connection is made)
+            self.sql_dialect = dialect_cls(dbapi=dialect_cls.import_dbapi())
+        except ImportError:  # e.g. pyodbc without the unixODBC library
+            self.sql_dialect = dialect_cls(paramstyle=self.dialect.driver_paramstyle)
         return self
 
     def __repr__(self) -> str:
@@ -748,7 +755,10 @@ class Replica:
 
     # -- names --------------------------------------------------------------------------------
     def _q(self, name: str) -> str:
-        return self.sql_dialect.identifier_preparer.quote_identifier(name)
+        """Always quoted, by the dialect's rules; ``%`` is not doubled here (SQLAlchemy's
+        ``quote_identifier`` does it for its own compiled SQL), :meth:`_execute` does it when needed."""
+        p = self.sql_dialect.identifier_preparer
+        return p.initial_quote + name.replace(p.escape_quote, p.escape_to_quote) + p.final_quote
 
     def _qualified(self, table: str) -> str:
         return (self._q(self.schema) + "." if self.schema else "") + self._q(table)
@@ -954,7 +964,7 @@ class Replica:
                     log.info("replica %s: added column %r to table %r", self.redacted_url, name, table)
                 existing = list(shape.columns) + added
             if soft_delete and DELETED not in existing:
-                self._execute(conn, self.dialect.add_column_sql(T, q(DELETED), self.dialect.boolean_type()))
+                self._execute(conn, self.dialect.add_column_sql(T, q(DELETED), self.dialect.flag_column_sql))
                 existing.append(DELETED)
                 added.append(DELETED)
             self._ensure_tombstones(conn, table, layout, columns)
@@ -1176,11 +1186,11 @@ class Replica:
         n = rows.num_rows
         if n < 2 or rows.group_by(layout.key).aggregate([]).num_rows == n:
             return rows
-        order = pc.sort_indices(
-            rows,
-            sort_keys=[(k, "ascending") for k in layout.key] + [(layout.version, "descending")],
-            null_placement="at_end",
-        )
+        keys = [(k, "ascending") for k in layout.key] + [(layout.version, "descending")]
+        if _ARROW_MAJOR >= 25:  # NULL versions last: the highest real version wins
+            order = pc.sort_indices(rows, sort_keys=[(*k, "at_end") for k in keys])
+        else:
+            order = pc.sort_indices(rows, sort_keys=keys, null_placement="at_end")
         rows = rows.take(order)
         same_key = None
         for k in layout.key:

@@ -42,6 +42,8 @@ BATCH_ROWS = 10_000
 @register("mssql")
 class MSSQLReplica(ReplicaDialect):
     max_key_bytes = 900
+    driver_paramstyle = "qmark"  # pyodbc
+    flag_column_sql = "BIT NOT NULL DEFAULT 0"
 
     def staging_name(self, token: str) -> str:
         return f"#ia_stage_{token}" if token else "#ia_stage"
@@ -89,7 +91,7 @@ class MSSQLReplica(ReplicaDialect):
         return super().sql_type(sa_type)
 
     def add_column_sql(self, name: str, column: str, type_sql: str) -> str:
-        return f"ALTER TABLE {name} ADD {column} {type_sql} NULL"
+        return f"ALTER TABLE {name} ADD {column} {type_sql}" + ("" if "NULL" in type_sql else " NULL")
 
     # -- staging ------------------------------------------------------------------------------
     def create_staging_sql(self, plan: MergePlan) -> list[str]:

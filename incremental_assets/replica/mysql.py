@@ -35,6 +35,7 @@ class MySQLReplica(ReplicaDialect):
         "connect_args": {"init_command": f"SET time_zone = '+00:00', sql_mode = '{SQL_MODE}'", "charset": "utf8mb4"}
     }
     max_key_bytes = 3072
+    flag_column_sql = "BOOLEAN NOT NULL DEFAULT 0"
     op_column_sql = "CAST(0 AS SIGNED)"
 
     def __init__(self) -> None:

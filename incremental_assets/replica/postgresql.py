@@ -45,6 +45,8 @@ def _csv(batch: pa.RecordBatch) -> memoryview:
 
 @register("postgresql")
 class PostgreSQLReplica(ReplicaDialect):
+    flag_column_sql = "boolean NOT NULL DEFAULT false"
+
     def column_type(self, t: pa.DataType, *, key_bytes: int | None = None) -> str:
         if pa.types.is_boolean(t):
             return "boolean"

@@ -25,6 +25,7 @@ _DECLARED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_ ]*?)\s*(?:\(\s*(\d+)\s*(?:,\s
 @register("sqlite")
 class SQLiteReplica(ReplicaDialect):
     engine_kwargs = {"connect_args": {"timeout": 30}}
+    flag_column_sql = "BOOLEAN NOT NULL DEFAULT 0"
 
     def configure_engine(self, engine: sa.Engine) -> None:
         @event.listens_for(engine, "connect")

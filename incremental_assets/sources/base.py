@@ -497,6 +497,23 @@ class Source:
         with self.connect() as conn:
             return conn.execute(self.select_any(info, lo, hi)).first() is not None
 
+    def _aggregate(self, info: TableInfo, func, lo: Any, hi: Any) -> Any:
+        col = self.dialect.result_column(info.table.c[info.watermark_column])
+        query = sa.select(func(col))
+        if lo is not None or hi is not None:
+            query = query.where(*self.range_filter(info, lo, hi))
+        with self.connect() as conn:
+            value = conn.execute(query).scalar()
+        return None if value is None else info.kind.from_db(value)
+
+    def min_watermark(self, info: TableInfo, lo: Any = None, hi: Any = None) -> Any:
+        """The lowest watermark in ``[lo, hi)``: one indexed probe, used to skip empty windows."""
+        return self._aggregate(info, sa.func.min, lo, hi)
+
+    def max_watermark(self, info: TableInfo, lo: Any = None, hi: Any = None) -> Any:
+        """The highest watermark in ``[lo, hi)`` (the whole table by default); NULLs are ignored."""
+        return self._aggregate(info, sa.func.max, lo, hi)
+
     def null_watermark_count(self, info: TableInfo) -> int:
         col = info.table.c[info.watermark_column]
         query = sa.select(sa.func.count()).select_from(info.table).where(col.is_(None))

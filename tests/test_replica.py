@@ -1,0 +1,432 @@
+"""Replica merges against real SQLite, PostgreSQL and MariaDB databases (no mocks).
+
+ADF's ``customer_table(PersonID, Name, LastModifytime)`` is merged by PersonID with
+LastModifytime as the version; the replica must converge whatever the order and repetition
+of the slices, keep exact values, and fail clearly on bad input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import itertools
+import threading
+
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+
+from incremental_assets.replica import MergeResult, Replica, ReplicaError, reconcile_source
+from incremental_assets.replica.base import canonical
+
+UTC = dt.timezone.utc
+KEY = ["PersonID"]
+V = "LastModifytime"
+
+
+def ts(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+def customers(rows, *, ops=None, tz=False) -> pa.Table:
+    """ADF's customer_table rows (PersonID, Name, LastModifytime); ``ops`` adds SYS_CHANGE_OPERATION."""
+    table = pa.table(
+        {
+            "PersonID": pa.array([r[0] for r in rows], pa.int32()),
+            "Name": pa.array([r[1] for r in rows], pa.string()),
+            V: pa.array([r[2] for r in rows], pa.timestamp("us", tz="UTC" if tz else None)),
+        }
+    )
+    if ops is not None:
+        table = table.append_column("SYS_CHANGE_OPERATION", pa.array(ops, pa.string()))
+    return table
+
+
+FIRST = [
+    (1, "John", ts("2017-09-01 00:56:00")),
+    (2, "Mike", ts("2017-09-02 05:23:00")),
+    (3, "Alice", ts("2017-09-03 02:36:00")),
+    (4, "Andy", ts("2017-09-04 03:21:00")),
+    (5, "Anny", ts("2017-09-05 08:06:00")),
+]
+
+
+def quoted(db, name: str) -> str:
+    """Quoted for ``sa.text`` (which doubles ``%`` itself for pyformat drivers)."""
+    p = db.engine.dialect.identifier_preparer
+    return p.initial_quote + name.replace(p.escape_quote, p.escape_to_quote) + p.final_quote
+
+
+def read(db, table: str, columns=("PersonID", "Name", V), kinds=(None, None, "timestamp")):
+    """The replica table's rows, values made comparable across engines where a kind is given
+    ("timestamp": UTC text, "flag": "1"/"0"), else as the driver returns them."""
+    cols = ", ".join(quoted(db, c) for c in columns)
+    rows = db.rows(f"SELECT {cols} FROM {quoted(db, table)} ORDER BY {quoted(db, columns[0])}")
+    return [tuple(v if k is None else canonical(v, k) for v, k in zip(row, kinds)) for row in rows]
+
+
+def expected(rows):
+    return [(r[0], r[1], canonical(r[2], "timestamp")) for r in sorted(rows)]
+
+
+@pytest.fixture
+def replica(any_db):
+    r = Replica(any_db.url, retries=0)
+    yield r
+    r.dispose()
+
+
+# -- upserts ------------------------------------------------------------------------------------
+
+
+def test_first_load_then_update_and_insert(any_db, replica):
+    first = replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    assert (first.inserted, first.updated, first.deleted, first.skipped_older) == (5, 0, 0, 0)
+    assert read(any_db, "customer_table") == expected(FIRST)
+
+    # ADF's tutorial change: update PersonID 3, insert PersonID 6
+    delta = [(3, "NewName", ts("2017-09-08 00:00:00")), (6, "NewPerson", ts("2017-09-09 00:00:00"))]
+    second = replica.merge("customer_table", customers(delta), KEY, version_column=V)
+    assert (second.inserted, second.updated, second.skipped_older) == (1, 1, 0)
+    assert second.added_columns == []
+    want = {r[0]: r for r in FIRST} | {r[0]: r for r in delta}
+    assert read(any_db, "customer_table") == expected(want.values())
+
+
+def test_replaying_a_slice_is_a_no_op_in_effect_and_counts_say_so(any_db, replica):
+    replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    again = replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    # equal versions are rewritten with the same values: counted as updated, nothing skipped
+    assert (again.inserted, again.updated, again.deleted, again.skipped_older) == (0, 5, 0, 0)
+    assert read(any_db, "customer_table") == expected(FIRST)
+
+    newer = [(r[0], r[1] + "!", r[2] + dt.timedelta(days=30)) for r in FIRST[:2]]
+    replica.merge("customer_table", customers(newer), KEY, version_column=V)
+    older = replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    assert (older.inserted, older.updated, older.skipped_older) == (0, 3, 2)
+    assert read(any_db, "customer_table") == expected(newer + FIRST[2:])
+
+
+def test_merge_converges_whatever_the_order_of_slices(any_db, replica):
+    day = dt.timedelta(days=1)
+    t0 = ts("2017-09-01 00:00:00")
+    slices = [
+        customers([(1, "a1", t0), (2, "b1", t0), (3, "c1", t0)], ops=["I", "I", "I"]),
+        customers([(1, "a2", t0 + day), (2, None, t0 + day), (4, "d2", t0 + day)], ops=["U", "D", "I"]),
+        customers([(1, "a3", t0 + 2 * day), (2, "b3", t0 + 2 * day), (3, None, t0 + 2 * day)], ops=["U", "I", "D"]),
+    ]
+    finals = []
+    for n, order in enumerate(itertools.permutations(range(3))):
+        table = f"customers_{n}"
+        for i in order:
+            replica.merge(table, slices[i], KEY, version_column=V, operation_column="SYS_CHANGE_OPERATION")
+        for i in order:  # and every slice once more, in the same order
+            replica.merge(table, slices[i], KEY, version_column=V, operation_column="SYS_CHANGE_OPERATION")
+        finals.append(read(any_db, table))
+    assert all(f == finals[0] for f in finals), finals
+    assert finals[0] == expected([(1, "a3", t0 + 2 * day), (2, "b3", t0 + 2 * day), (4, "d2", t0 + day)])
+
+
+def test_duplicates_within_a_slice_collapse_to_the_highest_version(any_db, replica):
+    rows = [
+        (1, "old", ts("2024-01-01 00:00:00")),
+        (1, "new", ts("2024-01-03 00:00:00")),
+        (1, "middle", ts("2024-01-02 00:00:00")),
+        (2, "same", ts("2024-01-01 00:00:00")),
+        (2, "same", ts("2024-01-01 00:00:00")),  # an exact duplicate is harmless
+    ]
+    result = replica.merge("customer_table", customers(rows), KEY, version_column=V)
+    assert (result.inserted, result.updated) == (2, 0)
+    assert read(any_db, "customer_table") == expected([rows[1], rows[3]])
+
+
+def test_equal_versions_with_different_values_are_a_non_unique_key(replica):
+    rows = [(7, "one", ts("2024-01-01 00:00:00")), (7, "two", ts("2024-01-01 00:00:00"))]
+    with pytest.raises(ReplicaError, match=r"key \{'PersonID': 7\} is not unique in the source") as err:
+        replica.merge("customer_table", customers(rows), KEY, version_column=V)
+    assert "customer_table" in str(err.value) and "'Name'" in str(err.value)
+
+
+def test_a_stream_of_batches_is_merged_in_steps_in_one_transaction(any_db):
+    replica = Replica(any_db.url, retries=0, chunk_rows=2)
+    batches = customers(FIRST + [(1, "John again", ts("2018-01-01 00:00:00"))]).to_batches(max_chunksize=1)
+    result = replica.merge("customer_table", iter(batches), KEY, version_column=V)
+    assert (result.inserted, result.updated) == (5, 1)
+    assert read(any_db, "customer_table") == expected([(1, "John again", ts("2018-01-01 00:00:00"))] + FIRST[1:])
+    assert replica.merge("customer_table", iter([]), KEY, version_column=V) == MergeResult(seconds=pytest.approx(0, abs=1))
+    replica.dispose()
+
+
+def test_concurrent_merges_of_one_table_queue_and_converge(any_db):
+    replicas = [Replica(any_db.url, retries=0) for _ in range(3)]
+    replicas[0].ensure_table("customer_table", customers(FIRST).schema, KEY, version_column=V)
+    slices = [
+        [(k, f"v{i}", ts("2024-01-01 00:00:00") + dt.timedelta(hours=i)) for k in range(1, 200)] for i in range(3)
+    ]
+    errors = []
+
+    def run(i):
+        try:
+            replicas[i].merge("customer_table", customers(slices[i]), KEY, version_column=V)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert read(any_db, "customer_table") == expected(slices[2])
+    for r in replicas:
+        r.dispose()
+
+
+# -- deletes ------------------------------------------------------------------------------------
+
+
+def test_deletes_keep_tombstones_so_an_older_insert_cannot_resurrect(any_db, replica):
+    op = "SYS_CHANGE_OPERATION"
+    replica.merge("customer_table", customers(FIRST[:3], ops=["I"] * 3), KEY, version_column=V, operation_column=op)
+    gone = replica.merge(
+        "customer_table", customers([(2, None, ts("2017-10-01 00:00:00"))], ops=["D"]), KEY,
+        version_column=V, operation_column=op,
+    )
+    assert (gone.deleted, gone.inserted, gone.updated) == (1, 0, 0)
+    assert [r[0] for r in read(any_db, "customer_table")] == [1, 3]
+    tomb = read(any_db, "customer_table__deleted", columns=("PersonID", V), kinds=(None, "timestamp"))
+    assert tomb == [(2, canonical(ts("2017-10-01 00:00:00"), "timestamp"))]
+    assert "SYS_CHANGE_OPERATION" not in [c["name"] for c in sa.inspect(any_db.engine).get_columns("customer_table")]
+
+    replay = replica.merge("customer_table", customers(FIRST[:3], ops=["I"] * 3), KEY, version_column=V, operation_column=op)
+    assert (replay.inserted, replay.updated, replay.skipped_older) == (0, 2, 1)
+    assert [r[0] for r in read(any_db, "customer_table")] == [1, 3]
+    # without an operation column too (e.g. a full re-copy): the tombstone still guards
+    replay = replica.merge("customer_table", customers(FIRST[1:2]), KEY, version_column=V)
+    assert (replay.inserted, replay.skipped_older) == (0, 1)
+
+    back = replica.merge(
+        "customer_table", customers([(2, "Mike again", ts("2017-11-01 00:00:00"))], ops=["I"]), KEY,
+        version_column=V, operation_column=op,
+    )
+    assert back.inserted == 1
+    assert read(any_db, "customer_table")[1] == (2, "Mike again", canonical(ts("2017-11-01 00:00:00"), "timestamp"))
+    stale = replica.merge(
+        "customer_table", customers([(2, None, ts("2017-10-01 00:00:00"))], ops=["D"]), KEY,
+        version_column=V, operation_column=op,
+    )
+    assert (stale.deleted, stale.skipped_older) == (0, 1)
+
+
+def test_soft_delete_flags_the_row_and_reconcile_ignores_it(any_db, replica):
+    op = "SYS_CHANGE_OPERATION"
+    replica.merge("customer_table", customers(FIRST[:3], ops=["I"] * 3), KEY, version_column=V, operation_column=op)
+    result = replica.merge(
+        "customer_table", customers([(2, None, ts("2017-10-01 00:00:00"))], ops=["D"]), KEY,
+        version_column=V, operation_column=op, soft_delete=True,
+    )
+    assert result.deleted == 1 and result.added_columns == ["_deleted"]
+    rows = read(any_db, "customer_table", columns=("PersonID", "Name", "_deleted"), kinds=(None, None, "flag"))
+    assert rows == [(1, "John", "0"), (2, "Mike", "1"), (3, "Alice", "0")]  # the row and its values stay
+    assert replica.reconcile("customer_table", KEY)[0] == 2
+
+    replica.merge("customer_table", customers(FIRST[1:2], ops=["I"]), KEY, version_column=V, operation_column=op)
+    assert read(any_db, "customer_table", columns=("PersonID", "_deleted"), kinds=(None, "flag"))[1] == (2, "1")
+    replica.merge(
+        "customer_table", customers([(2, "Mike II", ts("2017-12-01 00:00:00"))], ops=["U"]), KEY,
+        version_column=V, operation_column=op,
+    )
+    assert read(any_db, "customer_table", columns=("PersonID", "Name", "_deleted"), kinds=(None, None, "flag"))[1] == (
+        2, "Mike II", "0",
+    )
+
+
+def test_bad_operations_and_null_keys_fail_clearly(replica):
+    with pytest.raises(ReplicaError, match=r"column 'SYS_CHANGE_OPERATION'.*'X' is not I, U or D"):
+        replica.merge(
+            "customer_table", customers(FIRST[:1], ops=["X"]), KEY, version_column=V, operation_column="SYS_CHANGE_OPERATION"
+        )
+    with pytest.raises(ReplicaError, match=r"column 'PersonID'.*NULL key"):
+        replica.merge("customer_table", customers([(None, "x", ts("2024-01-01 00:00:00"))]), KEY, version_column=V)
+
+
+# -- types and names ------------------------------------------------------------------------------
+
+
+def _as_python(value, t: pa.DataType):
+    """A value read back from any engine, as Python holds the Arrow type (text/naive forms decoded)."""
+    if value is None:
+        return None
+    if pa.types.is_timestamp(t):
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value)
+        if t.tz is not None:
+            return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        return value
+    if pa.types.is_decimal(t):
+        return decimal.Decimal(value) if isinstance(value, str) else value
+    if pa.types.is_boolean(t):
+        return bool(value)
+    if pa.types.is_binary(t):
+        return bytes(value)
+    if pa.types.is_date(t):
+        return dt.date.fromisoformat(value) if isinstance(value, str) else value
+    return value
+
+
+def test_exact_types_round_trip(any_db, replica):
+    data = pa.table(
+        {
+            "id": pa.array([1, 2, 3], pa.int64()),
+            "at": pa.array(
+                [dt.datetime(2024, 3, 31, 1, 30, 0, 123456, tzinfo=UTC), dt.datetime(1, 1, 1, tzinfo=UTC), None],
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "local": pa.array([dt.datetime(2024, 1, 1, 12, 0, 0, 1), None, dt.datetime(9999, 12, 31, 23, 59, 59, 999999)]),
+            "amount": pa.array(
+                [decimal.Decimal("12345678901234.5678"), decimal.Decimal("-0.0001"), None], pa.decimal128(18, 4)
+            ),
+            "small": pa.array([decimal.Decimal("0.0000000001"), None, decimal.Decimal("1")], pa.decimal128(12, 10)),
+            "text": pa.array(["it's \"quoted\", \\ back\nslash", "ünïcødé ✓ 𝄞", ""]),
+            "blob": pa.array([b"\x00\xff\x01'\"", None, b""], pa.binary()),
+            "flag": pa.array([True, False, None]),
+            "day": pa.array([dt.date(2024, 2, 29), None, dt.date(1, 1, 1)]),
+            "n16": pa.array([-32768, 32767, None], pa.int16()),
+            "n32": pa.array([-(2**31), 2**31 - 1, None], pa.int32()),
+            "n64": pa.array([-(2**63), 2**63 - 1, None], pa.int64()),
+            "ratio": pa.array([0.1, -1e300, None], pa.float64()),
+            "version": pa.array([1, 1, 1], pa.int64()),
+        }
+    )
+    replica.merge("types", data, ["id"], version_column="version")
+    cols = data.column_names
+    rows = any_db.rows(f"SELECT {', '.join(quoted(any_db, c) for c in cols)} FROM {quoted(any_db, 'types')} ORDER BY 1")
+    got = [[_as_python(v, data.schema.field(c).type) for v, c in zip(row, cols)] for row in rows]
+    assert got == [list(r.values()) for r in data.to_pylist()]
+    # and an existing table is accepted as it is (its reflected types fit the data)
+    assert replica.ensure_table("types", data.schema, ["id"], version_column="version") == []
+
+
+def test_names_that_need_quotes(any_db, replica):
+    table = 'we"ird name'
+    data = pa.table({"my key": [1, 2], 'Na"me %s': ["a", "b"], "ver:sion": [1, 1]})
+    replica.merge(table, data, ["my key"], version_column="ver:sion")
+    replica.merge(table, pa.table({"my key": [2], 'Na"me %s': ["b2"], "ver:sion": [2]}), ["my key"], version_column="ver:sion")
+    assert read(any_db, table, columns=("my key", 'Na"me %s', "ver:sion"), kinds=(None, None, None)) == [
+        (1, "a", 1), (2, "b2", 2),
+    ]
+    assert 'Na"me %s' in [c["name"] for c in sa.inspect(any_db.engine).get_columns(table)]
+    count, _ = replica.reconcile(table, ["my key"], "ver:sion")
+    assert count == 2
+
+
+def test_timezone_aware_versions(any_db, replica):
+    rows = [(1, "a", dt.datetime(2024, 1, 1, 10, 0, 0, 1, tzinfo=UTC)), (2, "b", dt.datetime(2024, 1, 1, 10, 0, 0, tzinfo=UTC))]
+    replica.merge("aware", customers(rows, tz=True), KEY, version_column=V)
+    older = [(1, "older by 1us", dt.datetime(2024, 1, 1, 10, 0, 0, tzinfo=UTC))]
+    assert replica.merge("aware", customers(older, tz=True), KEY, version_column=V).skipped_older == 1
+    assert read(any_db, "aware") == expected(rows)
+
+
+# -- schema drift ---------------------------------------------------------------------------------
+
+
+def test_schema_drift_adds_new_columns_and_fails_on_dropped_ones(any_db, replica):
+    replica.merge("customer_table", customers(FIRST[:2]), KEY, version_column=V)
+    wider = customers([(3, "Alice", ts("2017-09-03 02:36:00"))]).append_column("Age", pa.array([30], pa.int32()))
+    result = replica.merge("customer_table", wider, KEY, version_column=V)
+    assert result.added_columns == ["Age"] and result.inserted == 1
+    assert read(any_db, "customer_table", columns=("PersonID", "Age"), kinds=(None, None)) == [(1, None), (2, None), (3, 30)]
+    assert replica.ensure_table("customer_table", wider.schema, KEY, version_column=V) == []
+
+    with pytest.raises(ReplicaError, match=r"table 'customer_table', column 'Age': is in the replica table but not in the data"):
+        replica.merge("customer_table", customers(FIRST[:1]), KEY, version_column=V)
+    even_wider = wider.append_column("City", pa.array(["Oslo"]))
+    with pytest.raises(ReplicaError, match=r"column 'City'.*new column.*'fail'"):
+        replica.ensure_table("customer_table", even_wider.schema, KEY, version_column=V, on_schema_change="fail")
+    retyped = wider.set_column(3, "Age", pa.array(["thirty"]))
+    with pytest.raises(ReplicaError, match=r"table 'customer_table', column 'Age': has type .* cannot hold"):
+        replica.merge("customer_table", retyped, KEY, version_column=V)
+
+
+def test_existing_table_without_the_key_as_primary_key_fails(any_db, replica):
+    q = lambda n: quoted(any_db, n)  # noqa: E731
+    any_db.run(f"CREATE TABLE {q('nokey')} ({q('PersonID')} INT, {q('Name')} VARCHAR(255), {q(V)} TIMESTAMP NULL)")
+    with pytest.raises(ReplicaError, match=r"table 'nokey', column 'PersonID': .*no primary key or unique index"):
+        replica.ensure_table("nokey", customers(FIRST).schema, KEY, version_column=V)
+    with pytest.raises(ReplicaError, match=r"column 'Nope': key column is not in the data"):
+        replica.ensure_table("other", customers(FIRST).schema, ["Nope"], version_column=V)
+
+
+# -- reconcile ------------------------------------------------------------------------------------
+
+
+def test_reconcile_matches_the_source_when_in_sync(any_db, replica):
+    q = lambda n: quoted(any_db, n)  # noqa: E731
+    any_db.run(
+        f"CREATE TABLE {q('src_customer')} ({q('PersonID')} INT PRIMARY KEY, {q('Name')} VARCHAR(255), {q(V)} "
+        + ("TIMESTAMP" if any_db.engine.dialect.name == "postgresql" else "DATETIME")
+        + ")"
+    )
+    for pid, name, at in FIRST:
+        any_db.run(
+            f"INSERT INTO {q('src_customer')} VALUES (:p, :n, :t)",
+            params={"p": pid, "n": name, "t": at if any_db.engine.dialect.name != "sqlite" else str(at)},
+        )
+    source = sa.Table("src_customer", sa.MetaData(), autoload_with=any_db.engine)
+    replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+
+    assert replica.reconcile("customer_table", KEY, V) == reconcile_source(any_db.engine, source, KEY, V)
+    assert replica.reconcile("customer_table", KEY) == reconcile_source(any_db.engine, sa.select(source), KEY)
+    assert replica.reconcile("customer_table", KEY)[0] == 5
+
+    any_db.run(f"UPDATE {q('src_customer')} SET {q(V)} = :t WHERE {q('PersonID')} = 3",
+               params={"t": "2017-09-08 00:00:00" if any_db.engine.dialect.name == "sqlite" else ts("2017-09-08 00:00:00")})
+    assert replica.reconcile("customer_table", KEY, V) != reconcile_source(any_db.engine, source, KEY, V)
+    assert replica.reconcile("customer_table", KEY) == reconcile_source(any_db.engine, source, KEY)  # same keys
+    any_db.run(f"DELETE FROM {q('src_customer')} WHERE {q('PersonID')} = 5")
+    assert replica.reconcile("customer_table", KEY) != reconcile_source(any_db.engine, source, KEY)
+
+
+def test_reconcile_compares_across_engines(any_db, replica, sqlite_db, tmp_path):
+    """A SQLite source (text timestamps) against a replica on every engine, aware versions in UTC."""
+    sqlite_db.run(
+        'CREATE TABLE src (id INTEGER PRIMARY KEY, amount NUMERIC(10,2), at DATETIME)',
+        "INSERT INTO src VALUES (1, 1.5, '2024-01-01 10:00:00'), (2, 2, '2024-01-01T11:00:00.5+00:00')",
+    )
+    data = pa.table(
+        {
+            "id": pa.array([1, 2], pa.int64()),
+            "amount": pa.array([decimal.Decimal("1.50"), decimal.Decimal("2.00")], pa.decimal128(10, 2)),
+            "at": pa.array([dt.datetime(2024, 1, 1, 10, tzinfo=UTC), dt.datetime(2024, 1, 1, 11, 0, 0, 500000, tzinfo=UTC)],
+                           pa.timestamp("us", tz="UTC")),
+        }
+    )
+    replica.merge("src_copy", data, ["id"], version_column="at")
+    source = sa.Table("src", sa.MetaData(), autoload_with=sqlite_db.engine)
+    assert replica.reconcile("src_copy", ["id"], "at") == reconcile_source(sqlite_db.engine, source, ["id"], "at")
+    with sqlite_db.engine.connect() as conn:
+        assert reconcile_source(conn, source, ["id", "amount"]) == replica.reconcile("src_copy", ["id", "amount"])
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def test_unreachable_replica_fails_after_retries_without_the_password(caplog):
+    replica = Replica("postgresql+psycopg://ia_user:s3cr3t-pw@127.0.0.1:1/replica", retries=2, retry_delay=0.01)
+    with pytest.raises(ReplicaError) as err:
+        replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    message = str(err.value)
+    assert "unreachable after 3 attempt(s)" in message and "127.0.0.1:1" in message and "ia_user" in message
+    assert "s3cr3t-pw" not in message and "s3cr3t-pw" not in repr(replica) and "s3cr3t-pw" not in caplog.text
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_invalid_names_fail_before_touching_the_database():
+    replica = Replica("sqlite://", retries=0)
+    with pytest.raises(ReplicaError, match="invalid table name"):
+        replica.ensure_table(" padded", customers(FIRST).schema, KEY, version_column=V)
+    with pytest.raises(ReplicaError, match="version column cannot be part of the merge key"):
+        replica.ensure_table("t", customers(FIRST).schema, [V], version_column=V)
+    with pytest.raises(ReplicaError, match=r"column '_deleted': is reserved"):
+        replica.ensure_table("t", customers(FIRST).append_column("_deleted", pa.array([True] * 5)).schema, KEY, version_column=V)
