@@ -61,6 +61,14 @@ class _Project:
 
         return build_landing_asset(table, self.config)
 
+    def replica_asset(self, table):
+        """The replica asset of a table, or None when it is not replicated."""
+        from .defs.replica import build_replica_asset, replica_tables
+
+        for rt in replica_tables(self.config, [table]):
+            return rt, build_replica_asset(rt, self.config)
+        return None
+
 
 def _fmt(value) -> str:
     return value if value not in (None, "") else "-"
@@ -82,10 +90,43 @@ def _failure_message(result) -> str:
     return "see the run in the Dagster UI"
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
+def _materialize(project, asset, partition_key, tags, log_level):
     import dagster as dg
 
-    from .defs.sensors import plan_copy
+    return dg.materialize(
+        [asset],
+        instance=project.instance,
+        resources=project.resources,
+        partition_key=partition_key,
+        tags=tags,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
+
+
+def _merge(project, table, replica, partition_key, tags, log_level) -> bool:
+    """Run the replica merge for the windows a landing run touched; print what it did."""
+    rt, asset = replica
+    result = _materialize(project, asset, partition_key, tags, log_level)
+    name = table.config.name
+    if not result.success:
+        print(f"{name}: FAILED replica merge, run {result.run_id}: {_failure_message(result)}", file=sys.stderr)
+        return False
+    events = result.get_asset_materialization_events()
+    meta = {k: v.value for k, v in events[-1].materialization.metadata.items()} if events else {}
+    checks = result.get_asset_check_evaluations()
+    check = "" if not checks else (" reconciles with the source" if checks[-1].passed else " differs from the source")
+    print(
+        f"{name}: merged {meta.get('files_merged', 0)} file(s) into replica {rt.target!r}: "
+        f"{meta.get('rows_inserted', 0)} inserted, {meta.get('rows_updated', 0)} updated, "
+        f"{meta.get('rows_deleted', 0)} deleted, {meta.get('rows_skipped_older', 0)} older skipped;{check}"
+    )
+    return True
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .defs.landing import latest_metadata
+    from .defs.sensors import CopyRequest, plan_copy
 
     project = _Project(args.table)
     failed = False
@@ -94,6 +135,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         name = table.config.name
         source = project.source(table)
         asset = project.asset(table)
+        replica = project.replica_asset(table)
         runs = 0
         while runs < args.max_runs:
             try:
@@ -110,15 +152,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                     print(f"{name}: up to date")
                 break
             runs += 1
-            result = dg.materialize(
-                [asset],
-                instance=project.instance,
-                resources=project.resources,
-                partition_key=request.partition_key,
-                tags=request.tags,
-                raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-            )
+            result = _materialize(project, asset, request.partition_key, request.tags, log_level)
             if not result.success:
                 message = _failure_message(result)
                 print(f"{name}: FAILED run {result.run_id}: {message}", file=sys.stderr)
@@ -131,9 +165,20 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
                 f"frontier {_fmt(meta.get('frontier'))}, {meta.get('file_count', 0)} file(s), run {result.run_id}"
             )
+            if replica and meta.get("dagster/row_count") and not _merge(project, table, replica, request.partition_key, request.tags, log_level):
+                failed = True
+                break
             if not meta.get("dagster/row_count") and meta.get("horizon_note", "").startswith("held back"):
                 print(f"{name}: stopping: {meta['horizon_note']}")
                 break
+        if (
+            replica and not failed and latest_metadata(project.instance, table.key) is not None
+            and latest_metadata(project.instance, replica[0].key) is None
+        ):
+            # landed before the replica was configured: merge every window once
+            pdef = table.partitions_def
+            everything = CopyRequest(name, pdef.get_first_partition_key(), pdef.get_last_partition_key(), "replica")
+            failed |= not _merge(project, table, replica, everything.partition_key, everything.tags, log_level)
     return 1 if failed else 0
 
 

@@ -72,6 +72,26 @@ class PartitionConfig(_Model):
     start: dt.date | dt.datetime = dt.date(2024, 1, 1)
 
 
+class ReplicaConfig(_Model):
+    """The SQL database every landed slice is merged into."""
+
+    url: str
+    schema_name: str | None = pydantic.Field(None, alias="schema")
+    retries: int = pydantic.Field(3, ge=0, le=20)
+    retry_delay_seconds: float = pydantic.Field(1.0, ge=0)
+    on_schema_change: Literal["add_columns", "fail"] = "add_columns"
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TableReplicaConfig(_Model):
+    """Per-table replica options (``replica: false`` opts the table out)."""
+
+    table: str | None = None  # target table name; default: the table's name
+    on_schema_change: Literal["add_columns", "fail"] | None = None
+    soft_delete: bool = False
+
+
 class TableConfig(_Model):
     name: str
     source: str
@@ -86,6 +106,7 @@ class TableConfig(_Model):
     null_watermark: Literal["fail", "warn"] = "fail"
     batch_size: int = pydantic.Field(100_000, ge=1)
     description: str | None = None
+    replica: bool | TableReplicaConfig = True
 
     @pydantic.field_validator("name")
     @classmethod
@@ -121,6 +142,7 @@ class ProjectConfig(_Model):
     sources: dict[str, SourceConfig]
     landing: LandingConfig = LandingConfig()
     tables: list[TableConfig]
+    replica: ReplicaConfig | None = None
     sensors: SensorConfig = SensorConfig()
     #: where the file was read from; relative local paths resolve against its folder
     path: Path | None = None
@@ -138,6 +160,14 @@ class ProjectConfig(_Model):
                 raise ValueError(f"tables[{i}] (table {table.name!r}): key 'name': duplicate table name")
             seen.add(table.name)
         return self
+
+    def replica_target(self, table: TableConfig) -> str | None:
+        """The replica table a configured table merges into, or None when it is not replicated."""
+        if self.replica is None or table.replica is False:
+            return None
+        if isinstance(table.replica, TableReplicaConfig) and table.replica.table:
+            return table.replica.table
+        return table.name
 
     def table(self, name: str) -> TableConfig:
         for table in self.tables:
@@ -200,6 +230,8 @@ def parse_config(text: str, path: Path | str | None = None) -> ProjectConfig:
     for name, source in config.sources.items():
         expand(source.url, where=f"{where}: source {name!r}: key 'url'")
     expand(config.landing.url, where=f"{where}: landing: key 'url'")
+    if config.replica is not None:
+        expand(config.replica.url, where=f"{where}: replica: key 'url'")
     return config
 
 

@@ -8,7 +8,8 @@ import dagster as dg
 
 from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config
 from .defs.landing import build_landing_asset, landing_tables
-from .defs.resources import LandingResource, SourceResource, azure_blob_resource, source_resource_key
+from .defs.replica import build_replica_asset, replica_automation_sensor, replica_tables
+from .defs.resources import LandingResource, ReplicaResource, SourceResource, azure_blob_resource, source_resource_key
 from .defs.sensors import build_landing_sensor
 
 
@@ -25,6 +26,10 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         asset = build_landing_asset(table, config)
         assets.append(asset)
         sensors.append(build_landing_sensor(table, asset, config))
+    replicas = [build_replica_asset(t, config) for t in replica_tables(config, tables)]
+    if replicas:
+        assets.extend(replicas)
+        sensors.append(replica_automation_sensor(replicas, config))
     resources: dict[str, object] = {
         source_resource_key(name): SourceResource(
             name=name,
@@ -42,6 +47,13 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         base_dir=str(config.path.parent) if config.path else None,
         azure=azure_blob_resource(os.environ) if config.landing.url.startswith("azure://") else None,
     )
+    if config.replica is not None:
+        resources["replica"] = ReplicaResource(
+            url=_secret_or_template(config.replica.url),
+            schema_name=config.replica.schema_name,
+            retries=config.replica.retries,
+            retry_delay_seconds=config.replica.retry_delay_seconds,
+        )
     jobs, schedules = [], []
     if config.path == DEMO_CONFIG:
         from .defs.demo import demo_activity

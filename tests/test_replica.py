@@ -54,7 +54,8 @@ FIRST = [
 def quoted(db, name: str) -> str:
     """Quoted for ``sa.text`` (which doubles ``%`` itself for pyformat drivers)."""
     p = db.engine.dialect.identifier_preparer
-    return p.initial_quote + name.replace(p.escape_quote, p.escape_to_quote) + p.final_quote
+    quoted_name = p.quote_identifier(name)
+    return quoted_name.replace("%%", "%") if getattr(p, "_double_percents", False) else quoted_name
 
 
 def read(db, table: str, columns=("PersonID", "Name", V), kinds=(None, None, "timestamp")):
@@ -430,3 +431,24 @@ def test_invalid_names_fail_before_touching_the_database():
         replica.ensure_table("t", customers(FIRST).schema, [V], version_column=V)
     with pytest.raises(ReplicaError, match=r"column '_deleted': is reserved"):
         replica.ensure_table("t", customers(FIRST).append_column("_deleted", pa.array([True] * 5)).schema, KEY, version_column=V)
+
+
+def test_a_null_version_is_older_than_any_version(any_db, replica):
+    replica.merge("customer_table", customers([(1, "unversioned", None)]), KEY, version_column=V)
+    replica.merge("customer_table", customers([(1, "unversioned again", None)]), KEY, version_column=V)
+    assert read(any_db, "customer_table") == [(1, "unversioned again", None)]
+    replica.merge("customer_table", customers([(1, "versioned", ts("2024-01-01 00:00:00"))]), KEY, version_column=V)
+    late = replica.merge("customer_table", customers([(1, "unversioned", None)]), KEY, version_column=V)
+    assert late.skipped_older == 1
+    assert read(any_db, "customer_table") == expected([(1, "versioned", ts("2024-01-01 00:00:00"))])
+
+
+def test_reconcile_source_takes_naive_source_timestamps_in_their_zone(sqlite_db):
+    sqlite_db.run("CREATE TABLE src (id INTEGER PRIMARY KEY, at DATETIME)", "INSERT INTO src VALUES (1, '2024-07-01 12:00:00')")
+    replica = Replica(sqlite_db.url, retries=0)
+    replica.merge("copy", pa.table({"id": [1], "at": pa.array([dt.datetime(2024, 7, 1, 10, tzinfo=UTC)])}), ["id"], version_column="at")
+    source = sa.Table("src", sa.MetaData(), autoload_with=sqlite_db.engine)
+    assert reconcile_source(sqlite_db.engine, source, ["id"], "at", column_timezone="Europe/Paris") == replica.reconcile(
+        "copy", ["id"], "at"
+    )
+    assert reconcile_source(sqlite_db.engine, source, ["id"], "at") != replica.reconcile("copy", ["id"], "at")

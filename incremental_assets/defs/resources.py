@@ -20,6 +20,7 @@ from pydantic import PrivateAttr
 
 from ..config import expand, resolve_local
 from ..landing import LandingStore, open_landing_store
+from ..replica import Replica
 from ..sources import Source
 
 
@@ -78,6 +79,31 @@ class LandingResource(dg.ConfigurableResource):
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self._clients.close()
+
+
+class ReplicaResource(dg.ConfigurableResource):
+    """The SQL replica database (URL kept as written; expanded when used)."""
+
+    url: str
+    schema_name: str | None = None
+    retries: int = 3
+    retry_delay_seconds: float = 1.0
+
+    _replica: Replica | None = PrivateAttr(default=None)
+
+    def get(self) -> Replica:
+        if self._replica is None:
+            self._replica = Replica(
+                expand(_value(self.url), where="replica: key 'url'"),
+                schema=self.schema_name,
+                retries=self.retries,
+                retry_delay=self.retry_delay_seconds,
+            )
+        return self._replica
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._replica is not None and self._replica.engine is not None:
+            self._replica.engine.dispose()
 
 
 def azure_blob_resource(env: Mapping[str, str]) -> AzureBlobStorageResource | None:

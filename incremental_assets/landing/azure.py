@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 from contextlib import contextmanager
@@ -252,7 +253,7 @@ class AzureLandingStore(LandingStore):
         except AzureError:
             pass  # hidden and harmless; delete permission is checked when it is needed
 
-    def list_files(self, table: str, partition: str | None = None) -> list[str]:
+    def list_files(self, table: str, partition: str | None = None, *, modified_after: dt.datetime | None = None) -> list[str]:
         validate_segment(table, "table")
         if partition is not None:
             validate_segment(partition, "partition")
@@ -266,7 +267,7 @@ class AzureLandingStore(LandingStore):
                 parts = rel.split("/")
                 if len(parts) != 3 or parts[1].startswith("."):
                     continue
-                if is_data_file_name(parts[2]):
+                if is_data_file_name(parts[2]) and (modified_after is None or blob.last_modified > modified_after):
                     out.append(rel)
         return sorted(out)
 

@@ -8,6 +8,8 @@ streamed (bounded memory). This module is Dagster-free on purpose.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import os
 import re
 import uuid
@@ -278,8 +280,9 @@ class LandingStore(ABC):
         return landed
 
     @abstractmethod
-    def list_files(self, table: str, partition: str | None = None) -> list[str]:
-        """Store-relative data file paths, sorted, excluding temp/hidden files."""
+    def list_files(self, table: str, partition: str | None = None, *, modified_after: dt.datetime | None = None) -> list[str]:
+        """Store-relative data file paths, sorted, excluding temp/hidden files; with
+        ``modified_after`` (aware), only files written after that time."""
 
     @abstractmethod
     def delete(self, paths: Iterable[str]) -> None:

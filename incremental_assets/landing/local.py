@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 from pathlib import Path
@@ -64,7 +65,7 @@ class LocalLandingStore(LandingStore):
                 f"landing folder is not writable: {exc.strerror or exc}", store=self.describe()
             ) from exc
 
-    def list_files(self, table: str, partition: str | None = None) -> list[str]:
+    def list_files(self, table: str, partition: str | None = None, *, modified_after: dt.datetime | None = None) -> list[str]:
         validate_segment(table, "table")
         if partition is not None:
             validate_segment(partition, "partition")
@@ -93,10 +94,11 @@ class LocalLandingStore(LandingStore):
                     table=table,
                     path=f"{table}/{name}",
                 ) from exc
+            after = modified_after.timestamp() if modified_after is not None else None
             out.extend(
                 f"{table}/{name}/{e.name}"
                 for e in entries
-                if e.is_file() and is_data_file_name(e.name)
+                if e.is_file() and is_data_file_name(e.name) and (after is None or e.stat().st_mtime > after)
             )
         return sorted(out)
 

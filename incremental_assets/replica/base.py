@@ -374,8 +374,13 @@ class ReplicaDialect:
             execute(conn, sql, list(zip(*columns)))
 
     # -- merge SQL ----------------------------------------------------------------------------
+    def orders_versions_of(self, t: pa.DataType) -> bool:
+        """Whether stored values of type ``t`` compare in version order (``>=`` in SQL)."""
+        return True
+
     def lock(self, conn: sa.Connection, name: str) -> None:
-        """Take the per-table lock for the current transaction (merges of one table queue)."""
+        """Take the per-table lock for the current transaction (merges of one table queue);
+        raise ``TimeoutError`` when it cannot be had."""
 
     def begin_merge(self, conn: sa.Connection) -> None:
         """Session settings for the merge's transaction (called first in it)."""
@@ -562,6 +567,7 @@ def _chunks(data: Any, rows: int) -> Iterator[pa.Table]:
 class _Layout:
     """A validated table layout: stored columns (Arrow types as written), key, version."""
 
+    table: str
     schema: pa.Schema
     key: list[str]
     version: str
@@ -758,7 +764,8 @@ class Replica:
         """Always quoted, by the dialect's rules; ``%`` is not doubled here (SQLAlchemy's
         ``quote_identifier`` does it for its own compiled SQL), :meth:`_execute` does it when needed."""
         p = self.sql_dialect.identifier_preparer
-        return p.initial_quote + name.replace(p.escape_quote, p.escape_to_quote) + p.final_quote
+        quoted = p.quote_identifier(name)
+        return quoted.replace("%%", "%") if getattr(p, "_double_percents", False) else quoted
 
     def _qualified(self, table: str) -> str:
         return (self._q(self.schema) + "." if self.schema else "") + self._q(table)
@@ -822,6 +829,8 @@ class Replica:
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise self._error(scrub(str(exc.orig), self.url).strip(), table) from None
+        except TimeoutError as exc:  # waiting for another merge of the table
+            raise self._error(str(exc), table) from None
         finally:
             if lock:
                 try:
@@ -876,8 +885,11 @@ class Replica:
             if pa.types.is_nested(t) or pa.types.is_union(t) or pa.types.is_map(t):
                 raise self._error(f"type {f.type} cannot be stored in a replica column", table, f.name)
             fields.append(pa.field(f.name, t))
-        layout = _Layout(pa.schema(fields), key, version_column)
+        layout = _Layout(table, pa.schema(fields), key, version_column)
         self._column_types(layout)  # every type has a mapping on this engine
+        version_type = layout.schema.field(version_column).type
+        if not self.dialect.orders_versions_of(version_type):
+            raise self._error(f"this engine cannot compare {version_type} versions in order", table, version_column)
         return layout
 
     def _column_types(self, layout: _Layout) -> list[tuple[str, str, bool]]:
@@ -896,7 +908,7 @@ class Replica:
             try:
                 type_sql = self.dialect.column_type(t, key_bytes=(budget or 0) if is_key else None)
             except ValueError as exc:
-                raise self._error(str(exc), None, f.name) from None
+                raise self._error(str(exc), layout.table, f.name) from None
             out.append((f.name, type_sql, is_key))
         return out
 

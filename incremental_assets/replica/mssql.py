@@ -22,7 +22,6 @@ from .base import (
     PARAM,
     MergePlan,
     ReplicaDialect,
-    ReplicaError,
     SqlType,
     decimal_text,
     duration_micros,
@@ -120,9 +119,13 @@ class MSSQLReplica(ReplicaDialect):
 
         sizes = []
         for f in schema:
-            if pa.types.is_string(f.type) or pa.types.is_timestamp(f.type) or pa.types.is_decimal(f.type):
+            t = f.type
+            if (
+                pa.types.is_string(t) or pa.types.is_timestamp(t) or pa.types.is_decimal(t)
+                or pa.types.is_date(t) or pa.types.is_time(t) or pa.types.is_uint64(t)
+            ):  # sent as text (see python_values)
                 sizes.append((pyodbc.SQL_WVARCHAR, 0, 0))
-            elif pa.types.is_binary(f.type):
+            elif pa.types.is_binary(t):
                 sizes.append((pyodbc.SQL_VARBINARY, 0, 0))
             else:
                 sizes.append(None)
@@ -145,7 +148,7 @@ class MSSQLReplica(ReplicaDialect):
     def lock(self, conn: sa.Connection, name: str) -> None:
         result = conn.exec_driver_sql(LOCK_SQL, (name[:255], LOCK_WAIT_MS)).scalar()
         if result is None or result < 0:
-            raise ReplicaError(f"could not take the lock for {name!r} (sp_getapplock returned {result})")
+            raise TimeoutError(f"could not take the lock for {name!r} (sp_getapplock returned {result})")
 
     @staticmethod
     def _merge(target: str, source: str, columns: list[str], key: list[str], version: str, q, *, matched: list[str], insert_when: str = "") -> str:

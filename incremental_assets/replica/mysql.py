@@ -21,7 +21,7 @@ import hashlib
 import pyarrow as pa
 import sqlalchemy as sa
 
-from .base import DELETED, MergePlan, ReplicaDialect, ReplicaError, SqlType, decimal_text, duration_micros, register, timestamp_text
+from .base import DELETED, MergePlan, ReplicaDialect, SqlType, decimal_text, duration_micros, register, timestamp_text
 
 SQL_MODE = "STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
 #: best first: binary, NO PAD
@@ -120,7 +120,7 @@ class MySQLReplica(ReplicaDialect):
     def lock(self, conn: sa.Connection, name: str) -> None:
         got = conn.exec_driver_sql("SELECT GET_LOCK(%s, %s)", (self._lock_key(name), LOCK_WAIT_SECONDS)).scalar()
         if got != 1:
-            raise ReplicaError(f"timed out after {LOCK_WAIT_SECONDS}s waiting for another merge of {name!r}")
+            raise TimeoutError(f"timed out after {LOCK_WAIT_SECONDS}s waiting for another merge of {name!r}")
 
     def unlock(self, conn: sa.Connection, name: str) -> None:
         conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (self._lock_key(name),)).scalar()

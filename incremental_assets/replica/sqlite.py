@@ -61,6 +61,10 @@ class SQLiteReplica(ReplicaDialect):
             return "BIGINT"  # microseconds
         raise ValueError(f"type {t} has no SQLite mapping")
 
+    def orders_versions_of(self, t: pa.DataType) -> bool:
+        # decimals and uint64 are stored as text here, which compares character by character
+        return not (pa.types.is_decimal(t) or pa.types.is_uint64(t))
+
     def sql_type_of_declared(self, declared: str) -> SqlType:
         """A declared SQLite column type (free text) as a :class:`SqlType`, by SQLite's affinity rules."""
         m = _DECLARED.match(declared or "")
