@@ -452,3 +452,16 @@ def test_reconcile_source_takes_naive_source_timestamps_in_their_zone(sqlite_db)
         "copy", ["id"], "at"
     )
     assert reconcile_source(sqlite_db.engine, source, ["id"], "at") != replica.reconcile("copy", ["id"], "at")
+
+
+@pytest.mark.parametrize("name", ["s", "t", "d", "x"])
+def test_table_names_that_match_sql_aliases(any_db, replica, name):
+    op = "SYS_CHANGE_OPERATION"
+    replica.merge(name, customers(FIRST[:2], ops=["I", "I"]), KEY, version_column=V, operation_column=op)
+    replica.merge(name, customers(FIRST[:2], ops=["I", "I"]), KEY, version_column=V, operation_column=op)
+    gone = replica.merge(name, customers([(1, None, ts("2018-01-01 00:00:00"))], ops=["D"]), KEY, version_column=V,
+                         operation_column=op, soft_delete=True)
+    gone = replica.merge(name, customers([(2, None, ts("2018-01-01 00:00:00"))], ops=["D"]), KEY, version_column=V,
+                         operation_column=op)
+    assert gone.deleted == 1
+    assert replica.reconcile(name, KEY)[0] == 0

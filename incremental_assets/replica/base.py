@@ -63,6 +63,14 @@ class ReplicaError(Exception):
     """A problem with a replica, its tables or columns; the message never holds a password."""
 
 
+class UnstorableValue(ValueError):
+    """A value the engine cannot hold (e.g. NaN in MySQL); raised by a dialect while staging."""
+
+    def __init__(self, column: str, message: str):
+        super().__init__(message)
+        self.column = column
+
+
 @dataclass
 class MergeResult:
     """What one merge did. Rows whose version equals the stored one are rewritten and count as updated."""
@@ -295,7 +303,7 @@ class ReplicaDialect:
             return SqlType("date", text=text)
         if isinstance(sa_type, sa.Time):
             return SqlType("time", text=text)
-        if isinstance(sa_type, sa.Interval):
+        if isinstance(sa_type, sa.Interval) or name == "INTERVAL":
             return SqlType("interval", text=text)
         if isinstance(sa_type, (sa.LargeBinary, sa.types._Binary)):
             return SqlType("binary", text=text)
@@ -370,8 +378,16 @@ class ReplicaDialect:
         """Bulk-load ``table`` (columns in ``plan.staging_columns`` order) into the staging table."""
         sql = self.insert_staging_sql(plan)
         for batch in table.to_batches(max_chunksize=20_000):
-            columns = [self.python_values(pa.chunked_array([c])) for c in batch.columns]
-            execute(conn, sql, list(zip(*columns)))
+            execute(conn, sql, list(zip(*self.python_columns(batch))))
+
+    def python_columns(self, batch: pa.RecordBatch) -> list[list]:
+        columns = []
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                columns.append(self.python_values(pa.chunked_array([column])))
+            except ValueError as exc:
+                raise UnstorableValue(name, str(exc)) from None
+        return columns
 
     # -- merge SQL ----------------------------------------------------------------------------
     def orders_versions_of(self, t: pa.DataType) -> bool:
@@ -446,20 +462,20 @@ class ReplicaDialect:
         """Insert the rows of SELECT ``source`` into ``target``; update a key only from a version >= the stored one."""
         raise NotImplementedError
 
+    # the target is named, not aliased, in these two: the staging table is named too (its name is
+    # unique), so no alias can shadow a target called "s"
     def delete_sql(self, plan: MergePlan) -> str:
-        T, q = plan.target, plan.q
-        on = " AND ".join(f"s.{q(k)} = {T}.{q(k)}" for k in plan.key)
+        T, S = plan.target, plan.staging
         return (
-            f"DELETE FROM {T} WHERE EXISTS (SELECT 1 FROM {plan.staging} AS s WHERE {on} "
-            f"AND {plan.is_delete()} AND {plan.newer_or_equal('s', T)})"
+            f"DELETE FROM {T} WHERE EXISTS (SELECT 1 FROM {S} WHERE {plan.on(S, T)} "
+            f"AND {plan.is_delete(S)} AND {plan.newer_or_equal(S, T)})"
         )
 
     def soft_delete_sql(self, plan: MergePlan) -> str:
-        T, q = plan.target, plan.q
-        on = " AND ".join(f"{T}.{q(k)} = s.{q(k)}" for k in plan.key)
+        T, S, q = plan.target, plan.staging, plan.q
         return (
-            f"UPDATE {T} SET {q(plan.version)} = s.{q(plan.version)}, {q(DELETED)} = s.{q(DELETED)} "
-            f"FROM {plan.staging} AS s WHERE {on} AND {plan.is_delete()} AND {plan.newer_or_equal('s', T)}"
+            f"UPDATE {T} SET {q(plan.version)} = {S}.{q(plan.version)}, {q(DELETED)} = {S}.{q(DELETED)} "
+            f"FROM {S} WHERE {plan.on(T, S)} AND {plan.is_delete(S)} AND {plan.newer_or_equal(S, T)}"
         )
 
     def merge_statements(self, plan: MergePlan) -> list[str]:
@@ -831,6 +847,8 @@ class Replica:
             raise self._error(scrub(str(exc.orig), self.url).strip(), table) from None
         except TimeoutError as exc:  # waiting for another merge of the table
             raise self._error(str(exc), table) from None
+        except UnstorableValue as exc:
+            raise self._error(str(exc), table, exc.column) from None
         finally:
             if lock:
                 try:
@@ -1086,8 +1104,9 @@ class Replica:
         """Upsert ``data`` into ``table`` by ``key``, last writer wins by ``version_column``; one transaction.
 
         ``operation_column`` holds I/U/D per row (change tracking): D deletes the key (or flags it
-        ``_deleted`` with ``soft_delete``) and leaves a tombstone. The table is created or extended
-        first (see :meth:`ensure_table`). A stream of batches is merged in steps of ``chunk_rows``
+        ``_deleted`` with ``soft_delete``) and leaves a tombstone; it is not stored. The table is
+        created or extended first, in a transaction of its own (DDL commits implicitly on MySQL;
+        see :meth:`ensure_table`). A stream of batches is merged in steps of ``chunk_rows``
         rows (bounded memory), all in the one transaction; duplicate keys are collapsed per step.
         """
         started = time.perf_counter()

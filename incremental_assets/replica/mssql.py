@@ -101,6 +101,8 @@ class MSSQLReplica(ReplicaDialect):
 
     def python_values(self, array):
         t = array.type
+        if pa.types.is_floating(t) and pc.any(pc.or_(pc.is_nan(array), pc.is_inf(array))).as_py():
+            raise ValueError("NaN and infinite values cannot be stored in SQL Server")
         if pa.types.is_timestamp(t):
             return timestamp_text(array).to_pylist()
         if pa.types.is_decimal(t):
@@ -138,9 +140,9 @@ class MSSQLReplica(ReplicaDialect):
         try:
             cursor.fast_executemany = True
             for batch in table.to_batches(max_chunksize=BATCH_ROWS):
-                columns = [self.python_values(pa.chunked_array([c])) for c in batch.columns]
+                rows = list(zip(*self.python_columns(batch)))
                 cursor.setinputsizes(sizes)
-                cursor.executemany(sql, list(zip(*columns)))
+                cursor.executemany(sql, rows)
         finally:
             cursor.close()
 

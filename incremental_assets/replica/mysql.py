@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from .base import DELETED, MergePlan, ReplicaDialect, SqlType, decimal_text, duration_micros, register, timestamp_text
@@ -104,6 +105,8 @@ class MySQLReplica(ReplicaDialect):
 
     def python_values(self, array):
         t = array.type
+        if pa.types.is_floating(t) and pc.any(pc.or_(pc.is_nan(array), pc.is_inf(array))).as_py():
+            raise ValueError("NaN and infinite values cannot be stored in MySQL/MariaDB")
         if pa.types.is_timestamp(t):
             return timestamp_text(array, utc_suffix="").to_pylist()
         if pa.types.is_decimal(t):
@@ -132,7 +135,7 @@ class MySQLReplica(ReplicaDialect):
         ordered = [c for c in columns if c not in key and c != version] + [version]  # version last
         sets = ", ".join(f"{q(c)} = IF({guard}, VALUES({q(c)}), {target}.{q(c)})" for c in ordered)
         return (
-            f"INSERT INTO {target} ({', '.join(q(c) for c in columns)}) SELECT * FROM ({source}) AS x "
+            f"INSERT INTO {target} ({', '.join(q(c) for c in columns)}) SELECT * FROM ({source}) AS ia_upsert_source "
             f"ON DUPLICATE KEY UPDATE {sets}"
         )
 
