@@ -133,6 +133,18 @@ class TableConfig(_Model):
         return dt.timedelta(seconds=self.lag_seconds)
 
 
+class RunRetryConfig(_Model):
+    """Dagster's retry policy for transient failures (bad input is never retried)."""
+
+    max_retries: int = pydantic.Field(2, ge=0, le=10)
+    delay_seconds: float = pydantic.Field(10.0, ge=0)
+
+    def policy(self):
+        import dagster as dg
+
+        return dg.RetryPolicy(max_retries=self.max_retries, delay=self.delay_seconds, backoff=dg.Backoff.EXPONENTIAL)
+
+
 class SensorConfig(_Model):
     enabled: bool = True
     interval_seconds: int = pydantic.Field(30, ge=5)
@@ -144,6 +156,7 @@ class ProjectConfig(_Model):
     tables: list[TableConfig]
     replica: ReplicaConfig | None = None
     sensors: SensorConfig = SensorConfig()
+    run_retries: RunRetryConfig = RunRetryConfig()
     #: where the file was read from; relative local paths resolve against its folder
     path: Path | None = None
 

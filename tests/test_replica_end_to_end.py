@@ -159,7 +159,8 @@ def test_replica_down_keeps_landing_and_merge_reruns(sqlite_db, tmp_path, capsys
                   "INSERT INTO customer_table VALUES (1, 'John', '2017-09-01 00:56:00')")
     monkeypatch.setenv("REPLICA_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x")
     config = write_config(tmp_path, sqlite_db.url, TABLES[:1],
-                          replica={"url": "${REPLICA_URL}", "retries": 1, "retry_delay_seconds": 0.1})
+                          replica={"url": "${REPLICA_URL}", "retries": 1, "retry_delay_seconds": 0.1},
+                          run_retries={"max_retries": 0})
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
     assert code == 1 and "hunter2" not in out + err
     assert "1 row(s)" in out  # landed

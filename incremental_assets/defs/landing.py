@@ -211,7 +211,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         partitions_def=table.partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=table.pool,
-        retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+        retry_policy=config.run_retries.policy(),
         required_resource_keys={table.source_key, "landing"},
         group_name="landing",
         kinds=kinds,

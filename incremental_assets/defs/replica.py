@@ -87,7 +87,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         partitions_def=table.landing.partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=f"incremental_assets/replica/{tc.name}",
-        retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+        retry_policy=config.run_retries.policy(),
         required_resource_keys={source_key, "landing", "replica"},
         automation_condition=MERGE_WHEN_LANDED,
         group_name="replica",

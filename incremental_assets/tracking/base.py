@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from ..sources.base import Source, SourceError, SourceUnavailable, TableInfo, TableRef, scrub
+from ..sources.base import Source, SourceError, TableInfo, TableRef, scrub
 from ..sources.types import column_converter, rows_to_batch
 
 log = logging.getLogger("incremental_assets")
@@ -236,7 +236,7 @@ def select_full(source: Source, info: TableInfo, new_version: int) -> sa.Select:
 def stream(conn: sa.Connection, select: sa.Select, schema: pa.Schema, batch_size: int, counts: dict[str, int]) -> Iterator[pa.RecordBatch]:
     """Stream a SELECT on an open (snapshot) connection as Arrow batches, counting operations."""
     converters = [column_converter(f.type) for f in schema]
-    result = conn.execution_options(stream_results=True, max_row_buffer=batch_size).execute(select)
+    result = conn.execute(select, execution_options={"stream_results": True, "max_row_buffer": batch_size})
     try:
         for rows in result.partitions(batch_size):
             batch = rows_to_batch(rows, schema, converters)
@@ -459,7 +459,10 @@ class InstalledTracker(Tracker):
                 schema, meta = self._located(conn, ref)
                 names = self.names(conn, ref.name)
                 tracked = self.load(conn, meta, ref.name)
-                status: dict[str, Any] = {"table": str(ref), "native": False, "enabled": False}
+                status: dict[str, Any] = {
+                    "table": str(ref), "native": False, "enabled": False, "current_version": None,
+                    "min_valid_version": None, "retention": None,
+                }
                 if tracked is None:
                     return status
                 problems = self.installed(conn, tracked, names) if tracked.enabled else []
@@ -743,8 +746,5 @@ class ChangeReader:
         ``batches`` inside it."""
         if on_expired not in ("reinitialize", "fail"):
             raise ValueError(f"on_expired must be 'reinitialize' or 'fail', not {on_expired!r}")
-        try:
-            with self.tracker.read(self.source, self.info, last_version, on_expired=on_expired, batch_size=batch_size) as changes:
-                yield changes
-        except SourceUnavailable:
-            raise
+        with self.tracker.read(self.source, self.info, last_version, on_expired=on_expired, batch_size=batch_size) as changes:
+            yield changes
