@@ -92,6 +92,7 @@ class PostgreSQLDialect(EngineDialect):
             reason = "disabled"
         else:
             try:
+                select, text_floats = real_as_text(select)
                 sql, params = compile_select(select)
                 uri = libpq_uri(source.url)
                 import adbc_driver_postgresql.dbapi  # noqa: F401
@@ -100,7 +101,7 @@ class PostgreSQLDialect(EngineDialect):
             except ImportError:
                 reason = "adbc_driver_postgresql is not installed"
         if reason is None:
-            reader = _CursorReader(self, source, uri, sql, params, schema, batch_size)
+            reader = _CursorReader(self, source, uri, sql, params, schema, batch_size, text_floats)
             fallback = yield from reader.batches()
             if fallback is None:
                 return
@@ -150,6 +151,25 @@ def _compile_dialect() -> sa.Dialect:
         # ZONE), so the server types them exactly as the generic path does
         _COMPILE_DIALECT = PGDialect_psycopg(paramstyle="numeric_dollar")
     return _COMPILE_DIALECT
+
+
+def real_as_text(select: sa.Select) -> tuple[sa.Select, frozenset[str]]:
+    """``real`` columns selected as ``CAST(col AS TEXT)``.
+
+    The generic path parses the server's text of a ``real`` (``4.9910328e+07``, ``1.1``) into a
+    double; the binary float4 widened to double would differ (``1.100000023841858``), and no
+    client-side shortest-digits algorithm is guaranteed to print exactly what the server prints.
+    """
+    columns, names = [], set()
+    for column in select.selected_columns:
+        if isinstance(column, sa.Label) and isinstance(column.type, sa.REAL):
+            columns.append(sa.cast(column.element, sa.Text).label(column.name))
+            names.add(column.name)
+        else:
+            columns.append(column)
+    if not names:
+        return select, frozenset()
+    return select.with_only_columns(*columns, maintain_column_froms=True), frozenset(names)
 
 
 def compile_select(select: sa.Select) -> tuple[str, pa.RecordBatch | None]:
@@ -247,8 +267,10 @@ class _Failed:
 class _CursorReader:
     """One slice read: a thread runs DECLARE / FETCH and converts; the caller takes batches."""
 
-    def __init__(self, dialect: PostgreSQLDialect, source: Source, uri: str, sql: str, params, schema: pa.Schema, batch_size: int):
+    def __init__(self, dialect: PostgreSQLDialect, source: Source, uri: str, sql: str, params, schema: pa.Schema,
+                 batch_size: int, text_floats: frozenset[str] = frozenset()):
         self.dialect = dialect
+        self.text_floats = text_floats
         self.source = source
         self.uri = uri
         self.sql = sql
@@ -306,7 +328,7 @@ class _CursorReader:
                 cursor.execute(fetch)
                 table = cursor.fetch_arrow_table()
                 if convert is None:
-                    convert = batch_converter(table.schema, self.schema)
+                    convert = batch_converter(table.schema, self.schema, self.text_floats)
                 if table.num_rows == 0:
                     break
                 for batch in table.to_batches():
@@ -334,11 +356,13 @@ _TEXTS = {"text", "varchar", "bpchar", "name"}
 _SAME = {"bool", "float8", "date", "time", "timestamp", "timestamptz", "bytea"}
 
 
-def batch_converter(source: pa.Schema, target: pa.Schema) -> Callable[[pa.RecordBatch], pa.RecordBatch]:
+def batch_converter(
+    source: pa.Schema, target: pa.Schema, text_floats: frozenset[str] = frozenset()
+) -> Callable[[pa.RecordBatch], pa.RecordBatch]:
     """Per-column conversions from ADBC's Arrow (``source``) to ``target``; raises NoFastPath."""
     if len(source) != len(target):
         raise NoFastPath(f"result has {len(source)} columns, expected {len(target)}")
-    converters = [column_converter(s, t) for s, t in zip(source, target)]
+    converters = [column_converter(s, t, text_floats) for s, t in zip(source, target)]
 
     def convert(batch: pa.RecordBatch) -> pa.RecordBatch:
         arrays = [conv(column) for conv, column in zip(converters, batch.columns)]
@@ -347,7 +371,7 @@ def batch_converter(source: pa.Schema, target: pa.Schema) -> Callable[[pa.Record
     return convert
 
 
-def column_converter(source: pa.Field, target: pa.Field) -> Callable[[pa.Array], pa.Array]:
+def column_converter(source: pa.Field, target: pa.Field, text_floats: frozenset[str] = frozenset()) -> Callable[[pa.Array], pa.Array]:
     meta = source.metadata or {}
     pg_type = meta.get(b"POSTGRESQL:type", b"").decode()
     st, tt = source.type, target.type
@@ -357,9 +381,9 @@ def column_converter(source: pa.Field, target: pa.Field) -> Callable[[pa.Array],
         return _same
     if pg_type in _TEXTS and pa.types.is_string(st) and pa.types.is_string(tt):
         return _same
-    if pg_type == "float4" and pa.types.is_float32(st) and pa.types.is_float64(tt):
-        # the generic path parses the server's shortest text form: 1.1, not 1.100000023841858
-        return _float4_as_text_float8
+    if pg_type == "text" and target.name in text_floats and pa.types.is_string(st) and pa.types.is_float64(tt):
+        # a real read as the server's text (see real_as_text): float(text), as the generic path
+        return lambda a: a.cast(pa.float64())
     if pg_type == "numeric" and _storage_is_string(st):
         if pa.types.is_decimal(tt):
             return lambda a: _storage(a).cast(tt)
@@ -417,18 +441,6 @@ def _json_text(a: pa.Array) -> pa.Array:
     return pa.array(
         [None if v is None else _to_text(json.loads(v)) for v in _storage(a).to_pylist()], type=pa.string()
     )
-
-
-def _float4_as_text_float8(a: pa.Array) -> pa.Array:
-    """real -> float8 as ``float(text)`` of the server's shortest round-trip text (numpy's float32
-    ``str`` is that same shortest form; Arrow's own float-to-text cast is not)."""
-    import numpy as np
-
-    values = a.to_numpy(zero_copy_only=False).astype(np.float32)
-    out = pa.array(values.astype(str), type=pa.string()).cast(pa.float64())
-    if a.null_count:
-        out = pc.if_else(a.is_valid(), out, pa.scalar(None, pa.float64()))
-    return out
 
 
 def _uuid_text(a: pa.Array) -> pa.Array:
