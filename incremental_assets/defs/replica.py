@@ -167,7 +167,9 @@ def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.
 
     version = table.landing.config.watermark_column
     with source.connect() as conn:
-        src_count, src_sum = reconcile_source(conn, info.table, key, version)
+        src_count, src_sum = reconcile_source(
+            conn, info.table, key, version, column_timezone=table.landing.config.watermark_timezone
+        )
     rep_count, rep_sum = replica.reconcile(table.target, key, version)
     passed = (src_count, src_sum) == (rep_count, rep_sum)
     return dg.AssetCheckResult(
@@ -175,8 +177,10 @@ def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.
         check_name=table.check_name,
         passed=passed,
         severity=dg.AssetCheckSeverity.WARN,
-        description=None if passed else f"replica has {rep_count} row(s), source {src_count}; checksums differ"
-        if rep_count != src_count else ("checksums differ" if not passed else None),
+        description=None if passed else (
+            f"replica has {rep_count} row(s), source {src_count}" if rep_count != src_count
+            else "same row count, but keys or watermarks differ"
+        ),
         metadata={
             "source_rows": src_count,
             "replica_rows": rep_count,
