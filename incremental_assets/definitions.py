@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import dagster as dg
 
 from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config
 from .defs.landing import build_landing_asset, landing_tables
-from .defs.replica import build_replica_asset, replica_automation_sensor, replica_tables
+from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables
 from .defs.resources import LandingResource, ReplicaResource, SourceResource, azure_blob_resource, source_resource_key
 from .defs.sensors import build_landing_sensor
+
+
+# single-run backfills are what keeps an initial load one run; Dagster still labels them beta
+warnings.filterwarnings("ignore", message=r".*`backfill_policy`.*beta", category=Warning)
 
 
 def _secret_or_template(value: str):
@@ -26,10 +31,10 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         asset = build_landing_asset(table, config)
         assets.append(asset)
         sensors.append(build_landing_sensor(table, asset, config))
-    replicas = [build_replica_asset(t, config) for t in replica_tables(config, tables)]
-    if replicas:
-        assets.extend(replicas)
-        sensors.append(replica_automation_sensor(replicas, config))
+    for table in replica_tables(config, tables):
+        asset = build_replica_asset(table, config)
+        assets.append(asset)
+        sensors.append(build_replica_sensor(table, asset, config))
     resources: dict[str, object] = {
         source_resource_key(name): SourceResource(
             name=name,

@@ -21,13 +21,19 @@ def test_demo_definitions_have_partitioned_assets_sensors_and_pools(tmp_path, mo
     monkeypatch.delenv("INCREMENTAL_ASSETS_CONFIG", raising=False)
     defs = load_definitions()
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
-    assert keys == {"landing/data_source_table", "landing/customer_table", "landing/project_table"}
+    tables = {"data_source_table", "customer_table", "project_table"}
+    assert keys == {f"landing/{t}" for t in tables} | {f"replica/{t}" for t in tables}
     asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
     assert asset.partitions_def.get_first_partition_key() == "2017-09-01"
     assert asset.backfill_policy is not None
     assert asset.op.pool == "incremental_assets/data_source_table"
-    sensor = defs.resolve_sensor_def("landing_data_source_table_sensor")
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    for t in tables:
+        for kind in ("landing", "replica"):
+            assert defs.resolve_sensor_def(f"{kind}_{t}_sensor").default_status == dg.DefaultSensorStatus.RUNNING
+    replica = defs.resolve_assets_def(dg.AssetKey(["replica", "data_source_table"]))
+    assert replica.partitions_def == asset.partitions_def
+    assert dg.AssetKey(["landing", "data_source_table"]) in replica.dependency_keys
+    assert [c.name for c in replica.check_specs] == ["reconciles_with_source"]
 
 
 @pytest.mark.parametrize(

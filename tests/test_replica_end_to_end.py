@@ -170,7 +170,7 @@ def test_replica_down_keeps_landing_and_merge_reruns(sqlite_db, tmp_path, capsys
     assert "1 inserted" in out
 
 
-def test_automation_merges_new_slices_and_backfilled_windows(sqlite_db, tmp_path):
+def test_sensor_merges_new_slices_and_backfilled_windows(sqlite_db, tmp_path):
     sqlite_db.run("CREATE TABLE customer_table (PersonID int, Name varchar(255), LastModifytime datetime)",
                   "INSERT INTO customer_table VALUES (1, 'John', '2017-09-01 00:56:00')")
     config = write_config(tmp_path, sqlite_db.url, TABLES[:1], replica={"url": f"sqlite:///{tmp_path / 'r.db'}"})
@@ -178,16 +178,31 @@ def test_automation_merges_new_slices_and_backfilled_windows(sqlite_db, tmp_path
 
     defs = load_definitions(config)
     landing = defs.resolve_assets_def(dg.AssetKey(["landing", "customer_table"]))
-    replica_key = dg.AssetKey(["replica", "customer_table"])
+    sensor = defs.resolve_sensor_def("replica_customer_table_sensor")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     with dg.DagsterInstance.get() as instance:
-        result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-        assert result.total_requested == 0  # nothing landed yet
+        cursor = None
+
+        def tick():
+            nonlocal cursor
+            with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs) as ctx:
+                data = sensor.evaluate_tick(ctx)
+            cursor = data.cursor or cursor
+            return data.run_requests
+
+        assert tick() == []  # nothing landed yet
         assert dg.materialize([landing], instance=instance, partition_key="2017-09-01").success
-        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
-        requested = result.get_requested_partitions(replica_key)
-        assert requested == {"2017-09-01"}
+        (request,) = tick()
+        assert request.asset_selection == [dg.AssetKey(["replica", "customer_table"])]
+        assert request.partition_key == "2017-09-01"
+        assert tick() == []  # each landing materialization is merged once
         # a backfilled (old) window triggers the merge too, not only the latest window
-        assert dg.materialize([landing], instance=instance, partition_key="2017-10-01",
-                              tags={"dagster/backfill": "b1"}).success
-        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
-        assert "2017-10-01" in result.get_requested_partitions(replica_key)
+        assert dg.materialize([landing], instance=instance, partition_key="2017-10-01", tags={"dagster/backfill": "b1"}).success
+        (request,) = tick()
+        assert request.partition_key == "2017-10-01"
+        # a range run (initial load) becomes one merge run over the same range
+        assert dg.materialize([landing], instance=instance, tags={"dagster/asset_partition_range_start": "2018-01-01",
+                                                                   "dagster/asset_partition_range_end": "2018-03-01"}).success
+        (request,) = tick()
+        assert request.tags["dagster/asset_partition_range_start"] == "2018-01-01"
+        assert request.tags["dagster/asset_partition_range_end"] == "2018-03-01"

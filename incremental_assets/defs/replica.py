@@ -17,20 +17,11 @@ from ..config import ProjectConfig
 from ..landing import LandingError
 from ..replica import ReplicaError
 from ..sources import SourceError, SourceUnavailable
-from .landing import LandingTable, latest_metadata
+from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, latest_metadata
 
 #: files written up to this long before the previous merge began are merged again, in case the
 #: landing store's clock is behind this machine's
 CLOCK_MARGIN = dt.timedelta(minutes=10)
-
-#: merge whenever a landing window is (re)materialized: new slices and backfilled windows alike
-MERGE_WHEN_LANDED = (
-    dg.AutomationCondition.any_deps_updated().since_last_handled()
-    & ~dg.AutomationCondition.any_deps_missing()
-    & ~dg.AutomationCondition.any_deps_in_progress()
-    & ~dg.AutomationCondition.in_progress()
-).with_label("merge when landed")
-
 
 @dataclass(frozen=True)
 class ReplicaTable:
@@ -89,7 +80,6 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         pool=f"incremental_assets/replica/{tc.name}",
         retry_policy=config.run_retries.policy(),
         required_resource_keys={source_key, "landing", "replica"},
-        automation_condition=MERGE_WHEN_LANDED,
         group_name="replica",
         kinds={"sql"},
         description=f"`{tc.table}` kept equal to the source in replica table `{table.target}`: landed slices "
@@ -190,11 +180,50 @@ def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.
     )
 
 
-def replica_automation_sensor(assets: list[dg.AssetsDefinition], config: ProjectConfig) -> dg.AutomationConditionSensorDefinition:
-    return dg.AutomationConditionSensorDefinition(
-        "replica_merge_sensor",
-        target=dg.AssetSelection.assets(*assets),
-        default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
+def _groups(keys: list[str], all_keys: list[str]) -> list[tuple[str, str]]:
+    """Contiguous runs of partition keys, as (first, last) pairs."""
+    position = {k: i for i, k in enumerate(all_keys)}
+    ordered = sorted((k for k in keys if k in position), key=position.__getitem__)
+    groups: list[list[str]] = []
+    for key in ordered:
+        if groups and position[key] == position[groups[-1][-1]] + 1:
+            groups[-1].append(key)
+        else:
+            groups.append([key])
+    return [(g[0], g[-1]) for g in groups]
+
+
+MAX_RUNS_PER_TICK = 20
+
+
+def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
+    """Requests a merge of every window landing materializes — new slices and backfilled windows
+    alike. The cursor is the landing event last seen, so no event is missed or raced."""
+
+    @dg.sensor(
+        name=f"replica_{table.landing.config.name.replace('-', '_')}_sensor",
+        target=[asset],
         minimum_interval_seconds=config.sensors.interval_seconds,
-        description="Merges landed windows into the replica whenever landing/<table> materializes them.",
+        default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
+        description=f"Merges into replica table `{table.target}` every window that landing/{table.landing.config.name} materializes.",
     )
+    def _sensor(context: dg.SensorEvaluationContext):
+        seen = int(context.cursor) if context.cursor else 0
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=table.landing.key, after_storage_id=seen), limit=10_000, ascending=True
+        ).records
+        if not records:
+            return dg.SkipReason(f"no new landing/{table.landing.config.name} materializations")
+        keys = {r.partition_key for r in records if r.partition_key}
+        groups = _groups(list(keys), table.landing.partitions_def.get_partition_keys())
+        if len(groups) > MAX_RUNS_PER_TICK:
+            groups = [(groups[0][0], groups[-1][1])]
+        requests = []
+        for first, last in groups:
+            tags = {TABLE_TAG: f"replica/{table.landing.config.name}"}
+            if first != last:
+                tags.update({RANGE_START_TAG: first, RANGE_END_TAG: last})
+            requests.append(dg.RunRequest(asset_selection=[table.key], partition_key=first if first == last else None, tags=tags))
+        return dg.SensorResult(run_requests=requests, cursor=str(max(r.storage_id for r in records)))
+
+    return _sensor

@@ -135,33 +135,57 @@ class ParquetSliceWriter(SliceWriter):
     the Arrow schema is stored in the file so time zones, decimal128/256, binary and
     string types read back identically. Small batches are buffered (bounded by rows and
     bytes) so that row groups have a useful size.
+
+    Dictionary encoding is chosen per column from the first rows (``dictionary="auto"``):
+    kept where values repeat (codes, dates, flags as text), skipped where nearly every value
+    is new (ids, timestamps, free text), where it only costs time (Parquet falls back to
+    plain encoding after building a dictionary page it then discards) and makes files larger.
+    It is an encoding only: the values and their Arrow types read back the same.
     """
 
     format = "parquet"
     extension = "parquet"
 
+    #: rows sampled from the first row group to choose dictionary-encoded columns
+    DICTIONARY_SAMPLE_ROWS = 16_384
+    #: a column is dictionary-encoded when its sample has at most this share of distinct values
+    DICTIONARY_MAX_DISTINCT = 0.5
+
     def __init__(
         self,
         compression: str = "zstd",
         *,
-        row_group_rows: int = 256 * 1024,
-        row_group_bytes: int = 64 * 1024 * 1024,
+        compression_level: int | None = None,
+        row_group_rows: int = 128 * 1024,
+        row_group_bytes: int = 32 * 1024 * 1024,
+        dictionary: Union[bool, str, list] = "auto",
     ) -> None:
         super().__init__()
         self.compression = compression
+        self.compression_level = compression_level
         self.row_group_rows = row_group_rows
         self.row_group_bytes = row_group_bytes
+        self.dictionary = dictionary
         self._buffer: list[pa.RecordBatch] = []
         self._buffer_rows = 0
         self._buffer_bytes = 0
         self._writer: pq.ParquetWriter | None = None
 
     def _open(self, sink: BinaryIO, schema: pa.Schema) -> None:
-        self._writer = pq.ParquetWriter(
-            sink,
-            schema,
+        # the Parquet writer is created with the first row group, once its data has been seen
+        self._target = sink
+
+    def _make_writer(self, sample: pa.Table | None) -> pq.ParquetWriter:
+        use_dictionary = self.dictionary
+        if use_dictionary == "auto":
+            use_dictionary = dictionary_columns(sample, self.DICTIONARY_SAMPLE_ROWS, self.DICTIONARY_MAX_DISTINCT) if sample is not None else True
+        return pq.ParquetWriter(
+            self._target,
+            self._schema,
             version="2.6",
             compression=self.compression,
+            compression_level=self.compression_level,
+            use_dictionary=use_dictionary,
             use_deprecated_int96_timestamps=False,
             coerce_timestamps=None,
             allow_truncated_timestamps=False,
@@ -179,23 +203,43 @@ class ParquetSliceWriter(SliceWriter):
     def _flush(self) -> None:
         if self._buffer:
             table = pa.Table.from_batches(self._buffer, schema=self._schema)
-            assert self._writer is not None
-            self._writer.write_table(table, row_group_size=max(self._buffer_rows, 1))
             self._buffer.clear()
             self._buffer_rows = 0
             self._buffer_bytes = 0
+            if self._writer is None:
+                self._writer = self._make_writer(table)
+            self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
 
     def _close(self) -> None:
-        if self._writer is not None:
-            try:
-                self._flush()
-            finally:
+        try:
+            self._flush()
+            if self._writer is None:  # no rows: a valid file with the schema only
+                self._writer = self._make_writer(None)
+        finally:
+            if self._writer is not None:
                 self._writer.close()
                 self._writer = None
 
     def abort(self) -> None:
         self._buffer.clear()
         super().abort()
+
+
+def dictionary_columns(table: pa.Table, sample_rows: int, max_distinct: float) -> list[str]:
+    """Columns of ``table`` whose first ``sample_rows`` values repeat enough for a dictionary."""
+    sample = table.slice(0, sample_rows)
+    chosen = []
+    for field, column in zip(sample.schema, sample.columns):
+        t = field.type
+        if pa.types.is_boolean(t) or pa.types.is_nested(t):
+            continue  # booleans are bit-packed anyway; nested columns keep Parquet's default
+        if pa.types.is_dictionary(t):
+            chosen.append(field.name)
+            continue
+        valid = len(column) - column.null_count
+        if valid == 0 or pc.count_distinct(column).as_py() <= max_distinct * valid:
+            chosen.append(field.name)
+    return chosen
 
 
 class CsvSliceWriter(SliceWriter):

@@ -8,16 +8,19 @@ an unknown start and stops the horizon (safe) instead of being silently ignored.
 transactions are listed from ``pg_prepared_xacts``; their start is unknown too.
 
 Reads (:meth:`PostgreSQLDialect.read_batches`) take a columnar fast path through ADBC
-(``adbc_driver_postgresql``): the SQLAlchemy SELECT is compiled to SQL text with ``$n``
-parameters, which the server binds (values are never formatted into SQL), and run as
-``DECLARE ... NO SCROLL CURSOR`` in a transaction; each ``FETCH <batch_size>`` comes back in
-PostgreSQL's binary format and is decoded into Arrow by the driver's C code. That keeps memory
-bounded by the batch size (ADBC would otherwise load the whole result of a parameterised query
-into memory: only unparameterised queries stream through ``COPY``) and lets the planner see
-the real bounds. A background thread fetches and converts the next batch while the caller
-writes the previous one. Every column is then converted to exactly the Arrow type and values the
-generic SQLAlchemy path produces (``info.schema``); a column whose type has no exact conversion
-here (arrays, intervals, money, enums, ...) sends the whole read down the generic path.
+(``adbc_driver_postgresql``), which streams a query's result through ``COPY ... TO STDOUT (FORMAT
+binary)`` and decodes it into Arrow in C. ``COPY`` takes no parameters, and ADBC loads the whole
+result of a parameterised query into memory, so the slice's bounds are bound parameters of a
+``set_config`` call instead (``SELECT set_config('incremental_assets.p1', CAST($1 AS text), true)``,
+transaction-local) and the SELECT reads them back with ``CAST(current_setting(...) AS <type>)``:
+values are never formatted into SQL. The planner estimates with those values (stable functions
+are folded for estimation), so the plan is the one the real bounds deserve; where that plan is a
+sequential scan, the bounds are wrapped in scalar subqueries (evaluated once, not per row) and
+index scans are disabled for that statement so the plan stays a sequential scan. A background
+thread reads and converts the next batch while the caller writes the previous one. Every column
+is converted to exactly the Arrow type and values the generic SQLAlchemy path produces
+(``info.schema``); a column whose type has no exact conversion here (arrays, intervals, money,
+enums, ...) sends the whole read down the generic path.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
@@ -37,6 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.visitors import replacement_traverse
 
 from .base import EngineDialect, SourceUnavailable, register, scrub
 from .types import _to_text
@@ -61,18 +67,17 @@ OPEN_TRANSACTIONS = sa.text(
     "FROM pg_prepared_xacts WHERE database = current_database()"
 )
 
-CURSOR_NAME = "incremental_assets_slice"
-
-
 @register("postgresql")
 class PostgreSQLDialect(EngineDialect):
     # now() is the transaction's start, stamped a few microseconds before the backend reports it
     clock_margin = dt.timedelta(milliseconds=100)
     #: read slices through ADBC when every column converts exactly (else SQLAlchemy rows)
     fast_path: bool = True
-    #: batches fetched ahead of the consumer by the reading thread (memory: about
-    #: ``prefetch + 2`` batches of ``batch_size`` rows)
+    #: batches read ahead of the consumer by the reading thread (memory: about ``prefetch + 2``
+    #: batches, each at most ``batch_size`` rows and about ``batch_bytes``)
     prefetch: int = 1
+    #: ADBC's batch size hint: bytes of COPY data per Arrow batch it decodes
+    batch_bytes: int = 4 * 1024 * 1024
 
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         # clock_timestamp(), not now(): now() is frozen at our own transaction's start
@@ -86,22 +91,22 @@ class PostgreSQLDialect(EngineDialect):
 
     # -- reads -----------------------------------------------------------------------------
     def read_batches(self, source: Source, select: sa.Select, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
-        """Stream a SELECT as Arrow batches: ADBC binary cursor, or the generic path when it cannot be exact."""
+        """Stream a SELECT as Arrow batches: ADBC (COPY binary), or the generic path when it cannot be exact."""
         reason = None
         if not self.fast_path or source.engine is None:
             reason = "disabled"
         else:
             try:
-                select, text_floats = real_as_text(select)
-                sql, params = compile_select(select)
+                import adbc_driver_postgresql  # noqa: F401
+
+                query = slice_query(select)
                 uri = libpq_uri(source.url)
-                import adbc_driver_postgresql.dbapi  # noqa: F401
             except NoFastPath as exc:
                 reason = str(exc)
             except ImportError:
                 reason = "adbc_driver_postgresql is not installed"
         if reason is None:
-            reader = _CursorReader(self, source, uri, sql, params, schema, batch_size, text_floats)
+            reader = _CopyReader(self, source, uri, query, schema, batch_size)
             fallback = yield from reader.batches()
             if fallback is None:
                 return
@@ -109,16 +114,32 @@ class PostgreSQLDialect(EngineDialect):
         log.info("source %r: reading through SQLAlchemy rows (the columnar path is not used: %s)", source.name, reason)
         yield from super().read_batches(source, select, schema, batch_size)
 
-    def connect_adbc(self, source: Source, uri: str):
-        """An ADBC connection (in a transaction), retrying with backoff like :meth:`Source.connect`."""
+    def adbc_connection(self, source: Source, uri: str):
+        """A low-level ADBC connection in a transaction (autocommit off), retrying with backoff
+        like :meth:`Source.connect`. The ADBC database (which loads the server's type catalogue
+        once) is kept for the next reads of this source. ``adbc_driver_manager.dbapi`` is not
+        used: it imports pandas (about 50 MB and 0.3 s) for nothing here."""
         import adbc_driver_manager
-        import adbc_driver_postgresql.dbapi as pg_dbapi
+        import adbc_driver_postgresql
 
         delay = source.retry_delay
         for attempt in range(source.retries + 1):
             try:
-                return pg_dbapi.connect(uri, autocommit=False)
+                with self._adbc_lock:
+                    if self._adbc_database is None or self._adbc_uri != uri:
+                        self._adbc_database = adbc_driver_postgresql.connect(uri)
+                        self._adbc_uri = uri
+                    database = self._adbc_database
+                conn = adbc_driver_manager.AdbcConnection(database)
+                try:
+                    conn.set_autocommit(False)
+                except BaseException:
+                    conn.close()
+                    raise
+                return conn
             except adbc_driver_manager.Error as exc:
+                with self._adbc_lock:
+                    self._adbc_database = None  # connect afresh next time
                 message = _scrub(str(exc), source.url)
                 if attempt == source.retries:
                     raise SourceUnavailable(
@@ -129,6 +150,10 @@ class PostgreSQLDialect(EngineDialect):
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
+
+    _adbc_database: Any = None
+    _adbc_uri: str | None = None
+    _adbc_lock = threading.Lock()
 
 
 class NoFastPath(Exception):
@@ -172,22 +197,63 @@ def real_as_text(select: sa.Select) -> tuple[sa.Select, frozenset[str]]:
     return select.with_only_columns(*columns, maintain_column_froms=True), frozenset(names)
 
 
-def compile_select(select: sa.Select) -> tuple[str, pa.RecordBatch | None]:
-    """SQL text with ``$1, $2...`` and its parameters as a one-row Arrow batch (None without any)."""
-    compiled = select.compile(dialect=_compile_dialect())
-    values = compiled.construct_params()
-    processors = getattr(compiled, "_bind_processors", {}) or {}
-    names = list(compiled.positiontup or [])
-    if not names:
-        return compiled.string, None
-    arrays, fields = [], []
-    for i, name in enumerate(names):
-        value = values[name]
-        if name in processors:
-            value = processors[name](value)
-        arrays.append(pa.array([value], type=_param_type(value, name)))
-        fields.append(str(i + 1))
-    return compiled.string, pa.record_batch(arrays, names=fields)
+SETTING_PREFIX = "incremental_assets.p"
+
+
+@dataclass(frozen=True)
+class SliceQuery:
+    """A SELECT prepared for ``COPY``: its bound values travel through transaction-local settings."""
+
+    #: the SELECT reading each value as ``CAST(current_setting('incremental_assets.pN') AS type)``
+    direct: str
+    #: the same with each of those in a scalar subquery: evaluated once, also in a sequential scan
+    once: str
+    #: ``SELECT set_config('incremental_assets.p1', CAST($1 AS TEXT), true), ...``, or None
+    settings: str | None
+    #: the values of ``$1, $2...`` as a one-row Arrow batch, or None
+    params: pa.RecordBatch | None
+    #: columns selected as text to be parsed as float8 (see :func:`real_as_text`)
+    text_floats: frozenset[str] = frozenset()
+
+
+def slice_query(select: sa.Select) -> SliceQuery:
+    """Compile ``select`` for the fast path; raises NoFastPath for parameters it cannot carry."""
+    select, text_floats = real_as_text(select)
+    dialect = _compile_dialect()
+    binds: dict[str, tuple[int, BindParameter]] = {}
+
+    def rewrite(once: bool) -> str:
+        def replace(element):
+            if not isinstance(element, BindParameter):
+                return None
+            if element.expanding or element.literal_execute:
+                raise NoFastPath(f"parameter {element.key!r} is expanded into the SQL")
+            number, _ = binds.setdefault(element.key, (len(binds) + 1, element))
+            # the setting's name is this module's constant, never a value
+            name = sa.literal_column(f"'{SETTING_PREFIX}{number}'")
+            value = sa.cast(sa.func.current_setting(name), element.type)
+            return sa.select(value).scalar_subquery() if once else value
+
+        rewritten = replacement_traverse(select, {}, replace)
+        compiled = rewritten.compile(dialect=dialect)
+        if compiled.positiontup:
+            raise NoFastPath("the statement still has bound parameters")
+        return compiled.string
+
+    direct = rewrite(False)
+    once = rewrite(True)
+    if not binds:
+        return SliceQuery(direct, once, None, None, text_floats)
+    arrays, calls = [], []
+    for number, element in sorted(binds.values(), key=lambda b: b[0]):
+        value = element.effective_value
+        processor = element.type._cached_bind_processor(dialect)
+        if processor is not None:
+            value = processor(value)
+        arrays.append(pa.array([value], type=_param_type(value, element.key)))
+        calls.append(f"set_config('{SETTING_PREFIX}{number}', CAST(${number} AS TEXT), true)")
+    params = pa.record_batch(arrays, names=[str(n + 1) for n in range(len(arrays))])
+    return SliceQuery(direct, once, "SELECT " + ", ".join(calls), params, text_floats)
 
 
 def _param_type(value: Any, name: str) -> pa.DataType:
@@ -264,21 +330,20 @@ class _Failed:
         self.exc = exc
 
 
-class _CursorReader:
-    """One slice read: a thread runs DECLARE / FETCH and converts; the caller takes batches."""
+class _CopyReader:
+    """One slice read: a thread runs the COPY and converts; the caller takes batches."""
 
-    def __init__(self, dialect: PostgreSQLDialect, source: Source, uri: str, sql: str, params, schema: pa.Schema,
-                 batch_size: int, text_floats: frozenset[str] = frozenset()):
+    def __init__(self, dialect: PostgreSQLDialect, source: Source, uri: str, query: SliceQuery, schema: pa.Schema,
+                 batch_size: int):
         self.dialect = dialect
-        self.text_floats = text_floats
         self.source = source
         self.uri = uri
-        self.sql = sql
-        self.params = params
+        self.query = query
         self.schema = schema
         self.batch_size = max(int(batch_size), 1)
         self.queue: queue.Queue = queue.Queue(maxsize=max(dialect.prefetch, 1))
         self.stop = threading.Event()
+        self.plan_note = ""
 
     def batches(self):
         """Yields converted batches; returns None when done, or the reason to fall back (nothing yielded then)."""
@@ -313,26 +378,43 @@ class _CursorReader:
                 continue
         return False
 
+    def _statement(self, conn) -> str:
+        """Bind the values (transaction-local settings) and choose the statement to COPY."""
+        query = self.query
+        if query.settings is None:
+            return query.direct
+        _run_query(conn, query.settings, query.params)
+        plan = _run_query(conn, "EXPLAIN (FORMAT JSON) " + query.direct).column(0)[0].as_py()
+        if _per_row_settings(json.loads(plan) if isinstance(plan, (str, bytes)) else plan):
+            # a sequential scan would re-read the settings for every row: keep that plan, with
+            # each value computed once
+            for setting in ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan"):
+                _run_update(conn, f"SET LOCAL {setting} = off")
+            return query.once
+        return query.direct
+
     def _run(self) -> None:
-        conn = cursor = None
+        import adbc_driver_manager
+
+        conn = statement = reader = None
         try:
-            conn = self.dialect.connect_adbc(self.source, self.uri)
-            cursor = conn.cursor()
-            # the cursor is read to its end: plan for all rows, not the first 10%
-            cursor.execute("SET LOCAL cursor_tuple_fraction = 1")
-            cursor.execute(f"DECLARE {CURSOR_NAME} NO SCROLL CURSOR FOR {self.sql}", self.params)
-            cursor.adbc_statement.set_options(**{"adbc.postgresql.use_copy": "false"})
-            fetch = f"FETCH FORWARD {self.batch_size} FROM {CURSOR_NAME}"
-            convert = None
+            conn = self.dialect.adbc_connection(self.source, self.uri)
+            sql = self._statement(conn)
+            statement = adbc_driver_manager.AdbcStatement(conn)
+            statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(self.dialect.batch_bytes)})
+            statement.set_sql_query(sql)  # no parameters: ADBC streams it through COPY (FORMAT binary)
+            handle, _ = statement.execute_query()
+            reader = pa.RecordBatchReader.from_stream(handle)
+            convert = batch_converter(reader.schema, self.schema, self.query.text_floats)
+            size = self.batch_size
             while not self.stop.is_set():
-                cursor.execute(fetch)
-                table = cursor.fetch_arrow_table()
-                if convert is None:
-                    convert = batch_converter(table.schema, self.schema, self.text_floats)
-                if table.num_rows == 0:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
                     break
-                for batch in table.to_batches():
-                    if batch.num_rows and not self._put(convert(batch)):
+                for offset in range(0, batch.num_rows, size):
+                    piece = batch.slice(offset, size) if batch.num_rows > size else batch
+                    if not self._put(convert(piece)):
                         return
             self._put(_End())
         except NoFastPath as exc:
@@ -340,12 +422,56 @@ class _CursorReader:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             self._put(_Failed(exc))
         finally:
-            for closeable in (cursor, conn):
+            for closeable in (reader, statement, conn):
                 if closeable is not None:
                     try:
-                        closeable.close()  # ends the (read-only) transaction: nothing to commit
+                        closeable.close()  # the connection's (read-only) transaction ends unfinished
                     except Exception:  # noqa: BLE001
                         pass
+
+
+def _run_query(conn, sql: str, params: pa.RecordBatch | None = None) -> pa.Table:
+    import adbc_driver_manager
+
+    statement = adbc_driver_manager.AdbcStatement(conn)
+    try:
+        statement.set_options(**{"adbc.postgresql.use_copy": "false"})
+        statement.set_sql_query(sql)
+        if params is not None:
+            statement.bind(params)
+        handle, _ = statement.execute_query()
+        with pa.RecordBatchReader.from_stream(handle) as reader:
+            return reader.read_all()
+    finally:
+        statement.close()
+
+
+def _run_update(conn, sql: str) -> None:
+    import adbc_driver_manager
+
+    statement = adbc_driver_manager.AdbcStatement(conn)
+    try:
+        statement.set_sql_query(sql)
+        statement.execute_update()
+    finally:
+        statement.close()
+
+
+def _per_row_settings(plan: Any) -> bool:
+    """Whether an EXPLAIN (FORMAT JSON) plan has a sequential scan filtering on the settings."""
+    nodes = list(plan) if isinstance(plan, list) else [plan]
+    while nodes:
+        node = nodes.pop()
+        if not isinstance(node, dict):
+            continue
+        if node.get("Node Type") == "Seq Scan" and "current_setting" in str(node.get("Filter", "")):
+            return True
+        for value in node.values():
+            if isinstance(value, dict):
+                nodes.append(value)
+            elif isinstance(value, list):
+                nodes.extend(value)
+    return False
 
 
 # ------------------------------------------------------------------------------------------------

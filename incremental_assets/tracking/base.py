@@ -32,6 +32,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -258,6 +259,13 @@ class InstalledTracker(Tracker):
     """Shared logic of the engines where change tracking is installed; the engine modules supply
     the SQL that differs (triggers, snapshots, the current version)."""
 
+    @staticmethod
+    def clock_version() -> int:
+        """Microseconds since the epoch: a counter started there stays above every version an
+        earlier, forgotten counter of the same table reached (unless it counted faster than 1/µs),
+        so a reader's old version is never mistaken for a valid one."""
+        return time.time_ns() // 1000
+
     #: the change table has a separate per-change sequence (else the version orders changes)
     separate_sequence = False
 
@@ -309,6 +317,10 @@ class InstalledTracker(Tracker):
         """The highest version cleanup may delete (every change at or below it is finished)."""
         return None
 
+    def first_version(self) -> int:
+        """Where a new metadata row's counter starts (engines that count)."""
+        return 0
+
     def identifier_limit(self, conn: sa.Connection) -> int:
         return int(getattr(conn.dialect, "max_identifier_length", 63) or 63)
 
@@ -335,7 +347,11 @@ class InstalledTracker(Tracker):
         columns.append(sa.Column(OPERATION, sa.String(1), nullable=False))
         columns.append(sa.Column(TIME, sa.Float(53), nullable=False))
         sa_schema = None if schema is None else TableRef(schema, name).sa_schema
-        return sa.Table(name, sa.MetaData(), *columns, schema=sa_schema)
+        return sa.Table(name, sa.MetaData(), *columns, schema=sa_schema, **self.change_table_options(info))
+
+    def change_table_options(self, info: TableInfo) -> dict[str, Any]:
+        """Table options the change table copies from the tracked table (so keys compare alike)."""
+        return {}
 
     def sequence_column(self) -> str:
         return SEQUENCE if self.separate_sequence else VERSION
@@ -403,7 +419,8 @@ class InstalledTracker(Tracker):
                     table_identity=self.identity(conn, schema, ref.name),
                 )
                 if tracked is None:
-                    conn.execute(meta.insert().values(table_name=ref.name, current_version=0, min_valid_version=0, **values))
+                    start = self.first_version()
+                    conn.execute(meta.insert().values(table_name=ref.name, current_version=start, min_valid_version=start, **values))
                 else:
                     if retention is None:
                         values.pop("retention_seconds")
@@ -617,7 +634,13 @@ def ddl(conn: sa.Connection, sql: str) -> None:
 
 
 def quoter(conn: sa.Connection):
-    return conn.dialect.identifier_preparer.quote_identifier
+    """The dialect's identifier quoting, for SQL sent without parameters (so ``%`` is not doubled)."""
+    preparer = conn.dialect.identifier_preparer
+
+    def quote(name: str) -> str:
+        return preparer.initial_quote + name.replace(preparer.escape_quote, preparer.escape_to_quote) + preparer.final_quote
+
+    return quote
 
 
 def qualified(conn: sa.Connection, schema: str | None, name: str) -> str:

@@ -96,6 +96,11 @@ def trigger_statements(conn: sa.Connection, tracked: Tracked, table: str, names:
 
 @register("mysql", "mariadb")
 class MySQLTracker(InstalledTracker):
+    def change_table_options(self, info) -> dict:
+        # the table's default charset and collation: text keys of both tables must compare alike
+        options = dict(info.table.kwargs)
+        return {k: options[k] for k in ("mysql_default charset", "mysql_collate") if k in options}
+
     def install(self, conn, tracked, info, names) -> None:
         if tracked.identity is None:
             log.warning(
@@ -131,6 +136,9 @@ class MySQLTracker(InstalledTracker):
                 *((meta.c[name], value) for name, value in values.items()),
             )
         )
+
+    def first_version(self) -> int:
+        return self.clock_version()
 
     def restart_versions(self, conn, meta, tracked) -> None:
         conn.execute(self._restart(meta, tracked))

@@ -17,7 +17,9 @@ and the committed ones are visible in that snapshot. So a read's ``new_version``
 and it returns the versions in ``(last, new_version]``; an id handed out later is at least the
 snapshot's xmax, above it. ``xmin`` never goes back (no id below it can be handed out again), so
 consecutive reads never overlap or leave a gap, and a late-committing transaction is read once it
-has finished, never skipped. Changes committed with an id above ``new_version`` may already be in
+has finished, never skipped. The xmin is the whole cluster's: a transaction left open in any
+database of the server holds reads back until it ends (nothing is lost; set
+``idle_in_transaction_session_timeout``). Changes committed with an id above ``new_version`` may already be in
 the snapshot's rows: they are returned again by the next read (with the current row, which is
 harmless), never lost.
 

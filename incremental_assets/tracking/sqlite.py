@@ -80,6 +80,9 @@ class SQLiteTracker(InstalledTracker):
                 problems.append(f"trigger {names[event]!r} is missing")
         return problems
 
+    def first_version(self) -> int:
+        return self.clock_version()
+
     def restart_versions(self, conn, meta, tracked) -> None:
         conn.execute(
             meta.update()
