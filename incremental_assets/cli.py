@@ -182,6 +182,28 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _status_changes(project, table) -> bool:
+    from .defs.landing import recorded_state
+    from .tracking import change_tracking_status
+
+    name = table.config.name
+    try:
+        status = change_tracking_status(project.source(table), table.config.table)
+        frontier = recorded_state(project.instance, table.key, table.version_kind).frontier
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name:<24} FAILED: {exc}")
+        return False
+    if not status.get("enabled"):
+        print(f"{name:<24} change tracking NOT enabled: incremental-assets enable-change-tracking --table {name}")
+        return False
+    current, min_valid = status.get("current_version"), status.get("min_valid_version")
+    behind = "changes pending" if frontier is None or (current is not None and current > frontier) else "0"
+    print(f"{name:<24} {'(change tracking)':<20} {_fmt(frontier):<34} {_fmt(current):<34} {behind}")
+    if frontier is not None and min_valid is not None and frontier < min_valid:
+        print(f"  WARNING: version {frontier} is below the minimum valid version {min_valid}: the next copy is a full copy")
+    return True
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .defs.landing import recorded_state
     from .defs.sensors import backwards_note
@@ -191,6 +213,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'table':<24} {'watermark column':<20} {'recorded frontier':<34} {'source max':<34} rows ahead")
     for table in project.tables:
         name = table.config.name
+        if table.tracks_changes:
+            failed |= not _status_changes(project, table)
+            continue
         try:
             source = project.source(table)
             info = table.describe(source)
@@ -213,6 +238,38 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _tracked_table(args: argparse.Namespace):
+    from .config import load_config
+    from .sources import Source
+
+    config = load_config()
+    table = config.table(args.table)
+    if table.mode != "change_tracking":
+        raise ConfigError(f"{config.path}: table {table.name!r}: key 'mode' is {table.mode!r}; set mode: change_tracking")
+    src = config.sources[table.source]
+    from .config import expand
+
+    source = Source(table.source, expand(src.url, where=f"source {table.source!r}: key 'url'"),
+                    retries=src.retries, retry_delay=src.retry_delay_seconds)
+    return table, source
+
+
+def cmd_enable_tracking(args: argparse.Namespace) -> int:
+    from .tracking import enable_change_tracking
+
+    table, source = _tracked_table(args)
+    print(enable_change_tracking(source, table.table, primary_key=table.primary_key or None))
+    return 0
+
+
+def cmd_disable_tracking(args: argparse.Namespace) -> int:
+    from .tracking import disable_change_tracking
+
+    table, source = _tracked_table(args)
+    print(disable_change_tracking(source, table.table))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="incremental-assets", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help=f"configuration file (default: ${CONFIG_ENV}, else the embedded demo)")
@@ -227,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     status.add_argument("--table", action="append", help="only this table (repeatable)")
     status.set_defaults(func=cmd_status)
+    for name, func, text in (
+        ("enable-change-tracking", cmd_enable_tracking,
+         "install change tracking (change table + triggers) for a table with mode: change_tracking"),
+        ("disable-change-tracking", cmd_disable_tracking, "remove what enable-change-tracking installed"),
+    ):
+        sub_parser = sub.add_parser(name, help=text)
+        sub_parser.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+        sub_parser.add_argument("--table", required=True, help="the table's name in the configuration")
+        sub_parser.set_defaults(func=func)
     return parser
 
 
@@ -234,11 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _prepare_environment(getattr(args, "sub_config", None) or args.config)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from .sources import SourceError
+
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

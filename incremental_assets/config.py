@@ -96,8 +96,8 @@ class TableConfig(_Model):
     name: str
     source: str
     table: str
-    mode: Literal["watermark"] = "watermark"
-    watermark_column: str
+    mode: Literal["watermark", "change_tracking"] = "watermark"
+    watermark_column: str | None = None
     primary_key: list[str] = []
     columns: list[str] | None = None
     partitions: PartitionConfig = PartitionConfig()
@@ -107,6 +107,16 @@ class TableConfig(_Model):
     batch_size: int = pydantic.Field(100_000, ge=1)
     description: str | None = None
     replica: bool | TableReplicaConfig = True
+    #: change tracking: what to do when the last synced version is no longer valid
+    on_expired: Literal["reinitialize", "fail"] = "reinitialize"
+
+    @pydantic.model_validator(mode="after")
+    def _mode_keys(self) -> "TableConfig":
+        if self.mode == "watermark" and not self.watermark_column:
+            raise ValueError("key 'watermark_column': required with mode: watermark")
+        if self.mode == "change_tracking" and self.watermark_column:
+            raise ValueError("key 'watermark_column': not used with mode: change_tracking (versions come from change tracking)")
+        return self
 
     @pydantic.field_validator("name")
     @classmethod

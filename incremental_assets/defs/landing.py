@@ -14,8 +14,17 @@ import dagster as dg
 
 from ..config import ConfigError, ProjectConfig, TableConfig
 from ..landing import LandingError
-from ..copying import PlannedSlice, SliceCopy, Window, check_null_watermarks, copy_slice, plan_window_slices
-from ..sources import Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind
+from ..copying import (
+    PlannedSlice,
+    SliceCopy,
+    Window,
+    check_null_watermarks,
+    copy_slice,
+    plan_window_slices,
+    remove_orphans,
+    slice_stem,
+)
+from ..sources import IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind
 from .partitions import partitions_def_for, window
 from .resources import source_resource_key
 
@@ -52,11 +61,20 @@ class LandingTable:
         tc = self.config
         return source.describe_table(
             tc.table,
-            watermark_column=tc.watermark_column,
+            watermark_column=tc.watermark_column,  # None with change tracking
             columns=tc.columns,
             column_timezone=tc.watermark_timezone,
             primary_key=tc.primary_key or None,
         )
+
+    @property
+    def tracks_changes(self) -> bool:
+        return self.config.mode == "change_tracking"
+
+    @property
+    def version_kind(self) -> WatermarkKind:
+        """How the frontier is read and written: change versions are integers."""
+        return IntegerKind()
 
     def windows(self, keys: list[str]) -> list[Window]:
         first = self.partitions_def.get_first_partition_key()
@@ -216,11 +234,13 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         group_name="landing",
         kinds=kinds,
         description=tc.description
-        or f"Table `{tc.table}` of source `{tc.source}`, copied incrementally by `{tc.watermark_column}`.",
+        or (f"Table `{tc.table}` of source `{tc.source}`, copied by change tracking (net inserts, updates, deletes)."
+            if table.tracks_changes else
+            f"Table `{tc.table}` of source `{tc.source}`, copied incrementally by `{tc.watermark_column}`."),
         metadata={
             "source": tc.source,
             "source_table": tc.table,
-            "watermark_column": tc.watermark_column,
+            "watermark_column": tc.watermark_column or "(change tracking)",
         },
     )
     def _asset(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
@@ -233,6 +253,8 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             raise dg.Failure(description=f"{tc.name}: {exc}", allow_retries=False) from None
 
     def _materialize(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
+        if table.tracks_changes:
+            return _materialize_changes(context, table, _is_refresh(context, config))
         started = time.perf_counter()
         source: Source = getattr(context.resources, table.source_key).get()
         store = context.resources.landing.get()
@@ -285,6 +307,74 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         return dg.MaterializeResult(metadata=metadata)
 
     return _asset
+
+
+def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable, refresh: bool) -> dg.MaterializeResult:
+    """Change tracking: the net changes since the recorded version, into the current window.
+
+    A refresh (backfill) of the current window re-initialises with a full copy; a past window
+    cannot be re-read (change tracking serves changes since a version, up to now), so replaying
+    one fails clearly."""
+    from ..tracking import ChangeReader
+
+    tc = table.config
+    started = time.perf_counter()
+    source: Source = getattr(context.resources, table.source_key).get()
+    store = context.resources.landing.get()
+    kind = table.version_kind
+    current = table.partitions_def.get_last_partition_key()
+    past = [k for k in context.partition_keys if k != current]
+    if past:
+        raise SourceError(
+            f"{tc.name}: change tracking cannot re-read past window(s) {past[:3]}: it serves the changes since a "
+            f"version up to now. Backfill the current window ({current}) to re-initialise with a full copy"
+        )
+    recorded = recorded_state(context.instance, table.key, kind)
+    last = None if refresh else recorded.frontier
+    reader = ChangeReader(source, tc.table, primary_key=tc.primary_key or None, columns=tc.columns)
+    with reader.read(last, on_expired=tc.on_expired, batch_size=tc.batch_size) as changes:
+        if changes.reinitialized:
+            context.log.warning(f"{tc.name}: full copy at version {changes.new_version}: {changes.reason}")
+        moved = changes.reinitialized or last is None or changes.new_version != last
+        files = []
+        if moved:
+            remove_orphans(store, tc.name, current, kind, last)
+            stem = slice_stem(kind, None if changes.reinitialized else last, changes.new_version)
+            if changes.reinitialized:
+                stem += FULL_SUFFIX
+            files = store.write_slice(tc.name, current, stem, changes.schema, changes.batches,
+                                      max_rows_per_file=_max_rows(context))
+        counts = dict(changes.counts)
+        new_version = changes.new_version
+    context.log.info(
+        f"{tc.name} [{current}]: versions ({_text(kind, last)}, {new_version}]: "
+        f"{counts.get('I', 0)} insert(s), {counts.get('U', 0)} update(s), {counts.get('D', 0)} delete(s)"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "previous_watermark": _text(kind, last),
+            "new_watermark": kind.to_text(new_version),
+            "frontier": kind.to_text(new_version),
+            "highest_watermark": kind.to_text(new_version),
+            "dagster/row_count": dg.MetadataValue.int(sum(counts.values())),
+            "rows_inserted": counts.get("I", 0),
+            "rows_updated": counts.get("U", 0),
+            "rows_deleted": counts.get("D", 0),
+            "min_valid_version": changes.min_valid_version,
+            "reinitialized": changes.reinitialized,
+            "reinitialize_reason": changes.reason,
+            "run_mode": "initial" if last is None and not refresh else ("refresh" if refresh else "incremental"),
+            "watermark_kind": "change_version",
+            "file_count": len(files),
+            "files": dg.MetadataValue.json([f.uri for f in files][:MAX_FILES_SHOWN]),
+            "landing": store.describe(),
+            "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
+        }
+    )
+
+
+#: a file holding a full snapshot (change tracking's initial or re-initialising copy)
+FULL_SUFFIX = "__full"
 
 
 def landing_tables(config: ProjectConfig) -> list[LandingTable]:

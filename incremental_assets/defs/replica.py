@@ -17,7 +17,7 @@ from ..config import ProjectConfig
 from ..landing import LandingError
 from ..replica import ReplicaError
 from ..sources import SourceError, SourceUnavailable
-from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, latest_metadata
+from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, latest_metadata
 
 #: files written up to this long before the previous merge began are merged again, in case the
 #: landing store's clock is behind this machine's
@@ -104,9 +104,15 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         replica = context.resources.replica.get()
         info = table.landing.describe(source)
         key = merge_key(table, info)
-        version = tc.watermark_column
+        version, operation, schema = tc.watermark_column, None, info.schema
+        if table.landing.tracks_changes:
+            from ..tracking import SYS_CHANGE_OPERATION, SYS_CHANGE_VERSION
+            from ..tracking.base import change_schema
+
+            version, operation, schema = SYS_CHANGE_VERSION, SYS_CHANGE_OPERATION, change_schema(info.schema)
         added = replica.ensure_table(
-            table.target, info.schema, key, version_column=version, on_schema_change=table.on_schema_change
+            table.target, schema, key, version_column=version, on_schema_change=table.on_schema_change,
+            operation_column=operation,
         )
         if added:
             context.log.warning(f"replica table {table.target!r}: added column(s) {added} (schema drift)")
@@ -118,11 +124,18 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
             if previous and previous.get("merge_started"):
                 since = dt.datetime.fromisoformat(previous["merge_started"]) - CLOCK_MARGIN
             for path in store.list_files(tc.name, partition, modified_after=since):
-                result = replica.merge(table.target, store.read_arrow(path, schema=info.schema), key,
-                                       version_column=version, soft_delete=table.soft_delete)
+                data = store.read_arrow(path, schema=schema)
+                result = replica.merge(table.target, data, key, version_column=version, operation_column=operation,
+                                       soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
                 files_merged += 1
                 for name in totals:
                     totals[name] += getattr(result, name)
+                if operation and is_full_snapshot(path) and data.num_rows:
+                    # rows the snapshot no longer holds were deleted at the source meanwhile
+                    snapshot_version = max(data.column(version).to_pylist())
+                    totals["deleted"] += replica.delete_older_than(
+                        table.target, key, version_column=version, version=snapshot_version, soft_delete=table.soft_delete
+                    )
         context.log.info(
             f"{tc.name}: merged {files_merged} file(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
@@ -146,6 +159,10 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
     return _asset
 
 
+def is_full_snapshot(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].split(".", 1)[0].endswith(FULL_SUFFIX)
+
+
 def _transient(exc: Exception) -> bool:
     return "unreachable" in str(exc)
 
@@ -155,7 +172,7 @@ def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.
     watermarks. Rows landing has not copied yet (above the frontier) show as a difference."""
     from ..replica import reconcile_source
 
-    version = table.landing.config.watermark_column
+    version = None if table.landing.tracks_changes else table.landing.config.watermark_column
     with source.connect() as conn:
         src_count, src_sum = reconcile_source(
             conn, info.table, key, version, column_timezone=table.landing.config.watermark_timezone

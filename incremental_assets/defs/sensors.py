@@ -73,11 +73,37 @@ def backwards_note(table: LandingTable, source: Source, info, recorded: Recorded
 
 def plan_copy(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
     """The run a sensor tick would request now (``request`` None when the source has nothing new)."""
+    if table.tracks_changes:
+        return _plan_changes(table, source, instance)
     info = table.describe(source)
     recorded = recorded_state(instance, table.key, info.kind)
     warning = backwards_note(table, source, info, recorded)
     request = _request(table, source, info, recorded.frontier)
     return Plan(request, "" if request else f"no new rows in {table.config.table}", warning)
+
+
+def _plan_changes(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
+    from ..tracking import ChangeTrackingError, change_tracking_status
+
+    status = change_tracking_status(source, table.config.table)
+    if not status.get("enabled", True):
+        raise ChangeTrackingError(
+            f"change tracking is not enabled on table {table.config.table!r} of source {table.config.source!r}: "
+            f"run `incremental-assets enable-change-tracking --table {table.config.name}`"
+            + (" (or enable it in SQL Server: ALTER TABLE ... ENABLE CHANGE_TRACKING)" if status.get("native") else "")
+        )
+    frontier = recorded_state(instance, table.key, table.version_kind).frontier
+    current_version, min_valid = status.get("current_version"), status.get("min_valid_version")
+    name, key = table.config.name, table.partitions_def.get_last_partition_key()
+    warning = ""
+    if frontier is not None and min_valid is not None and frontier < min_valid:
+        warning = (f"last synced version {frontier} is below the minimum valid version {min_valid}: "
+                   f"the next copy re-initialises with a full copy (on_expired: {table.config.on_expired})")
+    if frontier is None:
+        return Plan(CopyRequest(name, key, key, "initial full copy"), "", warning)
+    if current_version is not None and current_version > frontier or warning:
+        return Plan(CopyRequest(name, key, key, f"changes after version {frontier}"), "", warning)
+    return Plan(None, f"no changes in {table.config.table} after version {frontier}", warning)
 
 
 def _request(table: LandingTable, source: Source, info, frontier) -> CopyRequest | None:

@@ -1248,6 +1248,34 @@ class Replica:
         keep = pa.concat_arrays([pa.array([True]), pc.invert(same_key).combine_chunks()])
         return rows.filter(keep)
 
+    # -- full snapshots -------------------------------------------------------------------------
+    def delete_older_than(
+        self, table: str, key: list[str], *, version_column: str, version: Any, soft_delete: bool = False
+    ) -> int:
+        """After merging a full snapshot taken at ``version``: rows still older than it were deleted
+        at the source meanwhile. Remove them (or flag them ``_deleted``), leaving tombstones at
+        ``version`` so a replayed older insert cannot bring them back. Returns the rows affected."""
+        with self._transaction(table) as conn:
+            target = sa.Table(table, sa.MetaData(), schema=self.schema, autoload_with=conn)
+            tombs = sa.Table(table + TOMBSTONE_SUFFIX, sa.MetaData(), schema=self.schema, autoload_with=conn)
+            v = target.c[version_column]
+            stale = v < sa.bindparam("v", version, type_=v.type)
+            if soft_delete:
+                stale = sa.and_(stale, target.c["_deleted"].is_(sa.false()))
+            same_key = sa.and_(*(tombs.c[k] == target.c[k] for k in key))
+            conn.execute(sa.delete(tombs).where(sa.exists().where(same_key, stale)))
+            conn.execute(
+                sa.insert(tombs).from_select(
+                    [*key, version_column],
+                    sa.select(*(target.c[k] for k in key), sa.bindparam("v2", version, type_=v.type)).where(stale),
+                )
+            )
+            if soft_delete:
+                result = conn.execute(sa.update(target).where(stale).values({"_deleted": True}))
+            else:
+                result = conn.execute(sa.delete(target).where(stale))
+            return result.rowcount or 0
+
     # -- reconcile --------------------------------------------------------------------------------
     def reconcile(self, table: str, key: list[str], version_column: str | None = None) -> tuple[int, str]:
         """(row count, checksum) of the replica table's keys [and versions], soft-deleted rows excluded.
