@@ -103,6 +103,18 @@ def mariadb_db(mariadb_server):
         conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
 
 
+@pytest.fixture
+def dagster_home(tmp_path, monkeypatch):
+    """A fresh Dagster instance folder for the CLI and dg.DagsterInstance.get()."""
+    from incremental_assets.config import CONFIG_ENV
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv(CONFIG_ENV, "")  # the CLI sets it; monkeypatch restores it afterwards
+    return home
+
+
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def any_db(request):
     """The same test on each real engine."""

@@ -6,17 +6,10 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from incremental_assets.config import CONFIG_ENV
 from tests.helpers import landed, run_cli, write_config
 
 
-@pytest.fixture(autouse=True)
-def dagster_home(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv(CONFIG_ENV, "")
-    return home
+pytestmark = pytest.mark.usefixtures("dagster_home")
 
 
 TABLE = {"name": "data_source_table", "table": "data_source_table", "mode": "change_tracking",

@@ -44,7 +44,7 @@ def test_defaults_and_env_expansion(monkeypatch, tmp_path):
         (("landing: {url: ./landing}", "landing: {url: ./landing, format: xml}"), ["c.yaml", "'landing.format'", "'parquet' or 'csv'"]),
         (("    watermark_column: LastModified", "    watermark_column: LastModified\n    watermark_timezone: Mars/Olympus"),
          ["'watermark_timezone'", "unknown time zone"]),
-        (("    watermark_column: LastModified", ""), ["'watermark_column'", "required key is missing"]),
+        (("    watermark_column: LastModified", ""), ["table 'customers'", "'watermark_column'", "required with mode: watermark"]),
     ],
 )
 def test_invalid_configuration_names_file_table_and_key(tmp_path, monkeypatch, change, expected):

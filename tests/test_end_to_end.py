@@ -10,17 +10,10 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from incremental_assets.config import CONFIG_ENV
 from tests.helpers import ADF_ROWS, after_horizon, fresh_time, adf_table, create_adf_table, insert_rows, landed, landed_rows, run_cli, write_config
 
 
-@pytest.fixture(autouse=True)
-def dagster_home(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv(CONFIG_ENV, "")  # restored after the CLI sets it
-    return home
+pytestmark = pytest.mark.usefixtures("dagster_home")
 
 
 def materializations(home, table="data_source_table"):

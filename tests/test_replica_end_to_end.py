@@ -10,17 +10,10 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from incremental_assets.config import CONFIG_ENV
 from tests.helpers import after_horizon, fresh_time, run_cli, write_config
 
 
-@pytest.fixture(autouse=True)
-def dagster_home(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv(CONFIG_ENV, "")
-    return home
+pytestmark = pytest.mark.usefixtures("dagster_home")
 
 
 def create_adf_tables(db):

@@ -25,11 +25,13 @@ enums, ...) sends the whole read down the generic path.
 
 from __future__ import annotations
 
+import array
 import datetime as dt
 import decimal
 import json
 import logging
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -250,28 +252,60 @@ def slice_query(select: sa.Select) -> SliceQuery:
         processor = element.type._cached_bind_processor(dialect)
         if processor is not None:
             value = processor(value)
-        arrays.append(pa.array([value], type=_param_type(value, element.key)))
+        arrays.append(_param_array(value, element.key))
         calls.append(f"set_config('{SETTING_PREFIX}{number}', CAST(${number} AS TEXT), true)")
     params = pa.record_batch(arrays, names=[str(n + 1) for n in range(len(arrays))])
     return SliceQuery(direct, once, "SELECT " + ", ".join(calls), params, text_floats)
 
 
-def _param_type(value: Any, name: str) -> pa.DataType:
+_EPOCH = dt.datetime(1970, 1, 1)
+_EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
+
+def _param_array(value: Any, name: str) -> pa.Array:
+    """A one-value Arrow array typed so that ADBC binds it as the server type of the value.
+
+    Built from buffers: ``pa.array`` on Python objects imports pandas (about 40 MB) on first use.
+    """
     if isinstance(value, bool):
-        return pa.bool_()
+        return pa.Array.from_buffers(pa.bool_(), 1, [None, pa.py_buffer(b"\x01" if value else b"\x00")])
     if isinstance(value, int):
-        return pa.int64()
+        return pa.Array.from_buffers(pa.int64(), 1, [None, pa.py_buffer(struct.pack("<q", value))])
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
-            return pa.timestamp("us")
-        return pa.timestamp("us", tz="UTC")
+            micros, t = (value - _EPOCH) // _MICROSECOND, pa.timestamp("us")
+        else:
+            micros, t = (value - _EPOCH_UTC) // _MICROSECOND, pa.timestamp("us", tz="UTC")
+        return pa.Array.from_buffers(t, 1, [None, pa.py_buffer(struct.pack("<q", micros))])
     if isinstance(value, dt.date):
-        return pa.date32()
+        days = (value - _EPOCH.date()).days
+        return pa.Array.from_buffers(pa.date32(), 1, [None, pa.py_buffer(struct.pack("<i", days))])
     if isinstance(value, str):
-        return pa.string()
+        return _string_array([value])
     if isinstance(value, (bytes, bytearray)):
-        return pa.binary()
+        return _string_array([bytes(value)], pa.binary())
     raise NoFastPath(f"parameter {name} of type {type(value).__name__}")
+
+
+def _string_array(values: list, type_: pa.DataType = pa.string()) -> pa.Array:
+    """A string (or binary) array from Python values, without ``pa.array`` (see :func:`_param_array`)."""
+    n = len(values)
+    offsets = array.array("i", [0])
+    validity = bytearray((n + 7) // 8)
+    data = bytearray()
+    nulls = 0
+    for i, value in enumerate(values):
+        if value is None:
+            nulls += 1
+        else:
+            data += value.encode() if isinstance(value, str) else value
+            validity[i >> 3] |= 1 << (i & 7)
+        offsets.append(len(data))
+    if len(data) >= 2**31 or offsets.itemsize != 4:
+        return pa.array(values, type=type_)
+    buffers = [pa.py_buffer(validity) if nulls else None, pa.py_buffer(offsets), pa.py_buffer(bytes(data))]
+    return pa.Array.from_buffers(type_, n, buffers, null_count=nulls)
 
 
 def libpq_uri(url: str | sa.URL) -> str:
@@ -557,16 +591,14 @@ def _numeric_text(a: pa.Array) -> pa.Array:
     special = pc.match_substring_regex(text, _DECIMAL_SPECIAL)
     if not pc.any(special).as_py():
         return text
-    fixed = pa.array([_decimal_text(v) for v in text.to_pylist()], type=pa.string())
+    fixed = _string_array([_decimal_text(v) for v in text.to_pylist()])
     return pc.if_else(special, fixed, text)
 
 
 def _json_text(a: pa.Array) -> pa.Array:
     # the generic path deserialises json/jsonb (json.loads) and renders the value with its
     # own text rule: exactly that, per value (no columnar equivalent)
-    return pa.array(
-        [None if v is None else _to_text(json.loads(v)) for v in _storage(a).to_pylist()], type=pa.string()
-    )
+    return _string_array([None if v is None else _to_text(json.loads(v)) for v in _storage(a).to_pylist()])
 
 
 def _uuid_text(a: pa.Array) -> pa.Array:
@@ -576,7 +608,7 @@ def _uuid_text(a: pa.Array) -> pa.Array:
     storage = _storage(a)
     n = len(storage)
     if n == 0:
-        return pa.array([], type=pa.string())
+        return pa.nulls(0, pa.string())
     data = storage.buffers()[1]
     raw = np.frombuffer(data, dtype=np.uint8, count=(storage.offset + n) * 16, offset=0)[storage.offset * 16:]
     raw = raw.reshape(n, 16)
@@ -593,5 +625,5 @@ def _uuid_text(a: pa.Array) -> pa.Array:
     offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
     text = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(out.tobytes()))
     if storage.null_count:
-        text = pc.if_else(storage.is_valid(), text, pa.scalar(None, pa.string()))
+        text = pc.if_else(storage.is_valid(), text, pa.nulls(1, pa.string())[0])
     return text

@@ -1,0 +1,393 @@
+"""PostgreSQL's columnar read path (ADBC, COPY binary) against the generic SQLAlchemy path.
+
+The fast path must return exactly the Arrow schema and values of the generic path, stream in
+bounded memory, keep values as bound parameters, and fall back where it cannot be exact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+from incremental_assets.landing.formats import ParquetSliceWriter
+from incremental_assets.sources import Source, SourceUnavailable
+from incremental_assets.sources import postgresql as pgmod
+from incremental_assets.sources.base import EngineDialect
+
+UTC = dt.timezone.utc
+GENERIC = EngineDialect.read_batches
+FALLBACK_LOG = "reading through SQLAlchemy rows"
+
+
+def utc(*args) -> dt.datetime:
+    return dt.datetime(*args, tzinfo=UTC)
+
+
+@pytest.fixture
+def sources():
+    made: list[Source] = []
+
+    def make(db, **options) -> Source:
+        source = Source("src", db.url, **options)
+        made.append(source)
+        return source
+
+    yield make
+    for source in made:
+        source.dispose()
+
+
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fail if the fast path hands a read to the generic path."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the fast path fell back to the generic path")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(EngineDialect, "read_batches", boom)
+
+
+def fast(source: Source, info, lo, hi, batch_size=7) -> tuple[pa.Table, list[pa.RecordBatch]]:
+    batches = list(source.read_slice(info, lo, hi, batch_size=batch_size))
+    for batch in batches:
+        assert batch.schema == info.schema
+        assert 0 < batch.num_rows <= batch_size
+    return pa.Table.from_batches(batches, schema=info.schema), batches
+
+
+def generic(source: Source, info, lo, hi, batch_size=7) -> pa.Table:
+    batches = list(GENERIC(source.dialect, source, source.select_slice(info, lo, hi), info.schema, batch_size))
+    return pa.Table.from_batches(batches, schema=info.schema)
+
+
+def assert_same(a: pa.Table, b: pa.Table) -> None:
+    """Same schema and values (NaN equal to NaN), whatever the chunking."""
+    assert a.schema == b.schema
+    assert a.num_rows == b.num_rows
+    for name in a.column_names:
+        x, y = a.column(name), b.column(name)
+        if pa.types.is_floating(x.type):
+            norm = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+            assert [norm(v) for v in x.to_pylist()] == [norm(v) for v in y.to_pylist()], name
+        else:
+            assert x.equals(y), (name, x.to_pylist()[:5], y.to_pylist()[:5])
+
+
+# ---------------------------------------------------------------------------------------------
+# every common type, NULLs in every column, a bounded slice
+
+ALL_TYPES = """
+CREATE TABLE typed (
+    id int8 PRIMARY KEY, i2 int2, i4 int4, amount numeric(12,3), whole numeric(10,0), huge numeric(50,10),
+    free numeric, f8 float8, f4 real, t text, vc varchar(30), ch char(4), flag bool, d date,
+    naive timestamp, at timestamptz, tm time, raw bytea, u uuid, j json, jb jsonb
+)
+"""
+
+ALL_ROWS = """
+INSERT INTO typed
+SELECT g, (g % 32000 - 16000)::int2, g * 1000 - 2000000000, (g * 12.345)::numeric(12,3) * (CASE WHEN g % 2 = 0 THEN -1 ELSE 1 END),
+       g * 10000, ('1234567890123456789012345678901234567890.' || lpad(g::text, 10, '0'))::numeric,
+       (ARRAY['0.0000001230', '12.500', '-0.000000', '123456789012345678901234567890.1', 'NaN', 'Infinity',
+              '-Infinity', '0', '1E-20', '100'])[g % 10 + 1]::numeric,
+       (ARRAY[1.5, -0.1, 1e300, 'NaN', '-Infinity', 5e-324])[g % 6 + 1]::float8 * g,
+       (ARRAY[1.1, 49910328, 3.4028235e38, 1e-45, 'NaN', 'Infinity', 0.1, 16777217])[g % 8 + 1]::real,
+       'héllo ''' || g || E'''\\n\\t"', 'v' || g, 'c' || (g % 10), g % 3 = 0,
+       date '2024-02-29' + g, timestamp '2024-03-10 12:34:56.654321' + g * interval '1 hour 1 microsecond',
+       timestamptz '2024-03-10 12:34:56.123456+05:30' + g * interval '61 minutes 7 microseconds',
+       time '00:00:00.000001' + g * interval '1 minute', decode(lpad(to_hex(g), 6, '0') || '00ff', 'hex'),
+       ('a0eebc99-9c0b-4ef8-bb6d-' || lpad(to_hex(g), 12, '0'))::uuid,
+       (ARRAY['{"b": 1, "a": [1, 2.50, {"z": null}]}', '"text"', '5', 'true', 'null', '[]', '{"é": "ü", "n": 1.10}',
+              '12345678901234567890', '{"aa": 1, "b": 2}', '  {"sp" :  1 }  '])[g % 10 + 1]::json,
+       (ARRAY['{"b": 1, "a": [1, 2.50]}', '"s"', '1.0', 'false', 'null', '{}', '{"é": "ü"}', '[1e400]',
+              '{"aa": 1, "b": 2}', '{"nested": {"k": [true, null]}}'])[g % 10 + 1]::jsonb
+FROM generate_series(1, 150) AS g
+"""
+
+
+def test_every_type_matches_the_generic_path(pg_db, sources, no_fallback):
+    pg_db.run(
+        ALL_TYPES,
+        "SET TIME ZONE 'America/New_York'",  # the server's session zone changes no value
+        ALL_ROWS,
+        # NULL in every column but the watermark, and a row whose watermark is NULL (never read)
+        "INSERT INTO typed (id, at) VALUES (1000, '2024-03-12 00:00:00.000001+00')",
+        "INSERT INTO typed (id) VALUES (1001)",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("typed", watermark_column="at")
+    assert info.schema.field("huge").type == pa.decimal256(50, 10)
+    assert info.schema.field("free").type == pa.string()
+    assert info.schema.field("f4").type == pa.float64()
+
+    lo, hi = utc(2024, 3, 10, 10, 0, 0, 123456), utc(2024, 3, 15, 1, 2, 3, 4)
+    for bounds in [(lo, hi), (None, hi), (lo, None), (None, None)]:
+        expected = generic(source, info, *bounds)
+        got, batches = fast(source, info, *bounds)
+        assert len(batches) > 2
+        assert_same(got, expected)
+    # the slice really is bounded, NULLs are there, the NULL watermark is not
+    table, _ = fast(source, info, lo, hi)
+    at = table.column("at").to_pylist()
+    assert at and min(at) >= lo and max(at) < hi
+    assert 1000 in table.column("id").to_pylist()
+    everything, _ = fast(source, info, None, None)
+    assert 1001 not in everything.column("id").to_pylist()
+    null_row = [r for r in everything.to_pylist() if r["id"] == 1000][0]
+    assert all(v is None for k, v in null_row.items() if k not in ("id", "at"))
+
+
+def test_exact_values_not_just_equal_paths(pg_db, sources, no_fallback):
+    """A few values checked by hand, so that both paths being wrong the same way would show."""
+    pg_db.run(
+        "CREATE TABLE v (at timestamptz, amount numeric(18,4), free numeric, r real, u uuid, jb jsonb)",
+        "INSERT INTO v VALUES ('2024-03-10 12:34:56.123456+05:30', 12345678901234.5678, 0.0000001230, 1.1, "
+        "'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', '{\"b\": 1, \"a\": 2}')",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("v", watermark_column="at")
+    [row] = fast(source, info, None, None)[0].to_pylist()
+    assert row["at"] == utc(2024, 3, 10, 7, 4, 56, 123456)
+    assert str(row["amount"]) == "12345678901234.5678"
+    assert row["free"] == "1.230E-7"  # str(Decimal): the generic path's rendering
+    assert row["r"] == 1.1  # the server's text of the real, not 1.100000023841858
+    assert row["u"] == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    assert row["jb"] == '{"a": 2, "b": 1}'
+
+
+def test_naive_and_integer_watermarks(pg_db, sources, no_fallback):
+    pg_db.run(
+        "CREATE TABLE n (id bigint, at timestamp(6), note text)",
+        "INSERT INTO n SELECT g, timestamp '2024-03-31 00:00:00' + g * interval '7 minutes 3 microseconds', "
+        "'n' || g FROM generate_series(1, 400) g",
+    )
+    source = sources(pg_db)
+    local = source.describe_table("n", watermark_column="at", column_timezone="Europe/Paris")
+    # bounds around the DST change in Paris (2024-03-31 01:00 UTC), given in UTC
+    lo, hi = utc(2024, 3, 31, 0, 30), utc(2024, 3, 31, 5, 0, 0, 999)
+    assert_same(fast(source, local, lo, hi)[0], generic(source, local, lo, hi))
+    assert fast(source, local, lo, hi)[0].num_rows > 0
+    ids = source.describe_table("n", watermark_column="id")
+    assert_same(fast(source, ids, 17, 342)[0], generic(source, ids, 17, 342))
+    assert fast(source, ids, 17, 342)[0].column("id").to_pylist() == list(range(17, 342))
+
+
+def test_empty_slice(pg_db, sources, no_fallback):
+    pg_db.run("CREATE TABLE e (id int, at timestamptz)", "INSERT INTO e VALUES (1, '2024-01-01')")
+    source = sources(pg_db)
+    info = source.describe_table("e", watermark_column="at")
+    assert list(source.read_slice(info, utc(2025, 1, 1), utc(2025, 2, 1))) == []
+
+
+@pytest.mark.parametrize(
+    "table, ref",
+    [
+        ('"we""ird.Table $1"', '"we""ird.Table $1"'),  # dots, quotes and $1 in the name
+        ('"Sales Dept"."Order Lines"', '"Sales Dept"."Order Lines"'),
+    ],
+)
+def test_names_needing_quotes(pg_db, sources, no_fallback, table, ref):
+    if "Sales" in table:
+        pg_db.run('CREATE SCHEMA "Sales Dept"')
+    pg_db.run(
+        f'CREATE TABLE {table} ("Id" int, "Amount $1" numeric(8,2), "select" text, "Modified At" timestamptz)',
+        f"INSERT INTO {table} SELECT g, g * 1.25, 'x' || g, timestamptz '2024-05-01 00:00:00+00' + g * interval '1 hour' "
+        "FROM generate_series(1, 50) g",
+    )
+    source = sources(pg_db)
+    info = source.describe_table(ref, watermark_column="Modified At")
+    lo, hi = utc(2024, 5, 1, 10), utc(2024, 5, 2, 3)
+    got = fast(source, info, lo, hi)[0]
+    assert_same(got, generic(source, info, lo, hi))
+    assert got.column("Id").to_pylist() == list(range(10, 27))
+    assert got.schema.names == ["Id", "Amount $1", "select", "Modified At"]
+
+
+def test_streams_in_bounded_memory(pg_db, sources, no_fallback):
+    pg_db.run(
+        "CREATE TABLE big (id bigint, note text, at timestamptz)",
+        "INSERT INTO big SELECT g, md5(g::text) || md5((-g)::text), timestamptz '2024-01-01' + g * interval '1 second' "
+        "FROM generate_series(1, 300000) g",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("big", watermark_column="at")
+    count = rows = 0
+    biggest = held = 0
+    for batch in source.read_slice(info, None, None, batch_size=5000):
+        count += 1
+        rows += batch.num_rows
+        assert batch.num_rows <= 5000
+        biggest = max(biggest, batch.nbytes)
+        held = max(held, batch.get_total_buffer_size())  # a slice may share the driver's batch
+    assert rows == 300_000
+    assert count >= 60  # many batches, not one result set
+    assert biggest < 500_000  # each small: 5000 rows of about 84 bytes
+    assert held < 8_000_000  # what a batch keeps alive: the driver's batch (4 MB hint), never the 25 MB slice
+
+
+def test_stopping_early_closes_the_connection(pg_db, sources, no_fallback):
+    pg_db.run(
+        "CREATE TABLE s (id bigint, at timestamptz)",
+        "INSERT INTO s SELECT g, timestamptz '2024-01-01' + g * interval '1 second' FROM generate_series(1, 100000) g",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("s", watermark_column="at")
+    count = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND query LIKE 'COPY %'"
+    )
+    batches = source.read_slice(info, None, None, batch_size=1000)
+    next(batches)
+    assert pg_db.rows(count)[0][0] == 1
+    batches.close()  # the consumer gives up (a failed write): the reader thread ends, the connection closes
+    for _ in range(50):
+        if pg_db.rows(count)[0][0] == 0:
+            break
+        time.sleep(0.1)
+    assert pg_db.rows(count)[0][0] == 0
+
+
+def test_unsupported_types_fall_back_exactly(pg_db, sources, caplog):
+    pg_db.run(
+        "CREATE TABLE odd (id int, span interval, tags int[], at timestamptz)",
+        "INSERT INTO odd VALUES (1, '1 day 02:00', '{1,2}', '2024-01-01'), (2, NULL, NULL, '2024-01-02')",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("odd", watermark_column="at")
+    with caplog.at_level(logging.INFO, logger="incremental_assets"):
+        got = pa.Table.from_batches(list(source.read_slice(info, None, None, batch_size=7)), schema=info.schema)
+    assert FALLBACK_LOG in caplog.text and "span" in caplog.text
+    assert_same(got, generic(source, info, None, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL, parameters, URLs
+
+
+def test_values_are_bound_never_formatted(pg_db, sources):
+    pg_db.run("CREATE TABLE b (id int, at timestamptz)")
+    source = sources(pg_db)
+    info = source.describe_table("b", watermark_column="at")
+    lo, hi = utc(2024, 3, 10, 7, 4, 56, 123456), utc(2031, 1, 2)
+    query = pgmod.slice_query(source.select_slice(info, lo, hi))
+    for sql in (query.direct, query.once):
+        assert "2024" not in sql and "2031" not in sql
+        assert "current_setting('incremental_assets.p1')" in sql and "current_setting('incremental_assets.p2')" in sql
+    assert "$1" in query.settings and "2024" not in query.settings
+    assert query.params.column(0).to_pylist() == [lo]
+    assert query.params.column(1).to_pylist() == [hi]
+    unbounded = pgmod.slice_query(source.select_slice(info, None, None))
+    assert unbounded.settings is None and "IS NOT NULL" in unbounded.direct
+
+
+def test_the_plan_follows_the_bounds(pg_db, sources, monkeypatch):
+    """Few rows: the index, with the values read once; the whole table: a sequential scan with
+    the values computed once (not re-read from the settings for every row)."""
+    pg_db.run(
+        "CREATE TABLE p (id bigint, at timestamptz)",
+        "INSERT INTO p SELECT g, timestamptz '2024-01-01' + g * interval '1 second' FROM generate_series(1, 50000) g",
+        "CREATE INDEX ON p (at)",
+        "ANALYZE p",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("p", watermark_column="at")
+    chosen = []
+    original = pgmod._CopyReader._statement
+
+    def spy(self, conn):
+        sql = original(self, conn)
+        chosen.append("once" if sql == self.query.once else "direct")
+        return sql
+
+    monkeypatch.setattr(pgmod._CopyReader, "_statement", spy)
+    few = fast(source, info, utc(2024, 1, 1, 1), utc(2024, 1, 1, 1, 0, 10), batch_size=100)[0]
+    everything = fast(source, info, utc(2023, 1, 1), utc(2025, 1, 1), batch_size=10000)[0]
+    assert (few.num_rows, everything.num_rows) == (10, 50000)
+    assert chosen == ["direct", "once"]
+
+
+def test_per_row_settings_detection():
+    seq = [{"Plan": {"Node Type": "Seq Scan", "Filter": "(at >= (current_setting('incremental_assets.p1'))::timestamptz)"}}]
+    index = [{"Plan": {"Node Type": "Index Scan", "Index Cond": "(at >= (current_setting('x'))::timestamptz)"}}]
+    nested = [{"Plan": {"Node Type": "Gather", "Plans": [seq[0]["Plan"]]}}]
+    assert pgmod._per_row_settings(seq)
+    assert not pgmod._per_row_settings(index)
+    assert pgmod._per_row_settings(nested)
+
+
+@pytest.mark.parametrize(
+    "url, uri",
+    [
+        ("postgresql+psycopg://u:p%40ss%3Aw%2Fo rd@db.example.com:5433/sales",
+         "postgresql://u:p%40ss%3Aw%2Fo%20rd@db.example.com:5433/sales"),
+        ("postgresql+psycopg://loader@[::1]/db?sslmode=require&application_name=ia x",
+         "postgresql://loader@[::1]/db?sslmode=require&application_name=ia%20x"),
+        ("postgresql+psycopg:///db?host=/var/run/postgresql", "postgresql:///db?host=%2Fvar%2Frun%2Fpostgresql"),
+        ("postgresql://u@h/d", "postgresql://u@h/d"),
+    ],
+)
+def test_libpq_uri(url, uri):
+    assert pgmod.libpq_uri(url) == uri
+
+
+def test_unreachable_fast_path_names_the_source_never_the_password(caplog):
+    url = "postgresql+psycopg://loader:s3cr3t%2FPw@127.0.0.1:1/sales"
+    source = Source.offline("erp", url, retries=1, retry_delay=0.01)
+    with caplog.at_level(logging.DEBUG), pytest.raises(SourceUnavailable) as err:
+        source.dialect.adbc_connection(source, pgmod.libpq_uri(url))
+    message = str(err.value)
+    assert "'erp'" in message and "after 2 attempts" in message
+    assert "s3cr3t" not in message and "s3cr3t" not in caplog.text and "%2FPw" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# the Parquet writer
+
+
+def test_parquet_writer_keeps_types_and_chooses_dictionaries(tmp_path):
+    n = 50_000
+    schema = pa.schema([
+        ("id", pa.int64()), ("code", pa.string()), ("note", pa.string()),
+        ("at", pa.timestamp("us", tz="UTC")), ("amount", pa.decimal128(12, 2)), ("flag", pa.bool_()),
+        ("empty", pa.string()),
+    ])
+    ids = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(bytes(8 * n))])  # zeros, replaced below
+    import pyarrow.compute as pc
+
+    ids = pc.add(ids, pc.cumulative_sum(pa.nulls(n, pa.int64()).fill_null(1)))
+    code = pc.binary_join_element_wise("c", pc.cast(pc.bit_wise_and(ids, 15), pa.string()), "")
+    note = pc.binary_join_element_wise("note ", pc.cast(ids, pa.string()), "")
+    at = pc.cast(pc.multiply(ids, 1_000_003), pa.timestamp("us", tz="UTC"))
+    amount = pc.cast(pc.divide(pc.cast(ids, pa.float64()), 4), pa.decimal128(12, 2))
+    flag = pc.equal(pc.bit_wise_and(ids, 1), 0)
+    table = pa.Table.from_arrays([ids, code, note, at, amount, flag, pa.nulls(n, pa.string())], schema=schema)
+    path = tmp_path / "out.parquet"
+    writer = ParquetSliceWriter(row_group_rows=20_000)
+    writer.open(str(path), schema)
+    for batch in table.to_batches(max_chunksize=3000):
+        writer.write_batch(batch)
+    rows, nbytes = writer.close()
+    assert rows == n and nbytes == path.stat().st_size
+    back = pq.read_table(path)
+    assert back.schema == schema and back.equals(table)
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 3
+    encodings = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings for i in range(len(schema))}
+    assert "RLE_DICTIONARY" in encodings["code"]
+    assert "RLE_DICTIONARY" not in encodings["id"] and "RLE_DICTIONARY" not in encodings["note"]
+
+
+def test_parquet_writer_without_rows_writes_the_schema(tmp_path):
+    schema = pa.schema([("id", pa.int64()), ("at", pa.timestamp("us", tz="UTC"))])
+    writer = ParquetSliceWriter()
+    writer.open(str(tmp_path / "empty.parquet"), schema)
+    assert writer.close()[0] == 0
+    assert pq.read_table(tmp_path / "empty.parquet").schema == schema
