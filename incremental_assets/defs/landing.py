@@ -178,7 +178,7 @@ def _copy_windows(context, table: LandingTable, source, info, store, keys, refre
 
 def _copy_capture_windows(context, table: LandingTable, source, info, store, keys, refresh, horizon, frontier):
     """Integer / rowversion watermark: windows over capture time; new slices go to the current one."""
-    current = table.partitions_def.get_last_partition_key()
+    current = _current_window(context, table)
     copies: list[SliceCopy] = []
     low, high, new_frontier, mode = frontier, frontier, frontier, "incremental"
     for key in keys:
@@ -197,6 +197,14 @@ def _copy_capture_windows(context, table: LandingTable, source, info, store, key
             copies.append(_land(context, table, source, info, store, PlannedSlice(key, *recorded), replace=True))
             low, high = recorded
     return copies, low, high, new_frontier, mode
+
+
+def _current_window(context, table: LandingTable) -> str:
+    """The capture-time window new slices go to: the latest one, or the one a sensor (or sync)
+    requested, so a run requested just before midnight and started after it still appends."""
+    if TABLE_TAG in context.run.tags and len(context.partition_keys) == 1:
+        return context.partition_keys[0]
+    return table.partitions_def.get_last_partition_key()
 
 
 def _land(context, table: LandingTable, source, info, store, planned: PlannedSlice, replace: bool) -> SliceCopy:
@@ -322,7 +330,7 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
     source: Source = getattr(context.resources, table.source_key).get()
     store = context.resources.landing.get()
     kind = table.version_kind
-    current = table.partitions_def.get_last_partition_key()
+    current = _current_window(context, table)
     past = [k for k in context.partition_keys if k != current]
     if past:
         raise SourceError(
