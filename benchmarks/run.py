@@ -250,6 +250,7 @@ class SyncSetup:
     """A fresh DAGSTER_HOME and a configuration file for one table, in a temp folder."""
 
     def __init__(self, args, table: str):
+        self.table = table
         self.dir = Path(tempfile.mkdtemp(prefix="bench-sync-", dir=args.workdir))
         self.home = self.dir / "dagster_home"
         self.home.mkdir()
@@ -276,9 +277,27 @@ class SyncSetup:
         rows = sum(int(m) for m in re.findall(r"\] (\d+) row\(s\)", result["stdout"]))
         result["rows"] = rows
         result["seconds"] = result["wall"]
+        result["note"] = self.run_note()
         if result["code"] != 0:
             result["error"] = (result["stderr"].strip() or result["stdout"].strip() or f"exit {result['code']}").splitlines()[-1]
         return result
+
+    def run_note(self) -> str:
+        """Where the time went, from the latest materialization's metadata (seconds inside the asset)."""
+        try:
+            import warnings
+
+            warnings.filterwarnings("ignore")
+            import dagster as dg
+
+            with dg.DagsterInstance.from_config(str(self.home)) as instance:
+                records = instance.fetch_materializations(dg.AssetKey(["landing", self.table]), limit=1).records
+                if not records:
+                    return ""
+                meta = {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+            return f"asset {meta.get('total_seconds', 0):.2f}s, of which copying {meta.get('copy_seconds', 0):.2f}s"
+        except Exception as exc:  # noqa: BLE001 - a note only
+            return f"(no metadata: {type(exc).__name__})"
 
     def landed_rows(self) -> int:
         import pyarrow.parquet as pq
@@ -419,13 +438,14 @@ def main(argv=None) -> int:
             r = setup.sync()
             if r.get("rows") != changed and "error" not in r:
                 r["error"] = f"copied {r.get('rows')} rows, expected {changed}"
-            r["note"] = f"{changed} rows changed"
+            r["note"] = f"{changed} rows changed; {r['note']}"
             incremental.append(r)
             print(f"  sync 1% incremental: {r['seconds']:.2f}s, {r.get('rows')} rows", flush=True)
             r = setup.sync()
             if "up to date" not in r["stdout"] and "error" not in r:
                 r["error"] = "expected 'up to date': " + r["stdout"].strip()[:60]
             r["rows"] = 0
+            r["note"] = "no Dagster run: the plan finds nothing to copy"
             idle.append(r)
             print(f"  sync nothing to copy: {r['seconds']:.2f}s", flush=True)
         finally:

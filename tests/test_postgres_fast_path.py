@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from decimal import Decimal
 import math
 import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import sqlalchemy as sa
 
 from incremental_assets.landing.formats import ParquetSliceWriter
 from incremental_assets.sources import Source, SourceUnavailable
@@ -42,6 +42,13 @@ def sources():
     yield make
     for source in made:
         source.dispose()
+
+
+@pytest.fixture(params=[0, 1], ids=["in-thread", "reading-thread"])
+def prefetch(request, monkeypatch):
+    """Both ways of reading: in the caller's thread, and with a reading thread ahead of it."""
+    monkeypatch.setattr(pgmod.PostgreSQLDialect, "prefetch", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -113,7 +120,7 @@ FROM generate_series(1, 150) AS g
 """
 
 
-def test_every_type_matches_the_generic_path(pg_db, sources, no_fallback):
+def test_every_type_matches_the_generic_path(pg_db, sources, no_fallback, prefetch):
     pg_db.run(
         ALL_TYPES,
         "SET TIME ZONE 'America/New_York'",  # the server's session zone changes no value
@@ -211,7 +218,7 @@ def test_names_needing_quotes(pg_db, sources, no_fallback, table, ref):
     assert got.schema.names == ["Id", "Amount $1", "select", "Modified At"]
 
 
-def test_streams_in_bounded_memory(pg_db, sources, no_fallback):
+def test_streams_in_bounded_memory(pg_db, sources, no_fallback, prefetch):
     pg_db.run(
         "CREATE TABLE big (id bigint, note text, at timestamptz)",
         "INSERT INTO big SELECT g, md5(g::text) || md5((-g)::text), timestamptz '2024-01-01' + g * interval '1 second' "
@@ -233,7 +240,7 @@ def test_streams_in_bounded_memory(pg_db, sources, no_fallback):
     assert held < 8_000_000  # what a batch keeps alive: the driver's batch (4 MB hint), never the 25 MB slice
 
 
-def test_stopping_early_closes_the_connection(pg_db, sources, no_fallback):
+def test_stopping_early_closes_the_connection(pg_db, sources, no_fallback, prefetch):
     pg_db.run(
         "CREATE TABLE s (id bigint, at timestamptz)",
         "INSERT INTO s SELECT g, timestamptz '2024-01-01' + g * interval '1 second' FROM generate_series(1, 100000) g",
@@ -255,7 +262,25 @@ def test_stopping_early_closes_the_connection(pg_db, sources, no_fallback):
     assert pg_db.rows(count)[0][0] == 0
 
 
-def test_unsupported_types_fall_back_exactly(pg_db, sources, caplog):
+def test_a_value_that_cannot_be_exact_fails_the_read(pg_db, sources, no_fallback, prefetch):
+    """numeric(p,s) admits NaN, which no decimal holds: the read fails (as the generic path's does),
+    it does not land a wrong value, and the connection is closed."""
+    pg_db.run(
+        "CREATE TABLE nan (amount numeric(10,2), at timestamptz)",
+        "INSERT INTO nan SELECT g, timestamptz '2024-01-01' + g * interval '1 second' FROM generate_series(1, 20000) g",
+        "INSERT INTO nan VALUES ('NaN', '2024-06-01')",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("nan", watermark_column="at")
+    with pytest.raises(pa.ArrowInvalid):
+        list(source.read_slice(info, None, None, batch_size=1000))
+    with pytest.raises(pa.ArrowInvalid):
+        generic(source, info, None, None)
+    assert pg_db.rows("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND pid <> pg_backend_pid() AND query LIKE 'COPY %' AND state = 'active'")[0][0] == 0
+
+
+def test_unsupported_types_fall_back_exactly(pg_db, sources, caplog, prefetch):
     pg_db.run(
         "CREATE TABLE odd (id int, span interval, tags int[], at timestamptz)",
         "INSERT INTO odd VALUES (1, '1 day 02:00', '{1,2}', '2024-01-01'), (2, NULL, NULL, '2024-01-02')",
@@ -289,7 +314,7 @@ def test_values_are_bound_never_formatted(pg_db, sources):
 
 
 def test_the_plan_follows_the_bounds(pg_db, sources, monkeypatch):
-    """Few rows: the index, with the values read once; the whole table: a sequential scan with
+    """Few rows: the index, which reads the values once; the whole table: a sequential scan with
     the values computed once (not re-read from the settings for every row)."""
     pg_db.run(
         "CREATE TABLE p (id bigint, at timestamptz)",
@@ -312,15 +337,31 @@ def test_the_plan_follows_the_bounds(pg_db, sources, monkeypatch):
     everything = fast(source, info, utc(2023, 1, 1), utc(2025, 1, 1), batch_size=10000)[0]
     assert (few.num_rows, everything.num_rows) == (10, 50000)
     assert chosen == ["direct", "once"]
+    # rows in no physical order: a bitmap heap scan rechecks rows; its bounds are computed once too
+    pg_db.run(
+        "CREATE TABLE shuffled AS SELECT g AS id, timestamptz '2024-01-01' + ((g * 7919) % 50000) * interval '1 second' AS at "
+        "FROM generate_series(1, 50000) g",
+        "CREATE INDEX ON shuffled (at)",
+        "ANALYZE shuffled",
+    )
+    info = source.describe_table("shuffled", watermark_column="at")
+    lo, hi = utc(2024, 1, 1, 1), utc(2024, 1, 1, 3)
+    got = fast(source, info, lo, hi, batch_size=1000)[0]
+    assert got.num_rows == 7200 and chosen[-1] == "once"
+    assert_same(got.sort_by("id"), generic(source, info, lo, hi).sort_by("id"))
 
 
-def test_per_row_settings_detection():
-    seq = [{"Plan": {"Node Type": "Seq Scan", "Filter": "(at >= (current_setting('incremental_assets.p1'))::timestamptz)"}}]
-    index = [{"Plan": {"Node Type": "Index Scan", "Index Cond": "(at >= (current_setting('x'))::timestamptz)"}}]
+def test_per_row_scan_detection():
+    filt = "(at >= (current_setting('incremental_assets.p1'))::timestamptz)"
+    seq = [{"Plan": {"Node Type": "Seq Scan", "Filter": filt}}]
+    index = [{"Plan": {"Node Type": "Index Scan", "Index Cond": filt}}]
+    bitmap = [{"Plan": {"Node Type": "Bitmap Heap Scan", "Recheck Cond": filt,
+                        "Plans": [{"Node Type": "Bitmap Index Scan", "Index Cond": filt}]}}]
     nested = [{"Plan": {"Node Type": "Gather", "Plans": [seq[0]["Plan"]]}}]
-    assert pgmod._per_row_settings(seq)
-    assert not pgmod._per_row_settings(index)
-    assert pgmod._per_row_settings(nested)
+    assert pgmod.per_row_scan(seq) == "Seq Scan"
+    assert pgmod.per_row_scan(index) is None
+    assert pgmod.per_row_scan(bitmap) == "Bitmap Heap Scan"
+    assert pgmod.per_row_scan(nested) == "Seq Scan"
 
 
 @pytest.mark.parametrize(
@@ -359,15 +400,12 @@ def test_parquet_writer_keeps_types_and_chooses_dictionaries(tmp_path):
         ("at", pa.timestamp("us", tz="UTC")), ("amount", pa.decimal128(12, 2)), ("flag", pa.bool_()),
         ("empty", pa.string()),
     ])
-    ids = pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(bytes(8 * n))])  # zeros, replaced below
-    import pyarrow.compute as pc
-
-    ids = pc.add(ids, pc.cumulative_sum(pa.nulls(n, pa.int64()).fill_null(1)))
-    code = pc.binary_join_element_wise("c", pc.cast(pc.bit_wise_and(ids, 15), pa.string()), "")
-    note = pc.binary_join_element_wise("note ", pc.cast(ids, pa.string()), "")
-    at = pc.cast(pc.multiply(ids, 1_000_003), pa.timestamp("us", tz="UTC"))
-    amount = pc.cast(pc.divide(pc.cast(ids, pa.float64()), 4), pa.decimal128(12, 2))
-    flag = pc.equal(pc.bit_wise_and(ids, 1), 0)
+    ids = pa.array(range(n), type=pa.int64())
+    code = pa.array([f"c{i % 16}" for i in range(n)])  # repeats: dictionary-encoded
+    note = pa.array([f"note {i}" for i in range(n)])  # unique: plain
+    at = pa.array([i * 1_000_003 for i in range(n)], type=pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    amount = pa.array([Decimal(i) / 4 for i in range(n)], type=pa.decimal128(12, 2))
+    flag = pa.array([i % 2 == 0 for i in range(n)])
     table = pa.Table.from_arrays([ids, code, note, at, amount, flag, pa.nulls(n, pa.string())], schema=schema)
     path = tmp_path / "out.parquet"
     writer = ParquetSliceWriter(row_group_rows=20_000)

