@@ -52,9 +52,20 @@ class _Project:
             tables = [t for t in tables if t.config.name in only]
         self.tables = tables
         self.resources = self.defs.resources or {}
+        self._jobs = {}
 
     def source(self, table):
         return self.resources[table.source_key].get()
+
+    def job(self, asset):
+        """The asset's job, built once per sync (not once per run)."""
+        import dagster as dg
+
+        key = asset.key
+        if key not in self._jobs:
+            defs = dg.Definitions(assets=[asset], resources=self.resources)
+            self._jobs[key] = defs.resolve_implicit_global_asset_job_def()
+        return self._jobs[key]
 
     def asset(self, table):
         from .defs.landing import build_landing_asset
@@ -91,12 +102,8 @@ def _failure_message(result) -> str:
 
 
 def _materialize(project, asset, partition_key, tags, log_level):
-    import dagster as dg
-
-    return dg.materialize(
-        [asset],
+    return project.job(asset).execute_in_process(
         instance=project.instance,
-        resources=project.resources,
         partition_key=partition_key,
         tags=tags,
         raise_on_error=False,

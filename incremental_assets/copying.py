@@ -7,6 +7,7 @@ the same name again instead of a second copy.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -85,15 +86,28 @@ def plan_window_slices(
     return planned
 
 
+_EPOCH = dt.datetime(1970, 1, 1)
+_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
+
+
+def _scalar_value(scalar: pa.Scalar) -> Any:
+    """A scalar as Python, without pyarrow's pandas-backed path for zoned timestamps (slow to import)."""
+    if pa.types.is_timestamp(scalar.type):
+        micros = scalar.value * _UNITS[scalar.type.unit]
+        value = _EPOCH + dt.timedelta(microseconds=int(micros))
+        return value.replace(tzinfo=dt.timezone.utc) if scalar.type.tz else value
+    return scalar.as_py()
+
+
 def _track_max(batches: Iterable[pa.RecordBatch], column: str, out: SliceCopy, kind: WatermarkKind) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         out.rows += batch.num_rows
         if batch.num_rows:
-            top = pc.max(batch.column(column)).as_py()
-            if top is not None:
-                top = kind.from_db(top)
-                if out.max_watermark is None or top > out.max_watermark:
-                    out.max_watermark = top
+            top = pc.max(batch.column(column))
+            if top.is_valid:
+                value = kind.from_db(_scalar_value(top))
+                if out.max_watermark is None or value > out.max_watermark:
+                    out.max_watermark = value
         yield batch
 
 

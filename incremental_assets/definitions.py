@@ -10,7 +10,7 @@ import dagster as dg
 from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config
 from .defs.landing import build_landing_asset, landing_tables
 from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables
-from .defs.resources import LandingResource, ReplicaResource, SourceResource, azure_blob_resource, source_resource_key
+from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key
 from .defs.sensors import build_landing_sensor
 
 
@@ -45,13 +45,18 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         )
         for name, src in config.sources.items()
     }
-    resources["landing"] = LandingResource(
-        url=_secret_or_template(config.landing.url),
-        format=config.landing.format,
-        max_rows_per_file=config.landing.max_rows_per_file,
-        base_dir=str(config.path.parent) if config.path else None,
-        azure=azure_blob_resource(os.environ) if config.landing.url.startswith("azure://") else None,
-    )
+    landing = {
+        "url": _secret_or_template(config.landing.url),
+        "format": config.landing.format,
+        "max_rows_per_file": config.landing.max_rows_per_file,
+        "base_dir": str(config.path.parent) if config.path else None,
+    }
+    azure = None
+    if config.landing.url.startswith("azure://"):
+        from .defs.azure import AzureLandingResource, azure_blob_resource
+
+        azure = azure_blob_resource(os.environ)
+    resources["landing"] = AzureLandingResource(**landing, azure=azure) if azure else LandingResource(**landing)
     if config.replica is not None:
         resources["replica"] = ReplicaResource(
             url=_secret_or_template(config.replica.url),

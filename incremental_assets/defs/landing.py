@@ -35,6 +35,10 @@ RANGE_END_TAG = "dagster/asset_partition_range_end"
 MAX_FILES_SHOWN = 50
 
 
+DESCRIBE_TTL_SECONDS = 10.0
+_DESCRIBED: dict[tuple, tuple[float, TableInfo]] = {}
+
+
 class CopyConfig(dg.Config):
     """Run configuration of a landing copy."""
 
@@ -58,6 +62,18 @@ class LandingTable:
         return f"incremental_assets/{self.config.name}"
 
     def describe(self, source: Source) -> TableInfo:
+        """The table as reflected now; reused for a few seconds, so a sensor tick or a sync that
+        plans and then copies reflects once (a schema change is still seen within seconds)."""
+        tc = self.config
+        key = (source.url, tc.table, tc.watermark_column, tuple(tc.columns or ()), tc.watermark_timezone, tuple(tc.primary_key))
+        cached = _DESCRIBED.get(key)
+        if cached and time.monotonic() - cached[0] < DESCRIBE_TTL_SECONDS:
+            return cached[1]
+        info = self._reflect(source)
+        _DESCRIBED[key] = (time.monotonic(), info)
+        return info
+
+    def _reflect(self, source: Source) -> TableInfo:
         tc = self.config
         return source.describe_table(
             tc.table,

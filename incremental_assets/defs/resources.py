@@ -6,16 +6,9 @@ expanded only when used, so the UI's resource view never shows a password.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from contextlib import ExitStack
 
 import dagster as dg
-from dagster_azure.blob import (
-    AzureBlobStorageDefaultCredential,
-    AzureBlobStorageKeyCredential,
-    AzureBlobStorageResource,
-    AzureBlobStorageSASTokenCredential,
-)
 from pydantic import PrivateAttr
 
 from ..config import expand, resolve_local
@@ -64,8 +57,6 @@ class LandingResource(dg.ConfigurableResource):
     max_rows_per_file: int | None = 1_000_000
     #: relative folder paths resolve against this folder (the configuration file's)
     base_dir: str | None = None
-    #: an account URL with a key, SAS or DefaultAzureCredential, through dagster-azure
-    azure: AzureBlobStorageResource | None = None
 
     _store: LandingStore | None = PrivateAttr(default=None)
     _clients: ExitStack = PrivateAttr(default_factory=ExitStack)
@@ -73,9 +64,12 @@ class LandingResource(dg.ConfigurableResource):
     def get(self) -> LandingStore:
         if self._store is None:
             url = resolve_local(expand(_value(self.url), where="landing: key 'url'"), self.base_dir)
-            client = self._clients.enter_context(self.azure.get_client()) if self.azure and url.startswith("azure://") else None
-            self._store = open_landing_store(url, self.format, service_client=client)
+            self._store = open_landing_store(url, self.format, service_client=self._service_client(url))
         return self._store
+
+    def _service_client(self, url: str):
+        """An Azure BlobServiceClient from a dagster-azure resource (see AzureLandingResource)."""
+        return None
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self._clients.close()
@@ -104,26 +98,6 @@ class ReplicaResource(dg.ConfigurableResource):
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._replica is not None and self._replica.engine is not None:
             self._replica.engine.dispose()
-
-
-def azure_blob_resource(env: Mapping[str, str]) -> AzureBlobStorageResource | None:
-    """dagster-azure's resource for an account URL (or name) with a key, a SAS or
-    DefaultAzureCredential; None where a connection string is given (the resource takes none)."""
-    if env.get("AZURE_STORAGE_CONNECTION_STRING"):
-        return None
-    if env.get("AZURE_STORAGE_ACCOUNT_URL"):
-        account_url: str = dg.EnvVar("AZURE_STORAGE_ACCOUNT_URL")
-    elif env.get("AZURE_STORAGE_ACCOUNT"):
-        account_url = f"https://{env['AZURE_STORAGE_ACCOUNT']}.blob.core.windows.net"
-    else:
-        return None
-    if env.get("AZURE_STORAGE_KEY"):
-        credential = AzureBlobStorageKeyCredential(key=dg.EnvVar("AZURE_STORAGE_KEY"))
-    elif env.get("AZURE_STORAGE_SAS_TOKEN"):
-        credential = AzureBlobStorageSASTokenCredential(token=dg.EnvVar("AZURE_STORAGE_SAS_TOKEN"))
-    else:
-        credential = AzureBlobStorageDefaultCredential()
-    return AzureBlobStorageResource(account_url=account_url, credential=credential)
 
 
 def _value(field: str) -> str:
