@@ -243,7 +243,6 @@ def _max_rows(context) -> int | None:
 
 def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.AssetsDefinition:
     tc = table.config
-    src_cfg = config.sources[tc.source]
     kinds = {"sql", config.landing.format}
     if config.landing.url.startswith("azure://"):
         kinds.add("azure")

@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -246,6 +246,31 @@ def stream(conn: sa.Connection, select: sa.Select, schema: pa.Schema, batch_size
             yield batch
     finally:
         result.close()
+
+
+@contextmanager
+def open_change_set(
+    conn: sa.Connection, source: Source, ref: TableRef, info: TableInfo, *, last: int | None, current: int,
+    min_valid: int, on_expired: str, batch_size: int, changes: Callable[[], sa.Select],
+) -> Iterator[ChangeSet]:
+    """The full copy or the net changes, decided and streamed inside the caller's snapshot."""
+    full, reason = decide(last, current, min_valid, on_expired, source, ref)
+    select = select_full(source, info, current) if full else changes()
+    change_set = ChangeSet(
+        previous_version=last,
+        new_version=current,
+        min_valid_version=min_valid,
+        reinitialized=full,
+        reason=reason,
+        schema=change_schema(info.schema),
+        batches=iter(()),
+    )
+    batches = stream(conn, select, change_set.schema, batch_size, change_set.counts)
+    change_set.batches = _wrapped(batches, source, ref)
+    try:
+        yield change_set
+    finally:
+        batches.close()
 
 
 def check_columns(source: Source, info: TableInfo, keys: Sequence[str]) -> None:
@@ -566,23 +591,11 @@ class InstalledTracker(Tracker):
                 conn.rollback()
                 raise db_error(source, ref, "reading the changes of", exc) from None
             try:
-                full, reason = decide(last, current, min_valid, on_expired, source, ref)
-                select = select_full(source, info, current) if full else self.select_changes(source, info, ct, keys, last, current)
-                changes = ChangeSet(
-                    previous_version=last,
-                    new_version=current,
-                    min_valid_version=min_valid,
-                    reinitialized=full,
-                    reason=reason,
-                    schema=change_schema(info.schema),
-                    batches=iter(()),
-                )
-                batches = stream(conn, select, changes.schema, batch_size, changes.counts)
-                changes.batches = _wrapped(batches, source, ref)
-                try:
+                with open_change_set(
+                    conn, source, ref, info, last=last, current=current, min_valid=min_valid, on_expired=on_expired,
+                    batch_size=batch_size, changes=lambda: self.select_changes(source, info, ct, keys, last, current),
+                ) as changes:
                     yield changes
-                finally:
-                    batches.close()
             finally:
                 self.end_snapshot(conn)
 

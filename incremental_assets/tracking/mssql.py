@@ -31,14 +31,10 @@ from .base import (
     ChangeSet,
     ChangeTrackingError,
     Tracker,
-    change_schema,
     db_error,
-    decide,
+    open_change_set,
     register,
     result_columns,
-    select_full,
-    stream,
-    _wrapped,
 )
 
 _PREPARER = ms.dialect().identifier_preparer
@@ -265,22 +261,10 @@ class MSSQLTracker(Tracker):
                         f"{enable_table_sql(ref)}"
                     )
                 current, min_valid = int(current or 0), int(min_valid)
-                full, reason = decide(last, current, min_valid, on_expired, source, ref)
-                select = select_full(source, info, current) if full else select_changes(source, info, last)
-                changes = ChangeSet(
-                    previous_version=last,
-                    new_version=current,
-                    min_valid_version=min_valid,
-                    reinitialized=full,
-                    reason=reason,
-                    schema=change_schema(info.schema),
-                    batches=iter(()),
-                )
-                batches = stream(conn, select, changes.schema, batch_size, changes.counts)
-                changes.batches = _wrapped(batches, source, ref)
-                try:
+                with open_change_set(
+                    conn, source, ref, info, last=last, current=current, min_valid=min_valid, on_expired=on_expired,
+                    batch_size=batch_size, changes=lambda: select_changes(source, info, last),
+                ) as changes:
                     yield changes
-                finally:
-                    batches.close()
             finally:
                 conn.rollback()
