@@ -4,7 +4,6 @@ a real Dagster instance in DAGSTER_HOME, and the landed files read back."""
 from __future__ import annotations
 
 import datetime as dt
-import threading
 
 import dagster as dg
 import pytest
