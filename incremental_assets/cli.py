@@ -191,6 +191,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def _status_changes(project, table) -> bool:
     from .defs.landing import recorded_state
+    from .defs.sensors import retention_warning
     from .tracking import change_tracking_status
 
     name = table.config.name
@@ -208,6 +209,8 @@ def _status_changes(project, table) -> bool:
     print(f"{name:<24} {'(change tracking)':<20} {_fmt(frontier):<34} {_fmt(current):<34} {behind}")
     if frontier is not None and min_valid is not None and frontier < min_valid:
         print(f"  WARNING: version {frontier} is below the minimum valid version {min_valid}: the next copy is a full copy")
+    elif warning := retention_warning(project.instance, table, status.get("retention")):
+        print(f"  WARNING: {warning}")
     return True
 
 

@@ -76,6 +76,25 @@ def test_adf_change_tracking_tutorial(request, db_fixture, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_status_warns_when_the_last_copy_nears_the_retention(sqlite_db, tmp_path, capsys):
+    from incremental_assets.sources import Source
+    from incremental_assets.tracking import enable_change_tracking
+
+    sqlite_db.run('CREATE TABLE data_source_table ("PersonID" int NOT NULL PRIMARY KEY, "Name" varchar(255), "Age" int)',
+                  "INSERT INTO data_source_table VALUES (1, 'aaaa', 21)")
+    import datetime as dt
+    import time
+
+    enable_change_tracking(Source("src", sqlite_db.url), "data_source_table", retention=dt.timedelta(seconds=2))
+    config = write_config(tmp_path, sqlite_db.url, [TABLE])
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    code, out, _ = run_cli(capsys, "--config", str(config), "status")
+    assert "retention" not in out
+    time.sleep(1.8)
+    code, out, _ = run_cli(capsys, "--config", str(config), "status")
+    assert "close to the change retention" in out
+
+
 def latest_delta(tmp_path) -> str:
     """The newest change slice (not the full copy, whose name starts with 'start')."""
     files, _ = landed(str(tmp_path / "landing"), "data_source_table")

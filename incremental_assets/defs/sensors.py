@@ -99,11 +99,27 @@ def _plan_changes(table: LandingTable, source: Source, instance: dg.DagsterInsta
     if frontier is not None and min_valid is not None and frontier < min_valid:
         warning = (f"last synced version {frontier} is below the minimum valid version {min_valid}: "
                    f"the next copy re-initialises with a full copy (on_expired: {table.config.on_expired})")
+    else:
+        warning = retention_warning(instance, table, status.get("retention"))
     if frontier is None:
         return Plan(CopyRequest(name, key, key, "initial full copy"), "", warning)
     if current_version is not None and current_version > frontier or warning:
         return Plan(CopyRequest(name, key, key, f"changes after version {frontier}"), "", warning)
     return Plan(None, f"no changes in {table.config.table} after version {frontier}", warning)
+
+
+def retention_warning(instance: dg.DagsterInstance, table: LandingTable, retention) -> str:
+    """Warn when the last sync is older than 80% of the change retention the engine exposes."""
+    if not retention:
+        return ""
+    records = instance.fetch_materializations(table.key, limit=1).records
+    if not records:
+        return ""
+    age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromtimestamp(records[0].timestamp, dt.timezone.utc)
+    if age < 0.8 * retention:
+        return ""
+    return (f"the last copy of {table.config.table} was {age} ago, close to the change retention of {retention}: "
+            "past it the next copy must re-initialise with a full copy")
 
 
 def _request(table: LandingTable, source: Source, info, frontier) -> CopyRequest | None:
