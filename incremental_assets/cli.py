@@ -16,6 +16,7 @@ from pathlib import Path
 from .config import CONFIG_ENV, PROJECT_DIR, ConfigError
 
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
+INSTANCE_YAML = "concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n"
 
 
 def _prepare_environment(config: str | None) -> None:
@@ -24,8 +25,8 @@ def _prepare_environment(config: str | None) -> None:
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME)))
     home.mkdir(parents=True, exist_ok=True)
     yaml_file = home / "dagster.yaml"
-    if not yaml_file.exists():
-        yaml_file.write_text((DEFAULT_DAGSTER_HOME / "dagster.yaml").read_text() if (DEFAULT_DAGSTER_HOME / "dagster.yaml").exists() else "")
+    if not yaml_file.exists():  # one copy of a table at a time: every table has a pool of its own
+        yaml_file.write_text(INSTANCE_YAML)
     warnings.filterwarnings("ignore", module="dagster")
     warnings.filterwarnings("ignore", category=UserWarning, message=".*beta.*")
 
@@ -36,12 +37,10 @@ class _Project:
     def __init__(self, only: list[str] | None):
         import dagster as dg
 
-        from .config import load_config
         from .defs.landing import landing_tables
-        from .definitions import load_definitions
+        from .definitions import load_project
 
-        self.config = load_config()
-        self.defs = load_definitions()
+        self.config, self.defs = load_project()
         self.instance = dg.DagsterInstance.get()
         tables = landing_tables(self.config)
         if only:

@@ -72,12 +72,18 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
     return dg.Definitions(assets=assets, sensors=sensors, resources=resources, jobs=jobs, schedules=schedules)
 
 
-def load_definitions(config_file=None) -> dg.Definitions:
+def load_project(config_file=None) -> tuple[ProjectConfig, dg.Definitions]:
+    """The configuration and its definitions (the demo's source is created on first use)."""
     if config_path(config_file) == DEMO_CONFIG:
         from .demo import ensure_demo_database
 
         ensure_demo_database()
-    return build_definitions(load_config(config_file))
+    config = load_config(config_file)
+    return config, build_definitions(config)
+
+
+def load_definitions(config_file=None) -> dg.Definitions:
+    return load_project(config_file)[1]
 
 
 @dg.definitions
