@@ -302,12 +302,19 @@ class InstalledTracker(Tracker):
     def begin(self, conn: sa.Connection) -> None:
         """Start the transaction in which enable/disable install or remove everything."""
 
-    def install(self, conn: sa.Connection, tracked: Tracked, info: TableInfo, names: dict[str, str]) -> None:
-        """Create the triggers (and whatever else the engine needs) for ``tracked``."""
+    def trigger_statements(self, conn: sa.Connection, tracked: Tracked, table: str, names: dict[str, str]) -> dict[str, str]:
+        """CREATE TRIGGER statements by event (insert, update, delete), for engines with row triggers."""
         raise NotImplementedError
 
+    def install(self, conn: sa.Connection, tracked: Tracked, info: TableInfo, names: dict[str, str]) -> None:
+        """Create the triggers (and whatever else the engine needs) for ``tracked``."""
+        for event, statement in self.trigger_statements(conn, tracked, info.ref.name, names).items():
+            ddl(conn, f"DROP TRIGGER IF EXISTS {qualified(conn, tracked.schema, names[event])}")
+            ddl(conn, statement)
+
     def uninstall(self, conn: sa.Connection, tracked: Tracked, names: dict[str, str], table_exists: bool) -> None:
-        raise NotImplementedError
+        for event in ("insert", "update", "delete"):
+            ddl(conn, f"DROP TRIGGER IF EXISTS {qualified(conn, tracked.schema, names[event])}")
 
     def installed(self, conn: sa.Connection, tracked: Tracked, names: dict[str, str]) -> list[str]:
         """Problems with the installed triggers (missing, disabled); empty when all is well."""

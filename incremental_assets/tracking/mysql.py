@@ -107,13 +107,10 @@ class MySQLTracker(InstalledTracker):
                 "table %r: cannot read its InnoDB table id (grant PROCESS to the source user); "
                 "a TRUNCATE of it will not be detected", str(info.ref),
             )
-        for event, statement in trigger_statements(conn, tracked, info.ref.name, names).items():
-            ddl(conn, f"DROP TRIGGER IF EXISTS {qualified(conn, tracked.schema, names[event])}")
-            ddl(conn, statement)
+        super().install(conn, tracked, info, names)
 
-    def uninstall(self, conn, tracked, names, table_exists) -> None:
-        for event in ("insert", "update", "delete"):
-            ddl(conn, f"DROP TRIGGER IF EXISTS {qualified(conn, tracked.schema, names[event])}")
+    def trigger_statements(self, conn, tracked, table, names) -> dict[str, str]:
+        return trigger_statements(conn, tracked, table, names)
 
     def installed(self, conn, tracked, names) -> list[str]:
         problems = []

@@ -59,14 +59,8 @@ class SQLiteTracker(InstalledTracker):
     def begin(self, conn: sa.Connection) -> None:
         ddl(conn, "BEGIN IMMEDIATE")  # one transaction for everything enable/disable does
 
-    def install(self, conn, tracked, info, names) -> None:
-        for event, statement in trigger_statements(conn, tracked, info.ref.name, names).items():
-            ddl(conn, f"DROP TRIGGER IF EXISTS {qualified(conn, tracked.schema, names[event])}")
-            ddl(conn, statement)
-
-    def uninstall(self, conn, tracked, names, table_exists) -> None:
-        for event in ("insert", "update", "delete"):
-            ddl(conn, f"DROP TRIGGER IF EXISTS {qualified(conn, tracked.schema, names[event])}")
+    def trigger_statements(self, conn, tracked, table, names) -> dict[str, str]:
+        return trigger_statements(conn, tracked, table, names)
 
     def installed(self, conn, tracked, names) -> list[str]:
         problems = []
