@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from urllib.parse import quote
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import sqlalchemy as sa
@@ -24,6 +25,7 @@ from .types import arrow_type, column_converter, is_timezone_aware, rows_to_batc
 from .watermarks import IntegerKind, RowversionKind, TimestampKind, WatermarkKind
 
 log = logging.getLogger("incremental_assets")
+T = TypeVar("T")
 UTC = dt.timezone.utc
 
 
@@ -43,13 +45,14 @@ def redact_url(url: str | sa.URL) -> str:
 
 
 def scrub(message: str, url: str | sa.URL) -> str:
-    """Remove the password of ``url`` from a driver's message, in case the driver echoes it."""
+    """Remove the password of ``url`` from a driver's message, in case the driver echoes it
+    (as written, or percent-encoded as in a libpq URI)."""
     try:
         password = make_url(url).password
     except Exception:
         password = None
     if password:
-        message = message.replace(str(password), "***")
+        message = message.replace(str(password), "***").replace(quote(str(password), safe=""), "***")
     return re.sub(r"(AccountKey|Password|PWD|SharedAccessSignature)=[^;'\"\s]+", r"\1=***", message, flags=re.I)
 
 
@@ -269,17 +272,22 @@ class Source:
         """Connect, retrying with exponential backoff; fail naming the source, never the password."""
         if self.engine is None:
             raise SourceError(f"source {self.name!r} ({self.redacted_url}) was built offline and cannot connect")
+        return self.retrying(self.engine.connect, sa.exc.OperationalError, lambda exc: str(exc.orig))
+
+    def retrying(self, attempt: Callable[[], T], transient, describe: Callable[[BaseException], str] = str) -> T:
+        """``attempt()``, retried with exponential backoff on ``transient`` errors, then
+        SourceUnavailable naming the source and never the password."""
         delay = self.retry_delay
-        for attempt in range(self.retries + 1):
+        for number in range(self.retries + 1):
             try:
-                return self.engine.connect()
-            except sa.exc.OperationalError as exc:
-                if attempt == self.retries:
+                return attempt()
+            except transient as exc:
+                if number == self.retries:
                     raise SourceUnavailable(
                         f"source {self.name!r} ({self.redacted_url}) is unreachable after {self.retries + 1} attempts: "
-                        f"{scrub(str(exc.orig), self.url).strip()}"
+                        f"{scrub(describe(exc), self.url).strip()}"
                     ) from None
-                log.warning("source %r unreachable (attempt %d), retrying in %.1fs", self.name, attempt + 1, delay)
+                log.warning("source %r unreachable (attempt %d), retrying in %.1fs", self.name, number + 1, delay)
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")

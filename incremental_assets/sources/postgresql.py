@@ -37,7 +37,6 @@ import os
 import queue
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,7 +49,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.visitors import replacement_traverse
 
-from .base import EngineDialect, SourceUnavailable, register, scrub
+from .base import EngineDialect, register
 from .types import _to_text
 
 if TYPE_CHECKING:
@@ -130,8 +129,7 @@ class PostgreSQLDialect(EngineDialect):
         import adbc_driver_manager
         import adbc_driver_postgresql
 
-        delay = source.retry_delay
-        for attempt in range(source.retries + 1):
+        def attempt():
             try:
                 with self._adbc_lock:
                     if self._adbc_database is None or self._adbc_uri != uri:
@@ -139,25 +137,18 @@ class PostgreSQLDialect(EngineDialect):
                         self._adbc_uri = uri
                     database = self._adbc_database
                 conn = adbc_driver_manager.AdbcConnection(database)
-                try:
-                    conn.set_autocommit(False)
-                except BaseException:
-                    conn.close()
-                    raise
-                return conn
-            except adbc_driver_manager.Error as exc:
+            except adbc_driver_manager.Error:
                 with self._adbc_lock:
                     self._adbc_database = None  # connect afresh next time
-                message = _scrub(str(exc), source.url)
-                if attempt == source.retries:
-                    raise SourceUnavailable(
-                        f"source {source.name!r} ({source.redacted_url}) is unreachable after {source.retries + 1} "
-                        f"attempts: {message.strip()}"
-                    ) from None
-                log.warning("source %r unreachable (attempt %d), retrying in %.1fs", source.name, attempt + 1, delay)
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+                raise
+            try:
+                conn.set_autocommit(False)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        return source.retrying(attempt, adbc_driver_manager.Error, str)
 
     _adbc_database: Any = None
     _adbc_uri: str | None = None
@@ -349,17 +340,6 @@ def libpq_uri(url: str | sa.URL) -> str:
         query.append((key, value))
     qs = "?" + urlencode(query, quote_via=quote) if query else ""
     return f"postgresql://{userinfo}{host}{port}{path}{qs}"
-
-
-def _scrub(message: str, url: str) -> str:
-    message = scrub(message, url)
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
-    if password:
-        message = message.replace(quote(str(password), safe=""), "***")
-    return message
 
 
 # ------------------------------------------------------------------------------------------------
