@@ -123,10 +123,6 @@ def recorded_state(instance: dg.DagsterInstance, key: dg.AssetKey, kind: Waterma
     return Recorded(*(kind.from_text(v) if v else None for v in values))
 
 
-def recorded_frontier(instance: dg.DagsterInstance, key: dg.AssetKey, kind: WatermarkKind) -> Any:
-    return recorded_state(instance, key, kind).frontier
-
-
 def recorded_ranges(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str, kind: WatermarkKind) -> tuple[Any, Any] | None:
     """The union ``[lo, hi)`` of the slices recorded for one capture-time window (for a replay)."""
     lows, highs, cursor, open_low = [], [], None, False

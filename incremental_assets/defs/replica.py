@@ -15,7 +15,7 @@ import dagster as dg
 
 from ..config import ProjectConfig
 from ..landing import LandingError
-from ..replica import ReplicaError
+from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
 from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, latest_metadata
 
@@ -91,10 +91,10 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
     def _asset(context: dg.AssetExecutionContext):
         try:
             yield from _merge(context)
-        except SourceUnavailable:
-            raise
+        except (SourceUnavailable, ReplicaUnavailable):
+            raise  # transient: the retry policy tries again later
         except (ReplicaError, SourceError, LandingError) as exc:
-            raise dg.Failure(description=f"replica/{tc.name}: {exc}", allow_retries=_transient(exc)) from None
+            raise dg.Failure(description=f"replica/{tc.name}: {exc}", allow_retries=False) from None
 
     def _merge(context: dg.AssetExecutionContext):
         started_at = dt.datetime.now(dt.timezone.utc)
@@ -161,10 +161,6 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
 
 def is_full_snapshot(path: str) -> bool:
     return path.rsplit("/", 1)[-1].split(".", 1)[0].endswith(FULL_SUFFIX)
-
-
-def _transient(exc: Exception) -> bool:
-    return "unreachable" in str(exc)
 
 
 def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.AssetCheckResult:

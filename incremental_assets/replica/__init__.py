@@ -3,6 +3,6 @@
 One module per engine (``sqlite``, ``postgresql``, ``mysql``, ``mssql``); see :mod:`.base`.
 """
 
-from .base import MergeResult, Replica, ReplicaError, reconcile_source
+from .base import MergeResult, Replica, ReplicaError, ReplicaUnavailable, reconcile_source
 
-__all__ = ["MergeResult", "Replica", "ReplicaError", "reconcile_source"]
+__all__ = ["MergeResult", "Replica", "ReplicaError", "ReplicaUnavailable", "reconcile_source"]

@@ -63,6 +63,10 @@ class ReplicaError(Exception):
     """A problem with a replica, its tables or columns; the message never holds a password."""
 
 
+class ReplicaUnavailable(ReplicaError):
+    """The replica could not be reached after the configured retries (transient)."""
+
+
 class UnstorableValue(ValueError):
     """A value the engine cannot hold (e.g. NaN in MySQL); raised by a dialect while staging."""
 
@@ -786,13 +790,14 @@ class Replica:
     def _qualified(self, table: str) -> str:
         return (self._q(self.schema) + "." if self.schema else "") + self._q(table)
 
-    def _error(self, message: str, table: str | None = None, column: str | None = None) -> ReplicaError:
+    def _error(self, message: str, table: str | None = None, column: str | None = None, *,
+               kind: type[ReplicaError] = ReplicaError) -> ReplicaError:
         where = f"replica {self.redacted_url}"
         if table is not None:
             where += f", table {table!r}"
         if column is not None:
             where += f", column {column!r}"
-        return ReplicaError(f"{where}: {message}")
+        return kind(f"{where}: {message}")
 
     def _check_name(self, name: Any, what: str, table: str | None = None) -> None:
         limit = getattr(self.sql_dialect, "max_identifier_length", None) or 128
@@ -813,7 +818,8 @@ class Replica:
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
                 if attempt == self.retries:
                     raise self._error(
-                        f"unreachable after {self.retries + 1} attempt(s): {scrub(str(exc.orig), self.url).strip()}"
+                        f"unreachable after {self.retries + 1} attempt(s): {scrub(str(exc.orig), self.url).strip()}",
+                        kind=ReplicaUnavailable,
                     ) from None
                 log.warning("replica %s unreachable (attempt %d), retrying in %.1fs", self.redacted_url, attempt + 1, delay)
                 time.sleep(delay)
