@@ -158,6 +158,81 @@ def test_a_stream_of_batches_is_merged_in_steps_in_one_transaction(any_db):
     replica.dispose()
 
 
+def test_steps_alternate_between_new_keys_and_keys_to_compare(any_db):
+    replica = Replica(any_db.url, retries=0, chunk_rows=2)
+    late = ts("2018-01-01 00:00:00")
+    rows = [
+        FIRST[0], FIRST[1],  # into an empty table
+        (1, "John again", late), FIRST[2],  # a stored key: compared in staging
+        FIRST[3], FIRST[4],  # past every stored key: new
+        (2, "Mike again", late), (6, "Six", late),  # a stored key again, after a step that staged nothing
+    ]
+    result = replica.merge("customer_table", iter(customers(rows).to_batches(max_chunksize=1)), KEY, version_column=V)
+    assert (result.inserted, result.updated) == (6, 2)
+    assert read(any_db, "customer_table") == expected(
+        [(1, "John again", late), (2, "Mike again", late), *FIRST[2:], (6, "Six", late)]
+    )
+    replica.dispose()
+
+
+def test_keys_outside_the_stored_range_are_new_unless_a_tombstone_is_there(any_db, replica):
+    op = "SYS_CHANGE_OPERATION"
+    replica.merge("customer_table", customers(FIRST), KEY, version_column=V)  # keys 1..5
+    replica.merge(
+        "customer_table", customers([(9, None, ts("2018-01-01 00:00:00"))], ops=["D"]), KEY,
+        version_column=V, operation_column=op,
+    )
+    # past the table's keys but not its tombstones': the older insert of 9 must stay deleted
+    guarded = replica.merge(
+        "customer_table", customers([(9, "Nine", ts("2017-12-01 00:00:00")), (12, "Twelve", ts("2017-12-01 00:00:00"))]),
+        KEY, version_column=V,
+    )
+    assert (guarded.inserted, guarded.updated, guarded.skipped_older) == (1, 0, 1)
+    above = replica.merge(
+        "customer_table", customers([(20, "Twenty", ts("2017-12-02 00:00:00")), (21, "Twenty-one", None)]),
+        KEY, version_column=V,
+    )
+    below = replica.merge("customer_table", customers([(-3, "Minus three", ts("2017-12-03 00:00:00"))]), KEY, version_column=V)
+    assert (above.inserted, above.updated, below.inserted, below.updated) == (2, 0, 1, 0)
+    assert [r[0] for r in read(any_db, "customer_table")] == [-3, 1, 2, 3, 4, 5, 12, 20, 21]
+    assert read(any_db, "customer_table")[-1] == (21, "Twenty-one", None)
+
+
+def test_new_keys_into_a_soft_deleting_table_are_not_flagged(any_db, replica):
+    op = "SYS_CHANGE_OPERATION"
+    replica.merge("customer_table", customers(FIRST[:2], ops=["I", "I"]), KEY, version_column=V, operation_column=op)
+    replica.merge(
+        "customer_table", customers([(2, None, ts("2018-01-01 00:00:00"))], ops=["D"]), KEY,
+        version_column=V, operation_column=op, soft_delete=True,
+    )
+    new = replica.merge("customer_table", customers(FIRST[2:]), KEY, version_column=V)  # keys 3..5
+    assert new.inserted == 3
+    flags = read(any_db, "customer_table", columns=("PersonID", "_deleted"), kinds=(None, "flag"))
+    assert flags == [(1, "0"), (2, "1"), (3, "0"), (4, "0"), (5, "0")]
+
+
+def test_an_equal_version_with_other_values_is_written(any_db, replica):
+    replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    changed = [(1, "John!", FIRST[0][2]), (2, None, FIRST[1][2])] + FIRST[2:]
+    again = replica.merge("customer_table", customers(changed), KEY, version_column=V)
+    assert (again.inserted, again.updated, again.skipped_older) == (0, 5, 0)
+    assert read(any_db, "customer_table") == expected(changed)
+
+
+def test_postgresql_leaves_rows_a_replay_would_not_change_as_they_are(pg_db):
+    replica = Replica(pg_db.url, retries=0)
+    replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    row_versions = 'SELECT "PersonID", xmin::text FROM customer_table ORDER BY 1'
+    before = dict(pg_db.rows(row_versions))
+    changed = [(1, "John!", FIRST[0][2])] + FIRST[1:]
+    again = replica.merge("customer_table", customers(changed), KEY, version_column=V)
+    assert (again.inserted, again.updated, again.skipped_older) == (0, 5, 0)
+    after = dict(pg_db.rows(row_versions))
+    assert [k for k in before if before[k] != after[k]] == [1]
+    assert read(pg_db, "customer_table") == expected(changed)
+    replica.dispose()
+
+
 def test_concurrent_merges_of_one_table_queue_and_converge(any_db):
     replicas = [Replica(any_db.url, retries=0) for _ in range(3)]
     replicas[0].ensure_table("customer_table", customers(FIRST).schema, KEY, version_column=V)

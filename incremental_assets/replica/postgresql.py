@@ -1,9 +1,11 @@
 """PostgreSQL replica: COPY into a temporary staging table, then INSERT ... ON CONFLICT.
 
-Batches go to the server as CSV written by Arrow's C++ writer (no per-row Python), through
-psycopg 3's ``cursor.copy``. Every non-NULL value is quoted so an empty string stays an empty
-string and an unquoted empty field is NULL. Merges of one table queue on a transaction-scoped
-advisory lock.
+Rows whose keys cannot be in the table yet (an empty table, or an integer key past its range) are
+copied straight into it instead. Batches go to the server as CSV written by Arrow's C++ writer (no
+per-row Python), through psycopg 3's ``cursor.copy``. Every non-NULL text value is quoted (Arrow's
+"needed" style quotes all strings), so an empty string stays an empty string and an unquoted empty
+field is NULL; numbers, dates and times, whose text is never empty, go unquoted, which leaves the
+server ~10% less to parse. Merges of one table queue on a transaction-scoped advisory lock.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sqlalchemy as sa
 
 from .base import MergePlan, ReplicaDialect, on_conflict_upsert, register, utc_wall_clock
 
-_CSV = pacsv.WriteOptions(include_header=False, quoting_style="all_valid")
+_CSV = pacsv.WriteOptions(include_header=False, quoting_style="needed")
 COPY_BATCH_ROWS = 100_000
 
 
@@ -41,6 +43,25 @@ def _csv(batch: pa.RecordBatch) -> memoryview:
     buf = io.BytesIO()
     pacsv.write_csv(ready, buf, _CSV)
     return buf.getbuffer()
+
+
+def _copy(conn: sa.Connection, table: str, columns: list[str], rows: pa.Table) -> None:
+    """COPY ``rows`` (in ``columns`` order) into ``table`` within the merge's transaction."""
+    raw = conn.connection.driver_connection  # psycopg.Connection
+    batches = rows.to_batches(max_chunksize=COPY_BATCH_ROWS)
+    # the next batch's CSV is written (GIL released) while the server parses the current one
+    with ThreadPoolExecutor(1) as pool, raw.cursor() as cur:
+        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT csv)") as copy:
+            pending = pool.submit(_csv, batches[0]) if batches else None
+            for i in range(len(batches)):
+                data = pending.result()
+                pending = pool.submit(_csv, batches[i + 1]) if i + 1 < len(batches) else None
+                copy.write(data)
+
+
+def _outside(lo: int, hi: int, low: int | None, high: int | None) -> bool:
+    """Whether [lo, hi] misses every key of a table whose keys span [low, high] (None: no rows)."""
+    return low is None or hi < low or lo > high
 
 
 @register("postgresql")
@@ -96,17 +117,34 @@ class PostgreSQLReplica(ReplicaDialect):
         conn.exec_driver_sql("SET LOCAL jit = off", execution_options={"no_parameters": True})
 
     def load_staging(self, conn: sa.Connection, plan: MergePlan, table: pa.Table, execute) -> None:
-        cols = ", ".join(plan.q(c) for c in plan.staging_columns)
-        raw = conn.connection.driver_connection  # psycopg.Connection, inside the merge's transaction
-        batches = table.to_batches(max_chunksize=COPY_BATCH_ROWS)
-        # the next batch's CSV is written (GIL released) while the server parses the current one
-        with ThreadPoolExecutor(1) as pool, raw.cursor() as cur:
-            with cur.copy(f"COPY {plan.staging} ({cols}) FROM STDIN (FORMAT csv)") as copy:
-                pending = pool.submit(_csv, batches[0]) if batches else None
-                for i in range(len(batches)):
-                    data = pending.result()
-                    pending = pool.submit(_csv, batches[i + 1]) if i + 1 < len(batches) else None
-                    copy.write(data)
+        _copy(conn, plan.staging, [plan.q(c) for c in plan.staging_columns], table)
+
+    def all_new(self, conn: sa.Connection, plan: MergePlan, staged: pa.Table, execute) -> bool:
+        """Also true when an integer key's staged range lies wholly outside the keys of the target
+        and of its tombstones: the next slice of an ever-growing id (index endpoint reads only)."""
+        key = staged.column(plan.key[0])
+        if len(plan.key) > 1 or not pa.types.is_integer(key.type):
+            return super().all_new(conn, plan, staged, execute)
+        k = plan.q(plan.key[0])
+        ends = ", ".join(f"(SELECT {f}({k}) FROM {t})" for t in (plan.target, plan.tombstones) for f in ("MIN", "MAX"))
+        t_min, t_max, d_min, d_max = execute(conn, f"SELECT {ends}").one()
+        lo, hi = (v.as_py() for v in pc.min_max(key).values())
+        return _outside(lo, hi, t_min, t_max) and _outside(lo, hi, d_min, d_max)
+
+    def insert_new(self, conn: sa.Connection, plan: MergePlan, staged: pa.Table, execute) -> bool:
+        # straight into the target: no key to compare, so staging would only be written and read back
+        _copy(conn, plan.target, [plan.q(c) for c in plan.columns], staged)
+        return False
 
     def upsert_sql(self, target, source, columns, key, version, q):
-        return on_conflict_upsert(target, source, columns, key, version, q)
+        # a stored row identical to the new one, byte for byte (a replayed slice), is left alone:
+        # rewriting it would only add a dead row version, an index entry and WAL (about half the
+        # time of such a merge). ``*=`` compares binary images, so values that are equal but
+        # differ (1.0 and 1.00, '1 day' and '24 hours', 0 and -0) are still written.
+        data = [c for c in columns if c not in key]
+        stored = ", ".join(f"t.{q(c)}" for c in data)
+        new = ", ".join(f"excluded.{q(c)}" for c in data)
+        # cast to record: a bare ROW() *= ROW() would be compared column by column, and no column
+        # type has a *= operator of its own
+        unchanged = f"ROW({stored})::record *= ROW({new})::record"
+        return on_conflict_upsert(target, source, columns, key, version, q, and_where=f"NOT {unchanged}")
