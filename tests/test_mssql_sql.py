@@ -20,22 +20,15 @@ from sqlalchemy.dialects import mssql as ms
 from incremental_assets.sources import IntegerKind, RowversionKind, Source, SourceError, TableRef, TimestampKind
 from incremental_assets.sources import mssql as engine
 
+from tests.mssql_text import PYODBC, URL, compile_
+
 UTC = dt.timezone.utc
-URL = "mssql+pyodbc://loader:S3cret-pw@sqlhost:1433/sales?driver=ODBC+Driver+18+for+SQL+Server"
-PYODBC = ms.pyodbc.dialect(paramstyle="qmark")  # pyodbc's paramstyle, without importing pyodbc
 
-
-def compile_(statement) -> tuple[str, list]:
-    """Statement text as sent to pyodbc, and its positional parameters."""
-    compiled = statement.compile(dialect=PYODBC, compile_kwargs={"render_postcompile": True})
-    params = compiled.construct_params()
-    return str(compiled), [params[name] for name in compiled.positiontup]
 
 
 @pytest.fixture
 def source() -> Source:
     return Source.offline("sales-mssql", URL)
-
 
 @pytest.fixture
 def adf_table() -> sa.Table:

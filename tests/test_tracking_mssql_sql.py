@@ -14,7 +14,6 @@ import uuid
 import pyarrow as pa
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import mssql as ms
 
 from incremental_assets.sources import Source, SourceError, TableRef
 from incremental_assets.tracking import (
@@ -29,21 +28,15 @@ from incremental_assets.tracking import (
 from incremental_assets.tracking import base
 from incremental_assets.tracking import mssql as engine
 
-URL = "mssql+pyodbc://loader:S3cret-pw@sqlhost:1433/sales?driver=ODBC+Driver+18+for+SQL+Server"
-PYODBC = ms.pyodbc.dialect(paramstyle="qmark")  # pyodbc's paramstyle, without importing pyodbc
+from tests.mssql_text import URL, compile_
+
 NAME = "[dbo].[data_source_table]"
 
-
-def compile_(statement) -> tuple[str, list]:
-    compiled = statement.compile(dialect=PYODBC, compile_kwargs={"render_postcompile": True})
-    params = compiled.construct_params()
-    return str(compiled), [params[name] for name in compiled.positiontup]
 
 
 @pytest.fixture
 def source() -> Source:
     return Source.offline("sales-mssql", URL)
-
 
 @pytest.fixture
 def info(source):
