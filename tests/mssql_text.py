@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from sqlalchemy.dialects import mssql as ms
 
-
 URL = "mssql+pyodbc://loader:S3cret-pw@sqlhost:1433/sales?driver=ODBC+Driver+18+for+SQL+Server"
 PYODBC = ms.pyodbc.dialect(paramstyle="qmark")  # pyodbc's paramstyle, without importing pyodbc
 
