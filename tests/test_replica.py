@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from incremental_assets.replica import MergeResult, Replica, ReplicaError, reconcile_source
 from incremental_assets.replica.base import canonical
+from incremental_assets.replica.postgresql import PostgreSQLReplica
 
 UTC = dt.timezone.utc
 KEY = ["PersonID"]
@@ -68,6 +69,16 @@ def read(db, table: str, columns=("PersonID", "Name", V), kinds=(None, None, "ti
 
 def expected(rows):
     return [(r[0], r[1], canonical(r[2], "timestamp")) for r in sorted(rows)]
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-adbc", "mariadb"])
+def any_db(request, monkeypatch):
+    """The same test on each real engine; ``postgresql-adbc`` stages every merge step that needs
+    staging by ADBC (binary COPY into a table of its own) instead of CSV."""
+    if request.param == "postgresql-adbc":
+        monkeypatch.setattr(PostgreSQLReplica, "side_staging_min_rows", 0)
+    engine = request.param.split("-")[0]
+    return request.getfixturevalue({"sqlite": "sqlite_db", "postgresql": "pg_db", "mariadb": "mariadb_db"}[engine])
 
 
 @pytest.fixture
@@ -233,6 +244,83 @@ def test_postgresql_leaves_rows_a_replay_would_not_change_as_they_are(pg_db):
     replica.dispose()
 
 
+def _side_tables(db) -> list[str]:
+    return [r[0] for r in db.rows("SELECT relname FROM pg_class WHERE relname LIKE 'ia\\_side\\_%' ORDER BY 1")]
+
+
+@pytest.fixture
+def adbc_staged(monkeypatch):
+    """Every PostgreSQL merge step that needs staging goes through ADBC; the tables it staged in."""
+    from incremental_assets.replica import postgresql
+
+    monkeypatch.setattr(PostgreSQLReplica, "side_staging_min_rows", 0)
+    staged = []
+    load = postgresql._SideStaging.load
+
+    def spy(self, conn, rows, execute):
+        name = load(self, conn, rows, execute)
+        staged.append(name)
+        return name
+
+    monkeypatch.setattr(postgresql._SideStaging, "load", spy)
+    return staged
+
+
+def test_postgresql_big_steps_are_staged_by_adbc_in_tables_the_merge_drops(pg_db, adbc_staged):
+    replica = Replica(pg_db.url, retries=0)
+    replica.merge("customer_table", customers(FIRST), KEY, version_column=V)  # new keys: copied straight in
+    delta = [(3, "NewName", ts("2017-09-08 00:00:00")), (6, "NewPerson", ts("2017-09-09 00:00:00"))]
+    older = [(1, "Old John", ts("2017-01-01 00:00:00"))]
+    result = replica.merge("customer_table", customers(delta + older), KEY, version_column=V)
+    assert (result.inserted, result.updated, result.skipped_older) == (1, 1, 1)
+    assert len(adbc_staged) == 1 and adbc_staged[0].startswith('"public"."ia_side_')
+    assert read(pg_db, "customer_table") == expected(({r[0]: r for r in FIRST} | {r[0]: r for r in delta}).values())
+    assert _side_tables(pg_db) == []
+    replica.dispose()
+
+
+def test_postgresql_adbc_staging_falls_back_to_csv_for_a_type_it_cannot_write(pg_db, adbc_staged, caplog):
+    replica = Replica(pg_db.url, retries=0)
+    big = pa.table({"id": pa.array([1, 2], pa.int64()), "n": pa.array([2**64 - 1, 5], pa.uint64()), "v": [1, 1]})
+    replica.merge("big", big, ["id"], version_column="v")
+    again = big.set_column(2, "v", pa.array([2, 2], pa.int64())).set_column(1, "n", pa.array([2**63 + 1, 6], pa.uint64()))
+    caplog.set_level("INFO", logger="incremental_assets")
+    assert replica.merge("big", again, ["id"], version_column="v").updated == 2
+    assert adbc_staged == [None]  # uint64 would wrap around in ADBC's bigint
+    assert "staging through CSV: column 'n' is uint64" in caplog.text
+    assert pg_db.rows("SELECT id, n::text FROM big ORDER BY id") == [(1, str(2**63 + 1)), (2, "6")]
+    replica.dispose()
+
+
+def test_postgresql_a_failed_merge_leaves_no_adbc_staging_table(pg_db, adbc_staged):
+    with pg_db.engine.begin() as conn:
+        conn.execute(sa.text('CREATE TABLE customer_table ("PersonID" integer PRIMARY KEY, "Name" varchar(5), '
+                             '"LastModifytime" timestamp)'))
+    replica = Replica(pg_db.url, retries=0)
+    replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    too_long = [(2, "Michael-Longname", ts("2017-10-01 00:00:00"))]
+    with pytest.raises(ReplicaError, match="customer_table.*too long"):
+        replica.merge("customer_table", customers(too_long), KEY, version_column=V)
+    assert adbc_staged and adbc_staged[0] is not None  # staged, then the merge failed reading it
+    assert _side_tables(pg_db) == []
+    assert read(pg_db, "customer_table") == expected(FIRST)
+    replica.dispose()
+
+
+def test_postgresql_a_table_left_by_a_merge_that_died_is_dropped_by_the_next(pg_db, adbc_staged, caplog):
+    replica = Replica(pg_db.url, retries=0)
+    replica.merge("customer_table", customers(FIRST), KEY, version_column=V)
+    replica.merge("customer_table", customers(FIRST[:1]), KEY, version_column=V)
+    prefix = adbc_staged[0].split(".")[1].strip('"')[: -len("0123456789ab")]
+    with pg_db.engine.begin() as conn:  # what a merge killed between ADBC's commit and its own leaves
+        conn.execute(sa.text(f'CREATE UNLOGGED TABLE "{prefix}deadbeef0000" (x int)'))
+        conn.execute(sa.text('CREATE UNLOGGED TABLE "ia_side_00000000_deadbeef0000" (x int)'))  # another table's
+    replica.merge("customer_table", customers(FIRST[:1]), KEY, version_column=V)
+    assert f"dropped public.{prefix}deadbeef0000, left by a merge that did not finish" in caplog.text
+    assert _side_tables(pg_db) == ["ia_side_00000000_deadbeef0000"]
+    replica.dispose()
+
+
 def test_concurrent_merges_of_one_table_queue_and_converge(any_db):
     replicas = [Replica(any_db.url, retries=0) for _ in range(3)]
     replicas[0].ensure_table("customer_table", customers(FIRST).schema, KEY, version_column=V)
@@ -374,11 +462,14 @@ def test_exact_types_round_trip(any_db, replica):
             "version": pa.array([1, 1, 1], pa.int64()),
         }
     )
-    replica.merge("types", data, ["id"], version_column="version")
     cols = data.column_names
-    rows = any_db.rows(f"SELECT {', '.join(quoted(any_db, c) for c in cols)} FROM {quoted(any_db, 'types')} ORDER BY 1")
-    got = [[_as_python(v, data.schema.field(c).type) for v, c in zip(row, cols)] for row in rows]
-    assert got == [list(r.values()) for r in data.to_pylist()]
+    select = f"SELECT {', '.join(quoted(any_db, c) for c in cols)} FROM {quoted(any_db, 'types')} ORDER BY 1"
+    # once into the empty table, then again as updates (through the staging table)
+    for version in (1, 2):
+        data = data.set_column(cols.index("version"), "version", pa.array([version] * 3, pa.int64()))
+        replica.merge("types", data, ["id"], version_column="version")
+        got = [[_as_python(v, data.schema.field(c).type) for v, c in zip(row, cols)] for row in any_db.rows(select)]
+        assert got == [list(r.values()) for r in data.to_pylist()]
     # and an existing table is accepted as it is (its reflected types fit the data)
     assert replica.ensure_table("types", data.schema, ["id"], version_column="version") == []
 

@@ -15,7 +15,9 @@ Why merges converge whatever the order and repetition of slices:
 
 Each merge is one transaction holding a per-table lock (merges of one table queue, so parallel
 backfills neither deadlock nor miscount): the rows are bulk-loaded into a temporary staging table
-shaped like the target, counted against the target, then applied with the engine's upsert.
+shaped like the target (or, where an engine has a faster loader on a connection of its own, into a
+table of their own that the merge drops), counted against the target, then applied with the
+engine's upsert.
 Everything specific to one engine lives in its module as a :class:`ReplicaDialect`; this module
 never branches on the engine's name.
 """
@@ -378,6 +380,17 @@ class ReplicaDialect:
         if pa.types.is_duration(array.type):
             return duration_micros(array).to_pylist()
         return array.to_pylist()
+
+    @contextmanager
+    def side_staging(self, replica: Replica, table: str) -> Iterator[Any]:
+        """Per merge, what :meth:`side_load` stages with (entered before the merge's transaction
+        begins, left after it ends); None where the engine has no faster loader on a connection
+        of its own."""
+        yield None
+
+    def side_load(self, side: Any, conn: sa.Connection, staged: pa.Table, execute) -> str | None:
+        """Stage a step in a committed table of its own; its name, or None to use the staging table."""
+        return None
 
     def load_staging(self, conn: sa.Connection, plan: MergePlan, table: pa.Table, execute) -> None:
         """Bulk-load ``table`` (columns in ``plan.staging_columns`` order) into the staging table."""
@@ -1159,8 +1172,7 @@ class Replica:
             table, layout, table_columns, deletes=operation_column is not None, soft_delete=soft_delete,
             staging=self.dialect.staging_name(uuid.uuid4().hex[:12]),
         )
-        counts = self.dialect.count_sql(plan)
-        with self._transaction(table) as conn:
+        with self.dialect.side_staging(self, table) as side, self._transaction(table) as conn:
             self.dialect.begin_merge(conn)
             for sql in self.dialect.create_staging_sql(plan):
                 self._execute(conn, sql)
@@ -1176,16 +1188,22 @@ class Replica:
                     staging_loaded = self.dialect.insert_new(conn, plan, staged, self._execute)
                     result.inserted += staged.num_rows
                     continue
-                self.dialect.load_staging(conn, plan, staged, self._execute)
-                staging_loaded = True
-                _, inserted, updated, deleted, skipped, matched = (int(v or 0) for v in self._execute(conn, counts).one())
-                step_plan = dataclasses.replace(plan, new_only=matched == 0, filter_older=matched > updated)
+                side_table = None if side is None else self.dialect.side_load(side, conn, staged, self._execute)
+                if side_table is None:
+                    self.dialect.load_staging(conn, plan, staged, self._execute)
+                    staging_loaded = True
+                step = plan if side_table is None else dataclasses.replace(plan, staging=side_table)
+                counts = self._execute(conn, self.dialect.count_sql(step)).one()
+                _, inserted, updated, deleted, skipped, matched = (int(v or 0) for v in counts)
+                step_plan = dataclasses.replace(step, new_only=matched == 0, filter_older=matched > updated)
                 for sql in self.dialect.merge_statements(step_plan):
                     self._execute(conn, sql)
                 result.inserted += inserted
                 result.updated += updated
                 result.deleted += deleted
                 result.skipped_older += skipped
+            for sql in [] if side is None else side.drop_sql():
+                self._execute(conn, sql)
             self._execute(conn, self.dialect.drop_staging_sql(plan))
         result.seconds = time.perf_counter() - started
         log.info(

@@ -1,8 +1,12 @@
-"""PostgreSQL replica: COPY into a temporary staging table, then INSERT ... ON CONFLICT.
+"""PostgreSQL replica: COPY into a staging table, then INSERT ... ON CONFLICT.
 
 Rows whose keys cannot be in the table yet (an empty table, or an integer key past its range) are
-copied straight into it instead. Batches go to the server as CSV written by Arrow's C++ writer (no
-per-row Python), through psycopg 3's ``cursor.copy``. Every non-NULL text value is quoted (Arrow's
+copied straight into it instead. A big step (``side_staging_min_rows``) is staged by ADBC's binary
+COPY (``adbc_driver_postgresql``, about 3x faster than CSV for the server to read) into an
+unlogged table of its own: ADBC has its own connection, so that table is committed beside the
+merge's transaction, which reads it and drops it; see :class:`_SideStaging`. Otherwise batches
+go to a temporary table as CSV written by Arrow's C++ writer (no per-row Python), through psycopg
+3's ``cursor.copy``. Every non-NULL text value is quoted (Arrow's
 "needed" style quotes all strings), so an empty string stays an empty string and an unquoted empty
 field is NULL; numbers, dates and times, whose text is never empty, go unquoted, which leaves the
 server ~10% less to parse. Merges of one table queue on a transaction-scoped advisory lock.
@@ -10,16 +14,22 @@ server ~10% less to parse. Merges of one table queue on a transaction-scoped adv
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import sqlalchemy as sa
 
-from .base import MergePlan, ReplicaDialect, on_conflict_upsert, register, utc_wall_clock
+from .base import PARAM, MergePlan, ReplicaDialect, on_conflict_upsert, register, utc_wall_clock
 
+log = logging.getLogger("incremental_assets")
 _CSV = pacsv.WriteOptions(include_header=False, quoting_style="needed")
 COPY_BATCH_ROWS = 100_000
 
@@ -64,9 +74,185 @@ def _outside(lo: int, hi: int, low: int | None, high: int | None) -> bool:
     return low is None or hi < low or lo > high
 
 
+def _binary_copy_type(t: pa.DataType) -> str | None:
+    """The column type ADBC's binary COPY writes Arrow type ``t`` as (staged types only), or None
+    where it has none or writes it lossily (uint64 wraps around in bigint)."""
+    if pa.types.is_boolean(t):
+        return "boolean"
+    if pa.types.is_integer(t):
+        return {("int", 8): "smallint", ("int", 16): "smallint", ("int", 32): "integer", ("int", 64): "bigint",
+                ("uint", 8): "smallint", ("uint", 16): "integer", ("uint", 32): "bigint"}.get(
+            ("uint" if pa.types.is_unsigned_integer(t) else "int", t.bit_width))
+    if pa.types.is_float32(t):
+        return "real"
+    if pa.types.is_float64(t):
+        return "double precision"
+    if pa.types.is_decimal128(t):
+        return "numeric"
+    if pa.types.is_string(t):
+        return "text"
+    if pa.types.is_binary(t):
+        return "bytea"
+    if pa.types.is_date32(t):
+        return "date"
+    if pa.types.is_timestamp(t) and t.unit == "us":
+        return "timestamp with time zone" if t.tz is not None else "timestamp without time zone"
+    if pa.types.is_time64(t) and t.unit == "us":
+        return "time without time zone"
+    if pa.types.is_duration(t) and t.unit == "us":
+        return "interval"
+    return None
+
+
+class _SideStaging:
+    """Steps staged by ADBC (``adbc_ingest``: binary COPY) into unlogged tables of their own.
+
+    ADBC cannot join the merge's transaction, so each step's table is created, filled and
+    committed on ADBC's connection; the merge then reads it like the temporary staging table and
+    drops it before committing. The merge's lock is taken before any such table is created, and
+    merges of one table queue on it, so a table left by a merge that died (named after its target)
+    is dropped by the next merge of that target. The tables are unlogged (no WAL) and live in the
+    replica's schema (the session's current schema when none is set). Any ADBC failure (no ADBC,
+    no CREATE privilege, an unexpected type) sends this and the next steps down the CSV path.
+    """
+
+    def __init__(self, dialect: PostgreSQLReplica, replica, table: str):
+        self.dialect = dialect
+        self.replica = replica
+        self.prefix = "ia_side_" + hashlib.sha1(f"{replica.schema or ''}.{table}".encode()).hexdigest()[:8] + "_"
+        self.schema: str | None = None
+        self.database = self.conn = None
+        self.created: list[str] = []
+        self.enabled = True
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        from ..sources.base import scrub
+
+        log.info("replica %s: staging through CSV: %s failed: %s", self.replica.redacted_url, what,
+                 scrub(str(exc), self.replica.url).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        self.enabled = False
+
+    def _run(self, sql: str) -> None:
+        import adbc_driver_manager
+
+        statement = adbc_driver_manager.AdbcStatement(self.conn)
+        try:
+            statement.set_sql_query(sql)
+            statement.execute_update()
+        finally:
+            statement.close()
+
+    def _start(self, conn: sa.Connection, execute) -> None:
+        """Connect, find the schema, and drop what a merge of this table that died left behind."""
+        import adbc_driver_manager
+        import adbc_driver_postgresql
+
+        from ..sources.postgresql import libpq_uri
+
+        schema = self.replica.schema or execute(conn, "SELECT current_schema()").scalar()
+        if schema is None:
+            raise ValueError("the session has no current schema")
+        left = execute(
+            conn, "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE n.nspname = {PARAM} AND c.relname LIKE {PARAM}", (schema, self.prefix.replace("_", "\\_") + "%"),
+        ).scalars().all()
+        q = self.replica._q
+        for name in left:
+            try:
+                with conn.begin_nested():  # a table we may not drop must not fail the merge
+                    execute(conn, f"DROP TABLE IF EXISTS {q(schema)}.{q(name)}")
+            except sa.exc.DBAPIError as exc:
+                log.warning("replica %s: could not drop %s.%s, left by a merge that did not finish: %s",
+                            self.replica.redacted_url, schema, name, str(exc.orig).strip().splitlines()[0])
+            else:
+                log.warning("replica %s: dropped %s.%s, left by a merge that did not finish",
+                            self.replica.redacted_url, schema, name)
+        self.database = adbc_driver_postgresql.connect(libpq_uri(self.replica.url))
+        self.conn = adbc_driver_manager.AdbcConnection(self.database)
+        self.conn.set_autocommit(False)
+        self.schema = schema
+
+    def load(self, conn: sa.Connection, staged: pa.Table, execute) -> str | None:
+        """Stage ``staged`` in a new committed table; its qualified name, or None (use CSV)."""
+        if not self.enabled:
+            return None
+        types = [_binary_copy_type(f.type) for f in staged.schema]
+        if None in types:
+            bad = staged.schema.field(types.index(None))
+            self.enabled = False
+            log.info("replica %s: staging through CSV: column %r is %s", self.replica.redacted_url, bad.name, bad.type)
+            return None
+        try:
+            if self.conn is None:
+                self._start(conn, execute)
+        except Exception as exc:  # noqa: BLE001 - any failure here only costs speed
+            self._fail("connecting ADBC", exc)
+            self.close()
+            return None
+        import adbc_driver_manager
+
+        q = self.replica._q
+        name = self.prefix + uuid.uuid4().hex[:12]
+        columns = ", ".join(f"{q(f.name)} {t}" for f, t in zip(staged.schema, types))
+        try:
+            self._run(f"CREATE UNLOGGED TABLE {q(self.schema)}.{q(name)} ({columns})")
+            statement = adbc_driver_manager.AdbcStatement(self.conn)
+            try:
+                statement.set_options(**{
+                    adbc_driver_manager.INGEST_OPTION_TARGET_TABLE: name,
+                    adbc_driver_manager.INGEST_OPTION_MODE: adbc_driver_manager.INGEST_OPTION_MODE_APPEND,
+                    adbc_driver_manager.StatementOptions.INGEST_TARGET_DB_SCHEMA.value: self.schema,
+                })
+                # batches of bounded size: ADBC encodes the next while the server reads the last
+                # (one batch of a whole step takes twice as long)
+                batches = staged.to_batches(max_chunksize=COPY_BATCH_ROWS)
+                statement.bind_stream(pa.RecordBatchReader.from_batches(staged.schema, batches))
+                statement.execute_update()
+            finally:
+                statement.close()
+            self.conn.commit()
+        except adbc_driver_manager.Error as exc:
+            try:
+                self.conn.rollback()  # nothing was committed: no table is left
+            except adbc_driver_manager.Error:
+                pass
+            self._fail("ADBC ingest", exc)
+            return None
+        self.created.append(name)
+        return f"{q(self.schema)}.{q(name)}"
+
+    def drop_sql(self) -> list[str]:
+        """Dropped in the merge's transaction: it reads them, so only it may (its locks would
+        block a drop from ADBC's connection until it ends)."""
+        q = self.replica._q
+        return [f"DROP TABLE IF EXISTS {q(self.schema)}.{q(name)}" for name in self.created]
+
+    def close(self) -> None:
+        """After the merge's transaction: drop what it did not (it failed), close ADBC."""
+        import adbc_driver_manager
+
+        try:
+            if self.conn is not None and self.created:
+                q = self.replica._q
+                for name in self.created:
+                    self._run(f"DROP TABLE IF EXISTS {q(self.schema)}.{q(name)}")
+                self.conn.commit()
+        except adbc_driver_manager.Error as exc:
+            log.warning("replica %s: could not drop staging table(s) %s: %s (the next merge of the table drops them)",
+                        self.replica.redacted_url, self.created, exc)
+        finally:
+            for handle in (self.conn, self.database):
+                if handle is not None:
+                    handle.close()
+            self.conn = self.database = None
+
+
 @register("postgresql")
 class PostgreSQLReplica(ReplicaDialect):
     flag_column_sql = "boolean NOT NULL DEFAULT false"
+    #: steps of at least this many rows are staged by ADBC's binary COPY (None: never); below it,
+    #: connecting and committing a table of their own costs more than CSV does
+    side_staging_min_rows: int | None = 100_000
 
     def column_type(self, t: pa.DataType, *, key_bytes: int | None = None) -> str:
         if pa.types.is_boolean(t):
@@ -115,6 +301,22 @@ class PostgreSQLReplica(ReplicaDialect):
         # joins costs more than it saves (0.3-0.5 s per statement at a million rows)
         conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'", execution_options={"no_parameters": True})
         conn.exec_driver_sql("SET LOCAL jit = off", execution_options={"no_parameters": True})
+
+    @contextmanager
+    def side_staging(self, replica, table: str) -> Iterator[_SideStaging | None]:
+        if self.side_staging_min_rows is None:
+            yield None
+            return
+        side = _SideStaging(self, replica, table)
+        try:
+            yield side
+        finally:
+            side.close()
+
+    def side_load(self, side: _SideStaging, conn: sa.Connection, staged: pa.Table, execute) -> str | None:
+        if staged.num_rows < self.side_staging_min_rows:
+            return None
+        return side.load(conn, staged, execute)
 
     def load_staging(self, conn: sa.Connection, plan: MergePlan, table: pa.Table, execute) -> None:
         _copy(conn, plan.staging, [plan.q(c) for c in plan.staging_columns], table)
