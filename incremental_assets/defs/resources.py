@@ -17,6 +17,10 @@ from ..replica import Replica
 from ..sources import Source
 
 
+#: the Source of each source's settings in this process (see SourceResource.get)
+_SOURCES: dict[tuple, Source] = {}
+
+
 class SourceResource(dg.ConfigurableResource):
     """One source database."""
 
@@ -30,13 +34,17 @@ class SourceResource(dg.ConfigurableResource):
 
     def get(self) -> Source:
         if self._source is None:
-            self._source = Source(
-                self.name,
-                expand(_value(self.url), where=f"source {self.name!r}: key 'url'"),
-                retries=self.retries,
-                retry_delay=self.retry_delay_seconds,
-                horizon_wait=self.horizon_wait_seconds,
-            )
+            url = expand(_value(self.url), where=f"source {self.name!r}: key 'url'")
+            settings = (self.name, url, self.retries, self.retry_delay_seconds, self.horizon_wait_seconds)
+            # one Source per process and settings: a run in the CLI's process (or a sensor's next
+            # tick) finds the engine, its cached reflection and ADBC's type catalogue ready
+            source = _SOURCES.get(settings)
+            if source is None:
+                source = _SOURCES[settings] = Source(
+                    self.name, url, retries=self.retries, retry_delay=self.retry_delay_seconds,
+                    horizon_wait=self.horizon_wait_seconds,
+                )
+            self._source = source
         return self._source
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
