@@ -327,3 +327,34 @@ def test_csv_landing_is_adf_delimited_text(sqlite_db, tmp_path, capsys):
     lines = files[0].read_text(encoding="utf-8").splitlines()
     assert lines[0].replace('"', "") == "PersonID,Name,LastModifytime"
     assert len(lines) == 6 and lines[1].startswith('1,"aaaa",')
+
+
+def test_sync_records_its_runs_logs_but_leaves_stdout_to_the_terminal(sqlite_db, tmp_path, capsys, dagster_home):
+    create_adf_table(sqlite_db)
+    config = write_config(tmp_path, sqlite_db.url, [adf_table()])
+
+    def last_run():
+        with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+            record = instance.fetch_materializations(dg.AssetKey(["landing", "data_source_table"]), limit=1).records[0]
+            messages = [e.user_message for e in instance.all_logs(record.run_id)]
+        captured = [p for p in (dagster_home / "storage" / record.run_id).rglob("*") if p.is_file()]
+        return messages, captured
+
+    code, _, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    messages, captured = last_run()
+    assert any("copied 5 row(s)" in m for m in messages)  # the UI shows the run's logs
+    assert captured == []  # no compute-log files: stdout/stderr went to the terminal
+
+    # with compute logs configured in dagster.yaml, they are captured as the instance says
+    logs = tmp_path / "compute_logs"
+    with open(dagster_home / "dagster.yaml", "a") as f:
+        f.write(f"compute_logs:\n  module: dagster.core.storage.local_compute_log_manager\n"
+                f"  class: LocalComputeLogManager\n  config:\n    base_dir: {logs}\n")
+    insert_rows(sqlite_db, [(6, "newdata", fresh_time())])
+    after_horizon()
+    code, _, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    messages, _ = last_run()
+    assert any("copied 1 row(s)" in m for m in messages)
+    assert [p for p in logs.rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".complete")]
