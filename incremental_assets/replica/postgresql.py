@@ -238,8 +238,10 @@ class _SideStaging:
                     self._run(f"DROP TABLE IF EXISTS {q(self.schema)}.{q(name)}")
                 self.conn.commit()
         except adbc_driver_manager.Error as exc:
+            from ..sources.base import scrub
+
             log.warning("replica %s: could not drop staging table(s) %s: %s (the next merge of the table drops them)",
-                        self.replica.redacted_url, self.created, exc)
+                        self.replica.redacted_url, self.created, scrub(str(exc), self.replica.url).strip())
         finally:
             for handle in (self.conn, self.database):
                 if handle is not None:
