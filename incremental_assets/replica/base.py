@@ -383,14 +383,11 @@ class ReplicaDialect:
 
     @contextmanager
     def side_staging(self, replica: Replica, table: str) -> Iterator[Any]:
-        """Per merge, what :meth:`side_load` stages with (entered before the merge's transaction
-        begins, left after it ends); None where the engine has no faster loader on a connection
-        of its own."""
+        """Per merge (entered before its transaction begins, left after it ends): None, or a
+        faster loader on a connection of its own, whose ``load(conn, staged, execute)`` stages a
+        step in a committed table and returns its name (None: use the staging table) and whose
+        ``drop_sql()`` lists what the merge drops before committing."""
         yield None
-
-    def side_load(self, side: Any, conn: sa.Connection, staged: pa.Table, execute) -> str | None:
-        """Stage a step in a committed table of its own; its name, or None to use the staging table."""
-        return None
 
     def load_staging(self, conn: sa.Connection, plan: MergePlan, table: pa.Table, execute) -> None:
         """Bulk-load ``table`` (columns in ``plan.staging_columns`` order) into the staging table."""
@@ -1188,7 +1185,7 @@ class Replica:
                     staging_loaded = self.dialect.insert_new(conn, plan, staged, self._execute)
                     result.inserted += staged.num_rows
                     continue
-                side_table = None if side is None else self.dialect.side_load(side, conn, staged, self._execute)
+                side_table = None if side is None else side.load(conn, staged, self._execute)
                 if side_table is None:
                     self.dialect.load_staging(conn, plan, staged, self._execute)
                     staging_loaded = True

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import sqlalchemy as sa
 
+from ..sources.base import scrub
 from .base import PARAM, MergePlan, ReplicaDialect, on_conflict_upsert, register, utc_wall_clock
 
 log = logging.getLogger("incremental_assets")
@@ -116,9 +117,9 @@ class _SideStaging:
     no CREATE privilege, an unexpected type) sends this and the next steps down the CSV path.
     """
 
-    def __init__(self, dialect: PostgreSQLReplica, replica, table: str):
-        self.dialect = dialect
+    def __init__(self, replica, table: str, min_rows: int):
         self.replica = replica
+        self.min_rows = min_rows
         self.prefix = "ia_side_" + hashlib.sha1(f"{replica.schema or ''}.{table}".encode()).hexdigest()[:8] + "_"
         self.schema: str | None = None
         self.database = self.conn = None
@@ -126,8 +127,6 @@ class _SideStaging:
         self.enabled = True
 
     def _fail(self, what: str, exc: BaseException) -> None:
-        from ..sources.base import scrub
-
         log.info("replica %s: staging through CSV: %s failed: %s", self.replica.redacted_url, what,
                  scrub(str(exc), self.replica.url).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         self.enabled = False
@@ -174,7 +173,7 @@ class _SideStaging:
 
     def load(self, conn: sa.Connection, staged: pa.Table, execute) -> str | None:
         """Stage ``staged`` in a new committed table; its qualified name, or None (use CSV)."""
-        if not self.enabled:
+        if not self.enabled or staged.num_rows < self.min_rows:
             return None
         types = [_binary_copy_type(f.type) for f in staged.schema]
         if None in types:
@@ -238,8 +237,6 @@ class _SideStaging:
                     self._run(f"DROP TABLE IF EXISTS {q(self.schema)}.{q(name)}")
                 self.conn.commit()
         except adbc_driver_manager.Error as exc:
-            from ..sources.base import scrub
-
             log.warning("replica %s: could not drop staging table(s) %s: %s (the next merge of the table drops them)",
                         self.replica.redacted_url, self.created, scrub(str(exc), self.replica.url).strip())
         finally:
@@ -309,16 +306,11 @@ class PostgreSQLReplica(ReplicaDialect):
         if self.side_staging_min_rows is None:
             yield None
             return
-        side = _SideStaging(self, replica, table)
+        side = _SideStaging(replica, table, self.side_staging_min_rows)
         try:
             yield side
         finally:
             side.close()
-
-    def side_load(self, side: _SideStaging, conn: sa.Connection, staged: pa.Table, execute) -> str | None:
-        if staged.num_rows < self.side_staging_min_rows:
-            return None
-        return side.load(conn, staged, execute)
 
     def load_staging(self, conn: sa.Connection, plan: MergePlan, table: pa.Table, execute) -> None:
         _copy(conn, plan.staging, [plan.q(c) for c in plan.staging_columns], table)
