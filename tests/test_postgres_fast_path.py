@@ -218,6 +218,41 @@ def test_names_needing_quotes(pg_db, sources, no_fallback, table, ref):
     assert got.schema.names == ["Id", "Amount $1", "select", "Modified At"]
 
 
+def test_types_from_the_catalog_when_the_driver_names_none(pg_db, sources, no_fallback, monkeypatch):
+    """Drivers before 1.10 attach no PostgreSQL type to their fields: each column's type is then
+    read from the catalog in the slice's transaction (a domain as its base type), with the same
+    values as the generic path; a type the catalog cannot name still falls back, never guesses."""
+    seen: list[dict] = []
+    original = pgmod.batch_converter
+
+    def without_metadata(source, target, text_columns=None, pg_types=None):
+        seen.append(dict(pg_types or {}))
+        return original(pa.schema([f.remove_metadata() for f in source]), target, text_columns, pg_types)
+
+    monkeypatch.setattr(pgmod, "batch_converter", without_metadata)
+    pg_db.run(
+        'CREATE SCHEMA "Ops"',
+        "CREATE DOMAIN money2 AS numeric(12,2) CHECK (VALUE >= 0)",
+        'CREATE TABLE "Ops"."Line Items" ("Id" int8, amount money2, free numeric, r real, u uuid, j json, jb jsonb, '
+        "note varchar(20), at timestamptz)",
+        """INSERT INTO "Ops"."Line Items" SELECT g, g * 1.25, (g * 0.0000001)::numeric, g / 3.0, """
+        "('a0eebc99-9c0b-4ef8-bb6d-' || lpad(to_hex(g), 12, '0'))::uuid, "
+        """('{"b": ' || g || ', "a": [1, 2.50]}')::json, ('{"k": ' || g || '}')::jsonb, 'n' || g, """
+        "timestamptz '2024-05-01 00:00:00+00' + g * interval '1 hour' FROM generate_series(1, 40) g",
+    )
+    source = sources(pg_db)
+    info = source.describe_table('"Ops"."Line Items"', watermark_column="at")
+    got = fast(source, info, None, None)[0]
+    assert_same(got, generic(source, info, None, None))
+    assert got.column("u").to_pylist()[0] == "a0eebc99-9c0b-4ef8-bb6d-000000000001"
+    assert str(got.column("amount").to_pylist()[1]) == "2.50"
+    # r (real) is selected as text: it reads no plain column, so it has no catalog type
+    assert seen and seen[0] == {
+        "Id": "int8", "amount": "numeric", "free": "numeric", "u": "uuid",
+        "j": "json", "jb": "jsonb", "note": "varchar", "at": "timestamptz",
+    }
+
+
 def test_streams_in_bounded_memory(pg_db, sources, no_fallback, prefetch):
     pg_db.run(
         "CREATE TABLE big (id bigint, note text, at timestamptz)",
@@ -240,6 +275,13 @@ def test_streams_in_bounded_memory(pg_db, sources, no_fallback, prefetch):
     assert held < 8_000_000  # what a batch keeps alive: the driver's batch (4 MB hint), never the 25 MB slice
 
 
+def _copy_sessions(pg_db) -> int:
+    return pg_db.rows(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND query LIKE 'COPY %'"
+    )[0][0]
+
+
 def test_stopping_early_closes_the_connection(pg_db, sources, no_fallback, prefetch):
     pg_db.run(
         "CREATE TABLE s (id bigint, at timestamptz)",
@@ -247,19 +289,15 @@ def test_stopping_early_closes_the_connection(pg_db, sources, no_fallback, prefe
     )
     source = sources(pg_db)
     info = source.describe_table("s", watermark_column="at")
-    count = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-        "AND query LIKE 'COPY %'"
-    )
     batches = source.read_slice(info, None, None, batch_size=1000)
     next(batches)
-    assert pg_db.rows(count)[0][0] == 1
+    assert _copy_sessions(pg_db) == 1
     batches.close()  # the consumer gives up (a failed write): the reader thread ends, the connection closes
     for _ in range(50):
-        if pg_db.rows(count)[0][0] == 0:
+        if _copy_sessions(pg_db) == 0:
             break
         time.sleep(0.1)
-    assert pg_db.rows(count)[0][0] == 0
+    assert _copy_sessions(pg_db) == 0
 
 
 def test_a_value_that_cannot_be_exact_fails_the_read(pg_db, sources, no_fallback, prefetch):
@@ -429,3 +467,4 @@ def test_parquet_writer_without_rows_writes_the_schema(tmp_path):
     writer.open(str(tmp_path / "empty.parquet"), schema)
     assert writer.close()[0] == 0
     assert pq.read_table(tmp_path / "empty.parquet").schema == schema
+

@@ -451,6 +451,11 @@ def test_exact_types_round_trip(any_db, replica):
                 [decimal.Decimal("12345678901234.5678"), decimal.Decimal("-0.0001"), None], pa.decimal128(18, 4)
             ),
             "small": pa.array([decimal.Decimal("0.0000000001"), None, decimal.Decimal("1")], pa.decimal128(12, 10)),
+            # groups of zero digits inside a value (a binary numeric writer must keep them)
+            "grouped": pa.array(
+                [decimal.Decimal("45841978490776754309450000.8"), decimal.Decimal("-12.3456789012"), decimal.Decimal("0.0000100000")],
+                pa.decimal128(38, 10),
+            ),
             "text": pa.array(["it's \"quoted\", \\ back\nslash", "ünïcødé ✓ 𝄞", ""]),
             "blob": pa.array([b"\x00\xff\x01'\"", None, b""], pa.binary()),
             "flag": pa.array([True, False, None]),

@@ -88,8 +88,8 @@ def _binary_copy_type(t: pa.DataType) -> str | None:
         return "real"
     if pa.types.is_float64(t):
         return "double precision"
-    if pa.types.is_decimal128(t):
-        return "numeric"
+    if pa.types.is_decimal(t):
+        return "text"  # see _SideStaging.load
     if pa.types.is_string(t):
         return "text"
     if pa.types.is_binary(t):
@@ -172,7 +172,8 @@ class _SideStaging:
         self.schema = schema
 
     def load(self, conn: sa.Connection, staged: pa.Table, execute) -> str | None:
-        """Stage ``staged`` in a new committed table; its qualified name, or None (use CSV)."""
+        """Stage ``staged`` in a new committed table; what the merge reads it as (its qualified
+        name, or a subquery over it when decimals need casting back), or None (use CSV)."""
         if not self.enabled or staged.num_rows < self.min_rows:
             return None
         types = [_binary_copy_type(f.type) for f in staged.schema]
@@ -193,6 +194,18 @@ class _SideStaging:
         q = self.replica._q
         name = self.prefix + uuid.uuid4().hex[:12]
         columns = ", ".join(f"{q(f.name)} {t}" for f, t in zip(staged.schema, types))
+        # decimals travel as their exact text, cast back as the merge reads them: the binary
+        # numeric writer of the ADBC 1.8 driver drops groups of zero digits (12.3456789012 lands
+        # as 1234.56789012), and the server parses the text for about what the binary costs it
+        reads = [
+            f"CAST({q(f.name)} AS numeric({f.type.precision},{f.type.scale})) AS {q(f.name)}"
+            if pa.types.is_decimal(f.type) else q(f.name)
+            for f in staged.schema
+        ]
+        staged = pa.table(
+            [c.cast(pa.string()) if pa.types.is_decimal(c.type) else c for c in staged.columns],
+            names=staged.column_names,
+        )
         try:
             self._run(f"CREATE UNLOGGED TABLE {q(self.schema)}.{q(name)} ({columns})")
             statement = adbc_driver_manager.AdbcStatement(self.conn)
@@ -218,7 +231,10 @@ class _SideStaging:
             self._fail("ADBC ingest", exc)
             return None
         self.created.append(name)
-        return f"{q(self.schema)}.{q(name)}"
+        qualified = f"{q(self.schema)}.{q(name)}"
+        if all(r == q(f) for r, f in zip(reads, staged.column_names)):
+            return qualified
+        return f"(SELECT {', '.join(reads)} FROM {qualified})"
 
     def drop_sql(self) -> list[str]:
         """Dropped in the merge's transaction: it reads them, so only it may (its locks would
