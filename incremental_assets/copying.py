@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,15 +136,18 @@ def copy_slice(
     batch_size: int = 100_000,
     max_rows_per_file: int | None = None,
     replace: bool = False,
+    batches: Iterable[pa.RecordBatch] | None = None,
 ) -> SliceCopy:
     """Land one slice. With ``replace`` every other file of the partition is deleted afterwards
-    (a refresh); otherwise orphans of unrecorded attempts at or after ``lo`` are deleted first."""
+    (a refresh); otherwise orphans of unrecorded attempts at or after ``lo`` are deleted first.
+    ``batches``: the slice's read, when it was started ahead (see :class:`ReadAhead`)."""
     kind = info.kind
     result = SliceCopy(slice_.partition, slice_.lo, slice_.hi)
     started = time.perf_counter()
     if not replace:
         remove_orphans(store, table, slice_.partition, kind, slice_.lo)
-    batches = source.read_slice(info, slice_.lo, slice_.hi, batch_size=batch_size)
+    if batches is None:
+        batches = source.read_slice(info, slice_.lo, slice_.hi, batch_size=batch_size)
     tracked = _track_max(batches, info.watermark_column, result, kind)
     result.files = store.write_slice(
         table, slice_.partition, slice_stem(kind, slice_.lo, slice_.hi), info.schema, tracked,
@@ -156,6 +160,100 @@ def copy_slice(
             store.delete(stale)
     result.seconds = time.perf_counter() - started
     return result
+
+
+class ReadAhead:
+    """A slice read started before its turn: a thread takes its first batch (the query runs, the
+    first rows arrive) while the previous slice is still being written; iterating it then goes on
+    in the caller's thread. Holds at most the read's own buffers until then."""
+
+    #: how long :meth:`close` waits for a read still starting before leaving it to end by itself
+    CLOSE_WAIT_SECONDS = 5.0
+
+    def __init__(self, batches: Iterator[pa.RecordBatch]):
+        self._batches = batches
+        self._first: pa.RecordBatch | None = None
+        self._empty = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="incremental_assets-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self._first = next(self._batches)
+        except StopIteration:
+            self._empty = True
+        except BaseException as exc:  # noqa: BLE001 - raised in the consumer's thread
+            self._error = exc
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._empty:
+            return
+        first, self._first = self._first, None
+        yield first
+        yield from self._batches
+
+    def close(self) -> None:
+        """Stop the read (its connection closes) if it was not consumed."""
+        self._thread.join(self.CLOSE_WAIT_SECONDS)
+        if not self._thread.is_alive():
+            close = getattr(self._batches, "close", None)
+            if close is not None:
+                close()
+
+
+def copy_window_slices(
+    source: Source,
+    info: TableInfo,
+    store: LandingStore,
+    planned: Sequence[PlannedSlice],
+    *,
+    table: str,
+    batch_size: int = 100_000,
+    max_rows_per_file: int | None = None,
+    replace: bool = False,
+    landed: Callable[[SliceCopy], None] | None = None,
+) -> list[SliceCopy]:
+    """Land ``planned`` slices in order, skipping runs of empty ones with one indexed probe each
+    (not one read each), and starting each slice's read while the one before is written: the
+    next query is under way when a file closes. ``landed`` is called after each slice."""
+    def next_with_rows(i: int) -> int | None:
+        if i >= len(planned):
+            return None
+        if len(planned) > 1:
+            nxt = source.min_watermark(info, planned[i].lo, planned[-1].hi)
+            if nxt is None:
+                return None
+            while i < len(planned) and planned[i].hi <= nxt:
+                i += 1
+            if i == len(planned):
+                return None
+        return i
+
+    copies: list[SliceCopy] = []
+    ahead: ReadAhead | None = None
+    try:
+        i = next_with_rows(0)
+        while i is not None:
+            current, ahead = ahead, None
+            j = next_with_rows(i + 1)
+            if j is not None:
+                ahead = ReadAhead(iter(source.read_slice(info, planned[j].lo, planned[j].hi, batch_size=batch_size)))
+            copy = copy_slice(
+                source, info, store, table=table, slice_=planned[i], batch_size=batch_size,
+                max_rows_per_file=max_rows_per_file, replace=replace, batches=current,
+            )
+            copies.append(copy)
+            if landed is not None:
+                landed(copy)
+            i = j
+    finally:
+        if ahead is not None:  # a slice failed: the read started for the next one stops too
+            ahead.close()
+    return copies
 
 
 def check_null_watermarks(source: Source, info: TableInfo, policy: str, table: str) -> int:

@@ -468,3 +468,62 @@ def test_parquet_writer_without_rows_writes_the_schema(tmp_path):
     assert writer.close()[0] == 0
     assert pq.read_table(tmp_path / "empty.parquet").schema == schema
 
+
+# ---------------------------------------------------------------------------------------------
+# windows of one run: each read starts while the slice before it is written
+
+
+def _windows_table(pg_db, sources):
+    from incremental_assets.copying import PlannedSlice
+
+    pg_db.run(
+        "CREATE TABLE w (id bigint, at timestamptz)",
+        # January and March hold rows, February none
+        "INSERT INTO w SELECT g, timestamptz '2024-01-01' + g * interval '1 minute' FROM generate_series(0, 29999) g",
+        "INSERT INTO w SELECT 100000 + g, timestamptz '2024-03-01' + g * interval '1 minute' FROM generate_series(0, 29999) g",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("w", watermark_column="at")
+    bounds = [None, utc(2024, 2, 1), utc(2024, 3, 1), utc(2024, 4, 1)]
+    planned = [PlannedSlice(f"2024-0{m}", lo, hi) for m, (lo, hi) in enumerate(zip(bounds, bounds[1:]), start=1)]
+    return source, info, planned
+
+
+def test_window_reads_start_while_the_previous_window_is_written(pg_db, sources, tmp_path, no_fallback):
+    from incremental_assets.copying import copy_window_slices
+    from incremental_assets.landing import open_landing_store
+
+    source, info, planned = _windows_table(pg_db, sources)
+    store = open_landing_store(str(tmp_path / "landing"), "parquet")
+    under_way = {}
+
+    def landed(copy):
+        under_way[copy.partition] = _copy_sessions(pg_db)
+
+    copies = copy_window_slices(source, info, store, planned, table="w", batch_size=1000, landed=landed)
+    # February has no row: skipped by the probe, never read
+    assert [(c.partition, c.rows) for c in copies] == [("2024-01", 30000), ("2024-03", 30000)]
+    # when January's file was published, March's COPY was already running; after March, nothing
+    assert under_way == {"2024-01": 1, "2024-03": 0}
+    landed_ids = sorted(i for c in copies for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist())
+    assert landed_ids == list(range(30000)) + list(range(100000, 130000))
+
+
+def test_a_failed_window_stops_the_read_started_for_the_next(pg_db, sources, tmp_path, no_fallback):
+    from incremental_assets.copying import copy_window_slices
+    from incremental_assets.landing import open_landing_store
+
+    source, info, planned = _windows_table(pg_db, sources)
+    store = open_landing_store(str(tmp_path / "landing"), "parquet")
+
+    def fail(copy):
+        raise RuntimeError("the run failed after January")
+
+    with pytest.raises(RuntimeError, match="after January"):
+        copy_window_slices(source, info, store, planned, table="w", batch_size=1000, landed=fail)
+    for _ in range(50):
+        if _copy_sessions(pg_db) == 0:
+            break
+        time.sleep(0.1)
+    assert _copy_sessions(pg_db) == 0
+    assert not list((tmp_path / "landing" / "w").glob("2024-03/*"))  # nothing of March was landed

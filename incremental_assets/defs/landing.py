@@ -20,6 +20,7 @@ from ..copying import (
     Window,
     check_null_watermarks,
     copy_slice,
+    copy_window_slices,
     plan_window_slices,
     remove_orphans,
     slice_stem,
@@ -160,20 +161,10 @@ def _copy_windows(context, table: LandingTable, source, info, store, keys, refre
     """Timestamp watermark: windows over the watermark's own time."""
     windows = table.windows(keys)
     planned = plan_window_slices(windows, frontier, horizon.value, refresh=refresh)
-    copies: list[SliceCopy] = []
-    i = 0
-    while i < len(planned):
-        if len(planned) > 1:
-            # skip runs of empty windows with one indexed probe instead of one read each
-            nxt = source.min_watermark(info, planned[i].lo, planned[-1].hi)
-            if nxt is None:
-                break
-            while i < len(planned) and planned[i].hi <= nxt:
-                i += 1
-            if i == len(planned):
-                break
-        copies.append(_land(context, table, source, info, store, planned[i], replace=refresh))
-        i += 1
+    copies = copy_window_slices(
+        source, info, store, planned, table=table.config.name, batch_size=table.config.batch_size,
+        max_rows_per_file=_max_rows(context), replace=refresh, landed=lambda copy: _log_copy(context, table, info, copy),
+    )
     new_frontier = frontier
     if horizon.value is not None and windows:
         first = windows[0]
@@ -224,13 +215,17 @@ def _land(context, table: LandingTable, source, info, store, planned: PlannedSli
         source, info, store, table=table.config.name, slice_=planned,
         batch_size=table.config.batch_size, max_rows_per_file=_max_rows(context), replace=replace,
     )
+    _log_copy(context, table, info, copy)
+    return copy
+
+
+def _log_copy(context, table: LandingTable, info, copy: SliceCopy) -> None:
     kind = info.kind
     context.log.info(
-        f"{table.config.name} [{planned.partition}]: copied {copy.rows} row(s) with "
-        f"{info.watermark_column} in [{_text(kind, planned.lo)}, {kind.to_text(planned.hi)}) "
+        f"{table.config.name} [{copy.partition}]: copied {copy.rows} row(s) with "
+        f"{info.watermark_column} in [{_text(kind, copy.lo)}, {kind.to_text(copy.hi)}) "
         f"into {len(copy.files)} file(s) in {copy.seconds:.2f}s"
     )
-    return copy
 
 
 def _max_rows(context) -> int | None:
