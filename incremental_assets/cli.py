@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import logging
 import os
@@ -342,6 +343,23 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     finally:
         gc.enable()
+
+
+def run() -> None:
+    """The ``incremental-assets`` command: :func:`main`, then an exit without the interpreter's
+    teardown, which frees one by one every object Dagster and the definitions loaded (about
+    40 ms after a sync) for nothing once the command is done. The sources' connections are
+    closed first (the server sees a clean goodbye), the exit handlers run, output is flushed."""
+    code = main()
+    try:
+        resources = sys.modules.get(f"{__package__}.defs.resources")  # loaded by commands that connect
+        if resources is not None:
+            resources.dispose_sources()
+    finally:
+        atexit._run_exitfuncs()  # what a normal exit runs first: logging, temp files, ...
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:

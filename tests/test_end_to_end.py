@@ -358,3 +358,29 @@ def test_sync_records_its_runs_logs_but_leaves_stdout_to_the_terminal(sqlite_db,
     messages, _ = last_run()
     assert any("copied 1 row(s)" in m for m in messages)
     assert [p for p in logs.rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".complete")]
+
+
+def test_the_installed_command_delivers_its_output_and_exit_code(pg_db, tmp_path, dagster_home):
+    """The console script ends without the interpreter's teardown: what it printed still reaches a
+    pipe (block-buffered, flushed before the exit) and its exit code is kept."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = Path(sys.executable).with_name("incremental-assets")
+    if not command.exists():
+        pytest.skip(f"the console script is not installed next to {sys.executable}")
+    create_adf_table(pg_db)
+    config = write_config(tmp_path, pg_db.url, [adf_table()])
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
+
+    done = subprocess.run([str(command), "--config", str(config), "sync"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "data_source_table: [" in done.stdout and "5 row(s)" in done.stdout
+    assert landed_rows(str(tmp_path / "landing"), "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS]
+
+    bad = write_config(tmp_path, pg_db.url, [adf_table(table="no_such_table")])
+    done = subprocess.run([str(command), "--config", str(bad), "sync"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "no_such_table" in done.stderr and "not found" in done.stderr

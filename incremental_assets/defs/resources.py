@@ -21,6 +21,12 @@ from ..sources import Source
 _SOURCES: dict[tuple, Source] = {}
 
 
+def dispose_sources() -> None:
+    """Close the connections of every Source this process shares (see SourceResource.get)."""
+    for source in _SOURCES.values():
+        source.dispose()
+
+
 class SourceResource(dg.ConfigurableResource):
     """One source database."""
 
