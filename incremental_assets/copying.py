@@ -234,6 +234,7 @@ def copy_window_slices(
         return i
 
     copies: list[SliceCopy] = []
+    current: ReadAhead | None = None
     ahead: ReadAhead | None = None
     try:
         i = next_with_rows(0)
@@ -251,8 +252,9 @@ def copy_window_slices(
                 landed(copy)
             i = j
     finally:
-        if ahead is not None:  # a slice failed: the read started for the next one stops too
-            ahead.close()
+        for read in (current, ahead):  # after a failure: reads started and not finished stop too
+            if read is not None:
+                read.close()
     return copies
 
 
