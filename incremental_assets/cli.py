@@ -60,8 +60,6 @@ class _Project:
     """The loaded configuration, definitions, instance and per-table pieces."""
 
     def __init__(self, only: list[str] | None):
-        import dagster as dg
-
         from .defs.landing import landing_tables
         from .definitions import load_project
 

@@ -197,15 +197,17 @@ class _SideStaging:
         # decimals travel as their exact text, cast back as the merge reads them: the binary
         # numeric writer of the ADBC 1.8 driver drops groups of zero digits (12.3456789012 lands
         # as 1234.56789012), and the server parses the text for about what the binary costs it
-        reads = [
+        decimals = any(pa.types.is_decimal(f.type) for f in staged.schema)
+        reads = ", ".join(
             f"CAST({q(f.name)} AS numeric({f.type.precision},{f.type.scale})) AS {q(f.name)}"
             if pa.types.is_decimal(f.type) else q(f.name)
             for f in staged.schema
-        ]
-        staged = pa.table(
-            [c.cast(pa.string()) if pa.types.is_decimal(c.type) else c for c in staged.columns],
-            names=staged.column_names,
         )
+        if decimals:
+            staged = pa.table(
+                [c.cast(pa.string()) if pa.types.is_decimal(c.type) else c for c in staged.columns],
+                names=staged.column_names,
+            )
         try:
             self._run(f"CREATE UNLOGGED TABLE {q(self.schema)}.{q(name)} ({columns})")
             statement = adbc_driver_manager.AdbcStatement(self.conn)
@@ -232,9 +234,7 @@ class _SideStaging:
             return None
         self.created.append(name)
         qualified = f"{q(self.schema)}.{q(name)}"
-        if all(r == q(f) for r, f in zip(reads, staged.column_names)):
-            return qualified
-        return f"(SELECT {', '.join(reads)} FROM {qualified})"
+        return f"(SELECT {reads} FROM {qualified})" if decimals else qualified
 
     def drop_sql(self) -> list[str]:
         """Dropped in the merge's transaction: it reads them, so only it may (its locks would

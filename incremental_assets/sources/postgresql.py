@@ -23,8 +23,9 @@ memory holds a few batches of at most ``batch_size`` rows (and about ``batch_byt
 the size of the slice. Every column is converted to exactly the Arrow type and values the generic
 SQLAlchemy path produces (``info.schema``), chosen by the column's PostgreSQL type: the driver's
 field metadata where it has some (newer drivers than the 1.8 the project pins), else the
-catalog's, read in the slice's own transaction. A column whose type has no exact conversion here (arrays, intervals, money, enums,
-...) sends the whole read down the generic path, and says so in the log.
+catalog's, read in the slice's own transaction. A column whose type has no exact conversion here
+(arrays, intervals, money, enums, ...) sends the whole read down the generic path, and says so
+in the log.
 """
 
 from __future__ import annotations
@@ -276,16 +277,13 @@ def _table_columns(select: sa.Select) -> tuple[str | None, dict[str, str]]:
         if not (isinstance(element, sa.Column) and isinstance(element.table, sa.Table)):
             continue
         table = element.table
-        name = ".".join(_quote_ident(p) for p in (table.schema, table.name) if p)
+        quote = _compile_dialect().identifier_preparer.quote_identifier  # always quotes
+        name = ".".join(quote(p) for p in (table.schema, table.name) if p)
         if relation not in (None, name):
             return None, {}
         relation = name
         columns[column.name] = element.name
     return relation, columns
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 # the type of each column of a table as the server describes a result: a domain as its base type
