@@ -217,40 +217,34 @@ def copy_window_slices(
     replace: bool = False,
     landed: Callable[[SliceCopy], None] | None = None,
 ) -> list[SliceCopy]:
-    """Land ``planned`` slices in order, skipping runs of empty ones with one indexed probe each
-    (not one read each), and starting each slice's read while the one before is written: the
-    next query is under way when a file closes. ``landed`` is called after each slice."""
-    def next_with_rows(i: int) -> int | None:
-        if i >= len(planned):
-            return None
-        if len(planned) > 1:
-            nxt = source.min_watermark(info, planned[i].lo, planned[-1].hi)
-            if nxt is None:
-                return None
-            while i < len(planned) and planned[i].hi <= nxt:
-                i += 1
-            if i == len(planned):
-                return None
-        return i
+    """Land ``planned`` slices in order, skipping empty ones (found up front with one statement per
+    hundred windows, not one read each), and starting each slice's read while the one before is
+    written: the next query is under way when a file closes. ``landed`` is called after each slice.
+    With ``replace`` (a refresh) an empty window is not skipped but emptied: its files go."""
+    flags = source.windows_with_rows(info, [(p.lo, p.hi) for p in planned]) if len(planned) > 1 else [True] * len(planned)
+    todo = [(p, has_rows) for p, has_rows in zip(planned, flags) if has_rows or replace]
+    with_rows = [p for p, has_rows in todo if has_rows]
 
     copies: list[SliceCopy] = []
     current: ReadAhead | None = None
     ahead: ReadAhead | None = None
+    reads = 0  # slices of with_rows whose read has started
     try:
-        i = next_with_rows(0)
-        while i is not None:
-            current, ahead = ahead, None
-            j = next_with_rows(i + 1)
-            if j is not None:
-                ahead = ReadAhead(iter(source.read_slice(info, planned[j].lo, planned[j].hi, batch_size=batch_size)))
+        for slice_, has_rows in todo:
+            batches: Iterable[pa.RecordBatch] | None = iter(())
+            if has_rows:
+                current, ahead, batches = ahead, None, ahead
+                reads += 1
+                if reads < len(with_rows):
+                    nxt = with_rows[reads]
+                    ahead = ReadAhead(iter(source.read_slice(info, nxt.lo, nxt.hi, batch_size=batch_size)))
             copy = copy_slice(
-                source, info, store, table=table, slice_=planned[i], batch_size=batch_size,
-                max_rows_per_file=max_rows_per_file, replace=replace, batches=current,
+                source, info, store, table=table, slice_=slice_, batch_size=batch_size,
+                max_rows_per_file=max_rows_per_file, replace=replace, batches=batches,
             )
             copies.append(copy)
             if landed is not None:
                 landed(copy)
-            i = j
     finally:
         for read in (current, ahead):  # after a failure: reads started and not finished stop too
             if read is not None:

@@ -360,6 +360,37 @@ def test_sync_records_its_runs_logs_but_leaves_stdout_to_the_terminal(sqlite_db,
     assert [p for p in logs.rglob("*") if p.is_file() and p.suffix in (".out", ".err", ".complete")]
 
 
+def test_a_run_of_many_windows_logs_its_progress_in_a_few_lines(sqlite_db, tmp_path, monkeypatch, dagster_home):
+    from incremental_assets.defs import landing as landing_defs
+    from incremental_assets.definitions import load_definitions
+
+    create_adf_table(sqlite_db)  # one row on each day from 2017-09-01 to 2017-09-05
+    config = write_config(tmp_path, sqlite_db.url, [adf_table(partitions={"granularity": "daily", "start": "2017-09-01"})])
+    defs = load_definitions(config)
+    asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
+    job = dg.Definitions(assets=[asset]).resolve_implicit_global_asset_job_def()  # resources come bound
+
+    def copy_lines(first, last):
+        with dg.DagsterInstance.get() as instance:
+            result = job.execute_in_process(instance=instance, tags={
+                "dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last})
+            assert result.success
+            return [e.user_message for e in instance.all_logs(result.run_id) if " copied " in e.user_message]
+
+    # a quick run of three windows: one line for the three
+    (line,) = copy_lines("2017-09-01", "2017-09-03")
+    assert line.startswith(
+        "data_source_table [2017-09-01 ... 2017-09-03]: copied 3 row(s) in 3 windows with LastModifytime "
+        "in [(start), 2017-09-04T00:00:00+00:00) into 3 file(s) in "
+    )
+    # windows that take their time (here: any) have a line each
+    monkeypatch.setattr(landing_defs._CopyProgress, "EVERY_SECONDS", 0.0)
+    lines = copy_lines("2017-09-04", "2017-09-05")
+    assert [m.split(":")[0] for m in lines] == ["data_source_table [2017-09-04]", "data_source_table [2017-09-05]"]
+    assert all("copied 1 row(s) with LastModifytime" in m for m in lines)
+    assert landed_rows(str(tmp_path / "landing"), "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS]
+
+
 def test_the_installed_command_delivers_its_output_and_exit_code(pg_db, tmp_path, dagster_home):
     """The console script ends without the interpreter's teardown: what it printed still reaches a
     pipe (block-buffered, flushed before the exit) and its exit code is kept."""

@@ -111,6 +111,26 @@ def test_parquet_round_trip_keeps_exact_types(local):
     assert physical.field("amount").type == pa.decimal128(18, 4)
 
 
+def _dictionary_columns(path) -> set[str]:
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    return {meta.column(i).path_in_schema for i in range(meta.num_columns) if "RLE_DICTIONARY" in meta.column(i).encodings}
+
+
+def test_a_tables_next_files_keep_the_dictionary_choice_of_its_first(local):
+    schema = pa.schema([("id", pa.int64()), ("code", pa.string())])
+    repeating = pa.table({"id": range(4000), "code": [f"c{i % 8}" for i in range(4000)]}, schema=schema)
+    unique = pa.table({"id": range(4000, 8000), "code": [f"u{i}" for i in range(4000)]}, schema=schema)
+    local.write_slice("t", "2024-01-01", "a", schema, batches(repeating))
+    local.write_slice("t", "2024-01-02", "b", schema, batches(unique))  # chosen once, for the table
+    local.write_slice("other", "2024-01-02", "b", schema, batches(unique))  # chosen for itself
+
+    assert _dictionary_columns(local.root / "t/2024-01-01/a.parquet") == {"code"}
+    assert _dictionary_columns(local.root / "t/2024-01-02/b.parquet") == {"code"}
+    assert _dictionary_columns(local.root / "other/2024-01-02/b.parquet") == set()
+    # an encoding only: the values read back the same
+    assert local.read_arrow("t/2024-01-02/b.parquet").equals(unique)
+
+
 def test_same_stem_twice_leaves_one_file_with_the_second_content(local):
     local.write_slice("t", "p", "s", SCHEMA, batches(sample(4)))
     second = sample(2, start=100)

@@ -118,6 +118,15 @@ def test_stats_and_existence_selects(source, adf_table):
         "WHERE [dbo].data_source_table.[RV] >= ? AND [dbo].data_source_table.[RV] < ?"
     )
     assert params == [bytes.fromhex("0000000000000001"), bytes.fromhex("0000000000000002")]
+    # many windows in one statement: a 1 or 0 per window, the first open below
+    sql, params = compile_(source.select_windows_with_rows(info, [(None, 2), (2, 3)]))
+    assert sql == (
+        "SELECT CASE WHEN (EXISTS (SELECT TOP 1 1 \nFROM [dbo].data_source_table \n"
+        "WHERE [dbo].data_source_table.[RV] < ?)) THEN ? ELSE ? END AS w0, "
+        "CASE WHEN (EXISTS (SELECT TOP 1 1 \nFROM [dbo].data_source_table \n"
+        "WHERE [dbo].data_source_table.[RV] >= ? AND [dbo].data_source_table.[RV] < ?)) THEN ? ELSE ? END AS w1"
+    )
+    assert params == [bytes.fromhex("0000000000000002"), 1, 0, bytes.fromhex("0000000000000002"), bytes.fromhex("0000000000000003"), 1, 0]
 
 
 def test_timestamp_slice_binds_exact_values(source, adf_table):

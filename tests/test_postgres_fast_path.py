@@ -527,3 +527,22 @@ def test_a_failed_window_stops_the_read_started_for_the_next(pg_db, sources, tmp
         time.sleep(0.1)
     assert _copy_sessions(pg_db) == 0
     assert not list((tmp_path / "landing" / "w").glob("2024-03/*"))  # nothing of March was landed
+
+
+def test_a_refresh_empties_a_window_whose_rows_are_gone(pg_db, sources, tmp_path, no_fallback):
+    from incremental_assets.copying import copy_window_slices
+    from incremental_assets.landing import open_landing_store
+
+    source, info, planned = _windows_table(pg_db, sources)
+    store = open_landing_store(str(tmp_path / "landing"), "parquet")
+    copy_window_slices(source, info, store, planned, table="w", batch_size=1000)
+    assert store.list_files("w", "2024-03")
+    pg_db.run("DELETE FROM w WHERE at >= timestamptz '2024-03-01'")  # March's rows are deleted at the source
+
+    # an incremental copy skips the now empty March; a refresh replaces its files by nothing
+    copy_window_slices(source, info, store, planned, table="w", batch_size=1000)
+    assert store.list_files("w", "2024-03")
+    copies = copy_window_slices(source, info, store, planned, table="w", batch_size=1000, replace=True)
+    assert [(c.partition, c.rows) for c in copies] == [("2024-01", 30000), ("2024-02", 0), ("2024-03", 0)]
+    assert store.list_files("w", "2024-03") == [] and store.list_files("w", "2024-02") == []
+    assert len(store.list_files("w", "2024-01")) == 1

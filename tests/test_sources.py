@@ -147,6 +147,20 @@ def test_ties_on_a_boundary_land_in_exactly_one_slice(any_db, sources):
     assert source.slice_stats(info, cut, cut)[0] == 0 and not source.has_rows(info, cut, cut)
 
 
+def test_windows_with_rows_answers_for_many_windows_at_once(any_db, sources):
+    create_adf_table(any_db)
+    source = sources(any_db)
+    info = source.describe_table("data_source_table", watermark_column="LastModifytime")
+    # 250 half-day windows from 2017-08-20 (more than one statement's worth), the first open
+    edges = [utc(2017, 8, 20) + dt.timedelta(hours=12 * k) for k in range(251)]
+    bounds = [(None if k == 0 else lo, hi) for k, (lo, hi) in enumerate(zip(edges, edges[1:]))]
+    stamps = [dt.datetime.fromisoformat(ts).replace(tzinfo=UTC) for _, _, ts in ADF_ROWS]
+    expected = [any((lo is None or s >= lo) and s < hi for s in stamps) for lo, hi in bounds]
+    assert sum(expected) == 5
+    assert source.windows_with_rows(info, bounds) == expected
+    assert source.windows_with_rows(info, []) == []
+
+
 def test_integer_watermark_slices_and_horizon(any_db, sources):
     create_adf_table(any_db)
     source = sources(any_db)

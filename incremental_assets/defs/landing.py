@@ -161,10 +161,14 @@ def _copy_windows(context, table: LandingTable, source, info, store, keys, refre
     """Timestamp watermark: windows over the watermark's own time."""
     windows = table.windows(keys)
     planned = plan_window_slices(windows, frontier, horizon.value, refresh=refresh)
-    copies = copy_window_slices(
-        source, info, store, planned, table=table.config.name, batch_size=table.config.batch_size,
-        max_rows_per_file=_max_rows(context), replace=refresh, landed=lambda copy: _log_copy(context, table, info, copy),
-    )
+    progress = _CopyProgress(context, table, info)
+    try:
+        copies = copy_window_slices(
+            source, info, store, planned, table=table.config.name, batch_size=table.config.batch_size,
+            max_rows_per_file=_max_rows(context), replace=refresh, landed=progress.landed,
+        )
+    finally:
+        progress.flush()  # after a failure too: what was landed before it
     new_frontier = frontier
     if horizon.value is not None and windows:
         first = windows[0]
@@ -226,6 +230,39 @@ def _log_copy(context, table: LandingTable, info, copy: SliceCopy) -> None:
         f"{info.watermark_column} in [{_text(kind, copy.lo)}, {kind.to_text(copy.hi)}) "
         f"into {len(copy.files)} file(s) in {copy.seconds:.2f}s"
     )
+
+
+class _CopyProgress:
+    """The run's log of landed windows: a line once :attr:`EVERY_SECONDS` have passed since the
+    line before, for the windows landed since (one window that takes that long has a line of its
+    own), and a last line at the end. Each line is an event in the run's storage: an initial load
+    of a year of daily windows logs a few lines, not 365."""
+
+    EVERY_SECONDS = 5.0
+
+    def __init__(self, context, table: LandingTable, info: TableInfo):
+        self.context, self.table, self.info = context, table, info
+        self.pending: list[SliceCopy] = []
+        self.last = time.perf_counter()
+
+    def landed(self, copy: SliceCopy) -> None:
+        self.pending.append(copy)
+        if time.perf_counter() - self.last >= self.EVERY_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        self.last = time.perf_counter()
+        if len(pending) == 1:
+            _log_copy(self.context, self.table, self.info, pending[0])
+        elif pending:
+            kind, first, last = self.info.kind, pending[0], pending[-1]
+            self.context.log.info(
+                f"{self.table.config.name} [{first.partition} ... {last.partition}]: copied "
+                f"{sum(c.rows for c in pending)} row(s) in {len(pending)} windows with {self.info.watermark_column} "
+                f"in [{_text(kind, first.lo)}, {kind.to_text(last.hi)}) into {sum(len(c.files) for c in pending)} "
+                f"file(s) in {sum(c.seconds for c in pending):.2f}s"
+            )
 
 
 def _max_rows(context) -> int | None:

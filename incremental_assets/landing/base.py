@@ -162,6 +162,7 @@ class _Part:
     temp: Any  # store-specific handle (local temp path)
     writer: SliceWriter
     fileobj: Any
+    schema: pa.Schema | None = None
     rows: int = 0
     bytes: int = 0
 
@@ -177,6 +178,10 @@ class LandingStore(ABC):
                 f"unknown landing format {format!r}; expected one of {sorted(FORMATS)}"
             )
         self.format = format
+        self._learned: dict[tuple[str, pa.Schema], dict[str, Any]] = {}
+
+    #: tables (with their schemas) whose writer options are remembered, newest kept
+    LEARNED_LIMIT = 64
 
     @property
     def extension(self) -> str:
@@ -352,13 +357,13 @@ class LandingStore(ABC):
                 path=folder,
             ) from exc
         try:
-            writer = make_writer(self.format)
+            writer = make_writer(self.format, **self._learned.get((table, schema), {}))
             writer.open(fileobj, schema)
         except BaseException:
             fileobj.close()
             self._discard_temp(temp)
             raise
-        return _Part(temp=temp, writer=writer, fileobj=fileobj)
+        return _Part(temp=temp, writer=writer, fileobj=fileobj, schema=schema)
 
     def _write_chunk(self, part: _Part, batch: pa.RecordBatch, table: str, folder: str) -> None:
         try:
@@ -375,6 +380,8 @@ class LandingStore(ABC):
     def _finish_part(self, part: _Part, table: str, folder: str) -> None:
         try:
             rows, nbytes = part.writer.close()
+            if learned := part.writer.learned():
+                self._remember(table, part.schema, learned)
             self._sync(part.fileobj)
             part.fileobj.close()
         except OSError as exc:
@@ -385,6 +392,13 @@ class LandingStore(ABC):
                 path=folder,
             ) from exc
         part.rows, part.bytes = rows, nbytes
+
+    def _remember(self, table: str, schema: pa.Schema, options: dict[str, Any]) -> None:
+        """Writer options chosen from a file's data, used for the table's next files."""
+        self._learned.pop((table, schema), None)
+        self._learned[(table, schema)] = options
+        while len(self._learned) > self.LEARNED_LIMIT:
+            self._learned.pop(next(iter(self._learned)))
 
     def _abort_part(self, part: _Part) -> None:
         try:
