@@ -336,13 +336,15 @@ class SyncSetup:
     empty, so the first timed command also creates the instance's databases (once per home).
     """
 
-    def __init__(self, args, table: str, *, new_instance: bool = False):
+    def __init__(self, args, table: str, *, new_instance: bool = False, granularity: str = "monthly"):
         self.table = table
         self.dir = Path(tempfile.mkdtemp(prefix="bench-sync-", dir=args.workdir))
         self.home = self.dir / "dagster_home"
         self.home.mkdir()
         start = first_watermark(args, table)
-        # coarse windows starting at the data's first month: Dagster bookkeeping per window stays small
+        # coarse windows starting at the data's first month: Dagster bookkeeping per window stays
+        # small; granularity="daily" (the configuration's default) shows what each window costs
+        first = start.strftime("%Y-%m-01" if granularity == "monthly" else "%Y-%m-%d")
         config = {
             "sources": {"bench": {"url": sa_url(args, args.database)}},
             "landing": {"url": str(self.dir / "landing"), "format": "parquet"},
@@ -350,7 +352,7 @@ class SyncSetup:
             "tables": [{
                 "name": table, "source": "bench", "table": table, "mode": "watermark",
                 "watermark_column": "modified",
-                "partitions": {"granularity": "monthly", "start": start.strftime("%Y-%m-01")},
+                "partitions": {"granularity": granularity, "start": first},
                 "batch_size": args.batch_size,
             }],
         }
@@ -564,6 +566,20 @@ def main(argv=None) -> int:
     print(f"  sync initial, new DAGSTER_HOME: {results['incremental-assets sync: initial load, new DAGSTER_HOME']['seconds']:.2f}s",
           flush=True)
 
+    daily = []
+    for _ in range(args.repeat):
+        setup = SyncSetup(args, table, granularity="daily")
+        try:
+            r = setup.sync()
+            windows = len({p.parent.name for p in (setup.dir / "landing").rglob("*.parquet")})
+            r["note"] = f"{windows} daily windows, so as many partitions; {r['note']}"
+            daily.append(r)
+        finally:
+            setup.cleanup()
+    daily_label = "incremental-assets sync: initial load, daily windows (the default)"
+    results[daily_label] = best(daily)
+    print(f"  sync initial, daily windows: {results[daily_label]['seconds']:.2f}s", flush=True)
+
     half = None
     if not args.skip_half:
         half_rows = args.rows // 2
@@ -604,7 +620,10 @@ def main(argv=None) -> int:
     nothing = results["incremental-assets sync: nothing to copy"]
     checks = []
     if copy_s and "error" not in init:
-        checks.append(("initial load <= 2x COPY", init["seconds"] <= 2 * copy_s, f"{init['seconds'] / copy_s:.2f}x"))
+        checks.append(("initial load <= 2x COPY, monthly windows", init["seconds"] <= 2 * copy_s, f"{init['seconds'] / copy_s:.2f}x"))
+    per_day = results[daily_label]
+    if copy_s and "error" not in per_day:
+        checks.append(("initial load <= 2x COPY, daily windows", per_day["seconds"] <= 2 * copy_s, f"{per_day['seconds'] / copy_s:.2f}x"))
     if "error" not in init:
         checks.append(("peak RSS <= 250 MB", init["rss_mb"] <= 250, f"{init['rss_mb']:.0f} MB"))
     if half is not None and "error" not in half and "error" not in init:
