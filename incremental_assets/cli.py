@@ -191,17 +191,19 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 print(f"{name}: FAILED run {result.run_id}: {message}", file=sys.stderr)
                 failed = True
                 break
-            events = result.get_asset_materialization_events()
-            meta = {k: v.value for k, v in events[-1].materialization.metadata.items()} if events else {}
+            # one materialization per window: the watermarks are the run's, rows and files each window's
+            metas = [{k: v.value for k, v in e.materialization.metadata.items()} for e in result.get_asset_materialization_events()]
+            meta = metas[-1] if metas else {}
+            rows = sum(m.get("dagster/row_count", 0) for m in metas)
             print(
-                f"{name}: [{request.describe()}] {meta.get('dagster/row_count', 0)} row(s), "
+                f"{name}: [{request.describe()}] {rows} row(s), "
                 f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
-                f"frontier {_fmt(meta.get('frontier'))}, {meta.get('file_count', 0)} file(s), run {result.run_id}"
+                f"frontier {_fmt(meta.get('frontier'))}, {sum(m.get('file_count', 0) for m in metas)} file(s), run {result.run_id}"
             )
-            if replica and meta.get("dagster/row_count") and not _merge(project, table, replica, request.partition_key, request.tags, log_level):
+            if replica and rows and not _merge(project, table, replica, request.partition_key, request.tags, log_level):
                 failed = True
                 break
-            if not meta.get("dagster/row_count") and meta.get("horizon_note", "").startswith("held back"):
+            if not rows and meta.get("horizon_note", "").startswith("held back"):
                 print(f"{name}: stopping: {meta['horizon_note']}")
                 break
         if (

@@ -276,8 +276,8 @@ def test_missing_azure_container_fails_clearly(sqlite_db, tmp_path, capsys, azur
 
 
 def test_sensor_requests_initial_load_then_only_new_windows(sqlite_db, tmp_path, monkeypatch):
-    create_adf_table(sqlite_db)
-    config = write_config(tmp_path, sqlite_db.url, [adf_table()])
+    create_adf_table(sqlite_db)  # one row on each day from 2017-09-01 to 2017-09-05
+    config = write_config(tmp_path, sqlite_db.url, [adf_table(partitions={"granularity": "daily", "start": "2017-01-01"})])
     from incremental_assets.definitions import load_definitions
 
     defs = load_definitions(config)
@@ -290,8 +290,10 @@ def test_sensor_requests_initial_load_then_only_new_windows(sqlite_db, tmp_path,
 
         request = tick()
         assert isinstance(request, dg.RunRequest)
-        # the initial load is one run over a range of windows, not one run per window
+        # the initial load is one run over the windows holding rows, not one run per window, nor
+        # a run over every window from the configured start to now
         assert request.tags["dagster/asset_partition_range_start"] == "2017-09-01"
+        assert request.tags["dagster/asset_partition_range_end"] == "2017-09-05"
         assert request.partition_key is None
         asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
         assert dg.materialize([asset], instance=instance, tags=request.tags).success
@@ -301,7 +303,60 @@ def test_sensor_requests_initial_load_then_only_new_windows(sqlite_db, tmp_path,
         after_horizon()
         request = tick()
         assert isinstance(request, dg.RunRequest)
-        assert request.partition_key == now.strftime("%Y-%m-01")
+        assert request.partition_key == now.strftime("%Y-%m-%d")  # not the empty windows since 2017-09-05
+
+
+def test_a_run_spans_the_windows_holding_rows_not_every_window_since_the_start(sqlite_db, tmp_path, capsys, dagster_home):
+    """Daily windows from 2017-01-01 to today are over 3000; the rows are in five of them. The
+    initial load runs over those five (each window of a run costs Dagster bookkeeping), the next
+    over today's alone; no row is lost or copied twice, and a row that appears between the frontier
+    and the run's first window after the run was planned keeps the frontier where it was, so the
+    next sync takes it."""
+    from incremental_assets.definitions import load_definitions
+    from incremental_assets.defs.sensors import plan_copy
+    from incremental_assets.defs.landing import landing_tables
+    from incremental_assets.config import load_config
+
+    create_adf_table(sqlite_db)  # one row on each day from 2017-09-01 to 2017-09-05
+    config = write_config(tmp_path, sqlite_db.url, [adf_table(partitions={"granularity": "daily", "start": "2017-01-01"})])
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert "[2017-09-01...2017-09-05] 5 row(s)" in out
+    done = materializations(dagster_home)
+    assert sorted(m["partition"] for m in done) == [f"2017-09-0{d}" for d in range(1, 6)]
+    # each window's materialization shows its own row and file, the watermarks are the run's
+    assert all(m["dagster/row_count"] == 1 and m["file_count"] == 1 for m in done)
+    assert all(len(m["files"]) == 1 and f"/{m['partition']}/" in m["files"][0] for m in done)
+    assert {m["frontier"] for m in done} == {"2017-09-06T00:00:00+00:00"}
+    assert done[-1]["previous_watermark"] == "(start)"
+    assert done[-1]["frontier"] == "2017-09-06T00:00:00+00:00"  # the end of the last window copied
+
+    # planned over today's window; then a row stamped yesterday commits before the run starts
+    now = fresh_time()
+    insert_rows(sqlite_db, [(6, "new", now)])
+    after_horizon()
+    defs = load_definitions(config)
+    table = landing_tables(load_config(config))[0]
+    with dg.DagsterInstance.get() as instance:
+        request = plan_copy(table, defs.resources[table.source_key].get(), instance).request
+        assert request.partition_key == f"{now:%Y-%m-%d}"
+        yesterday = now - dt.timedelta(days=1)
+        insert_rows(sqlite_db, [(7, "late", yesterday)])
+        asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
+        assert dg.materialize([asset], instance=instance, partition_key=request.partition_key, tags=request.tags).success
+    kept = materializations(dagster_home)[-1]
+    assert kept["partition"] == f"{now:%Y-%m-%d}" and kept["dagster/row_count"] == 1
+    assert kept["frontier"] == "2017-09-06T00:00:00+00:00"  # row 7 lies between it and the run's window
+
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert f"[{yesterday:%Y-%m-%d}...{now:%Y-%m-%d}] 2 row(s), watermark 2017-09-06T00:00:00+00:00 -> " in out
+    assert landed_rows(str(tmp_path / "landing"), "data_source_table") == (
+        [(p, n) for p, n, _ in ADF_ROWS] + [(6, "new"), (7, "late")]  # today's window re-copied, not doubled
+    )
+    assert materializations(dagster_home)[-1]["frontier"] > now.isoformat()
+    code, out, _ = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0 and "up to date" in out
 
 
 def test_watermark_going_backwards_is_said_out_loud(pg_db, tmp_path, capsys):

@@ -169,16 +169,17 @@ def _copy_windows(context, table: LandingTable, source, info, store, keys, refre
         )
     finally:
         progress.flush()  # after a failure too: what was landed before it
-    new_frontier = frontier
-    if horizon.value is not None and windows:
+    new_frontier, low = frontier, (planned[0].lo if planned else frontier)
+    if horizon.value is not None and windows and (frontier is None or windows[-1].end > frontier):
         first = windows[0]
-        contiguous = (first.open_start if frontier is None else (first.open_start or first.start <= frontier)) and (
-            frontier is None or windows[-1].end > frontier
-        )
-        if contiguous:
+        # the frontier moves if the run's windows join it: the first one starts at or below it, or
+        # no row lies between it and the first window (a run planned from the oldest row to copy)
+        joined = first.open_start or (frontier is not None and first.start <= frontier)
+        if joined or not source.has_rows(info, frontier, first.start):
             reached = min(horizon.value, windows[-1].end)
             new_frontier = reached if frontier is None else max(frontier, reached)
-    low = planned[0].lo if planned else frontier
+            if not refresh:
+                low = frontier
     high = max((c.hi for c in copies), default=None) if refresh else new_frontier
     return copies, low, high, new_frontier, ("refresh" if refresh else "incremental")
 
@@ -355,9 +356,28 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         }
         if len(files) > MAX_FILES_SHOWN:
             metadata["files_truncated"] = True
+        if len(keys) > 1:
+            _add_partition_metadata(context, keys, copies)
         return dg.MaterializeResult(metadata=metadata)
 
     return _asset
+
+
+def _add_partition_metadata(context, keys: list[str], copies: list[SliceCopy]) -> None:
+    """A run of several windows: each window's materialization shows its own rows and files (the
+    watermarks and the frontier are the run's, the same on each)."""
+    by_key: dict[str, list[SliceCopy]] = {k: [] for k in keys}
+    for copy in copies:
+        by_key[copy.partition].append(copy)
+    for key, mine in by_key.items():
+        files = [f.uri for c in mine for f in c.files]
+        metadata = {
+            "dagster/row_count": dg.MetadataValue.int(sum(c.rows for c in mine)),
+            "file_count": len(files),
+            "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
+            "files_truncated": len(files) > MAX_FILES_SHOWN,
+        }
+        context.add_asset_metadata(metadata, partition_key=key)
 
 
 def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable, refresh: bool) -> dg.MaterializeResult:

@@ -535,6 +535,11 @@ class Source:
             value = conn.execute(query).scalar()
         return None if value is None else info.kind.from_db(value)
 
+    def min_watermark(self, info: TableInfo, lo: Any = None, hi: Any = None) -> Any:
+        """The lowest watermark in ``[lo, hi)`` (the whole table by default): where an initial
+        load's first window is; one indexed probe."""
+        return self._aggregate(info, sa.func.min, lo, hi)
+
     def max_watermark(self, info: TableInfo, lo: Any = None, hi: Any = None) -> Any:
         """The highest watermark in ``[lo, hi)`` (the whole table by default); NULLs are ignored."""
         return self._aggregate(info, sa.func.max, lo, hi)
