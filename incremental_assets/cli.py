@@ -177,8 +177,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 print(f"{name}: FAILED to plan: {exc}", file=sys.stderr)
                 failed = True
                 break
-            if plan.warning and runs == 0:
-                print(f"{name}: WARNING: {plan.warning}", file=sys.stderr)
+            if runs == 0:
+                for warning in (plan.warning, plan.request and table.index_note(table.describe(source))):
+                    if warning:
+                        print(f"{name}: WARNING: {warning}", file=sys.stderr)
             request = plan.request
             if request is None:
                 if runs == 0:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .landing import LandedFile, LandingStore
-from .sources import Source, SourceError, TableInfo
+from .sources import Source, SourceError, TableInfo, TimestampKind
 from .sources.watermarks import WatermarkKind
 
 log = logging.getLogger("incremental_assets")
@@ -205,6 +205,90 @@ class ReadAhead:
                 close()
 
 
+class OrderedSplit:
+    """One read in watermark order, cut into consecutive windows at their upper bounds: each
+    :meth:`below` yields the rows under its bound that the windows before it left."""
+
+    def __init__(self, batches: Iterable[pa.RecordBatch], column: str):
+        self._batches = iter(batches)
+        self._column = column
+        self._head: pa.RecordBatch | None = None
+
+    def _peek(self) -> pa.RecordBatch | None:
+        while self._head is None or not self._head.num_rows:
+            self._head = next(self._batches, None)
+            if self._head is None:
+                return None
+        return self._head
+
+    def _count_below(self, batch: pa.RecordBatch, hi: pa.Scalar | None) -> int:
+        if hi is None:
+            return batch.num_rows
+        return pc.sum(pc.less(batch.column(self._column), hi)).as_py() or 0
+
+    def has_rows_below(self, hi: pa.Scalar | None) -> bool:
+        head = self._peek()
+        return head is not None and self._count_below(head, hi) > 0
+
+    def below(self, hi: pa.Scalar | None) -> Iterator[pa.RecordBatch]:
+        """The next rows with a watermark below ``hi`` (None: all the rest)."""
+        while (head := self._peek()) is not None:
+            n = self._count_below(head, hi)
+            if n == 0:
+                return
+            if n == head.num_rows:
+                self._head = None
+                yield head
+            else:
+                self._head = head.slice(n)
+                yield head.slice(0, n)
+                return
+
+    def close(self) -> None:
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
+
+
+def ordered_read_bounds(source: Source, info: TableInfo, planned: Sequence[PlannedSlice]) -> list[pa.Scalar] | None:
+    """The upper bounds of all but the last of ``planned``, as values of the watermark's Arrow
+    type, when one read in watermark order should serve them all: the watermark has no index (a
+    read per window would scan the table once per window; one ordered read scans it once and
+    sorts), the slices follow each other, and the engine compares timestamps as Arrow does."""
+    if info.watermark_indexed or len(planned) < 2 or not source.dialect.splits_ordered_reads:
+        return None
+    if any(b.lo != a.hi for a, b in zip(planned, planned[1:])):
+        return None
+    kind, arrow = info.kind, info.schema.field(info.watermark_column).type
+    if not isinstance(kind, TimestampKind) or not pa.types.is_timestamp(arrow) or (arrow.tz is not None) != kind.timezone_aware:
+        return None
+    return [pa.scalar(kind.to_column_value(p.hi), type=arrow) for p in planned[:-1]]
+
+
+def _copy_ordered_read(source, info, store, planned, bounds, *, table, batch_size, max_rows_per_file, replace, landed):
+    log.info("%s: no index on %r: %d windows from one read in watermark order", table, info.watermark_column, len(planned))
+    split = OrderedSplit(
+        source.read_slice(info, planned[0].lo, planned[-1].hi, batch_size=batch_size, ordered=True), info.watermark_column
+    )
+    copies: list[SliceCopy] = []
+    try:
+        for slice_, hi in zip(planned, [*bounds, None]):
+            has_rows = split.has_rows_below(hi)
+            if not has_rows and not replace:
+                continue
+            copy = copy_slice(
+                source, info, store, table=table, slice_=slice_, batch_size=batch_size,
+                max_rows_per_file=max_rows_per_file, replace=replace,
+                batches=split.below(hi) if has_rows else iter(()),
+            )
+            copies.append(copy)
+            if landed is not None:
+                landed(copy)
+    finally:
+        split.close()
+    return copies
+
+
 def copy_window_slices(
     source: Source,
     info: TableInfo,
@@ -220,7 +304,15 @@ def copy_window_slices(
     """Land ``planned`` slices in order, skipping empty ones (found up front with one statement per
     hundred windows, not one read each), and starting each slice's read while the one before is
     written: the next query is under way when a file closes. ``landed`` is called after each slice.
-    With ``replace`` (a refresh) an empty window is not skipped but emptied: its files go."""
+    With ``replace`` (a refresh) an empty window is not skipped but emptied: its files go.
+    Without an index on the watermark, the slices come from one read instead
+    (:func:`ordered_read_bounds`)."""
+    bounds = ordered_read_bounds(source, info, planned)
+    if bounds is not None:
+        return _copy_ordered_read(
+            source, info, store, planned, bounds, table=table, batch_size=batch_size,
+            max_rows_per_file=max_rows_per_file, replace=replace, landed=landed,
+        )
     flags = source.windows_with_rows(info, [(p.lo, p.hi) for p in planned]) if len(planned) > 1 else [True] * len(planned)
     todo = [(p, has_rows) for p, has_rows in zip(planned, flags) if has_rows or replace]
     with_rows = [p for p, has_rows in todo if has_rows]

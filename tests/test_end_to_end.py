@@ -359,6 +359,24 @@ def test_a_run_spans_the_windows_holding_rows_not_every_window_since_the_start(s
     assert code == 0 and "up to date" in out
 
 
+def test_sync_says_when_the_watermark_has_no_index(pg_db, tmp_path, capsys):
+    create_adf_table(pg_db, index=False)
+    config = write_config(tmp_path, pg_db.url, [adf_table(partitions={"granularity": "daily", "start": "2017-09-01"})])
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert "no index leads with 'LastModifytime' on 'data_source_table'" in err
+    assert "CREATE INDEX ON data_source_table (LastModifytime)" in err
+    assert landed_rows(str(tmp_path / "landing"), "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS]
+    pg_db.run('CREATE INDEX ON data_source_table ("LastModifytime")')
+    from incremental_assets.defs import landing as landing_defs
+
+    landing_defs._DESCRIBED.clear()  # the reflection a new process would make (a running one: within seconds)
+    insert_rows(pg_db, [(6, "new", fresh_time())])
+    after_horizon()
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0 and "1 row(s)" in out and "no index" not in err
+
+
 def test_watermark_going_backwards_is_said_out_loud(pg_db, tmp_path, capsys):
     pg_db.run("CREATE TABLE orders (id bigint PRIMARY KEY, item text)",
               "INSERT INTO orders SELECT g, 'item' FROM generate_series(1, 10) g")

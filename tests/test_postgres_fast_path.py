@@ -473,17 +473,21 @@ def test_parquet_writer_without_rows_writes_the_schema(tmp_path):
 # windows of one run: each read starts while the slice before it is written
 
 
-def _windows_table(pg_db, sources):
+def _windows_table(pg_db, sources, *, index=True):
     from incremental_assets.copying import PlannedSlice
 
     pg_db.run(
         "CREATE TABLE w (id bigint, at timestamptz)",
-        # January and March hold rows, February none
-        "INSERT INTO w SELECT g, timestamptz '2024-01-01' + g * interval '1 minute' FROM generate_series(0, 29999) g",
-        "INSERT INTO w SELECT 100000 + g, timestamptz '2024-03-01' + g * interval '1 minute' FROM generate_series(0, 29999) g",
+        # January and March hold rows, February none; stored out of watermark order
+        "INSERT INTO w SELECT g, timestamptz '2024-01-01' + g * interval '1 minute' FROM generate_series(0, 29999) g "
+        "ORDER BY md5(g::text)",
+        "INSERT INTO w SELECT 100000 + g, timestamptz '2024-03-01' + g * interval '1 minute' FROM generate_series(0, 29999) g "
+        "ORDER BY md5(g::text)",
+        *(["CREATE INDEX ON w (at)"] if index else []),
     )
     source = sources(pg_db)
     info = source.describe_table("w", watermark_column="at")
+    assert info.watermark_indexed == index
     bounds = [None, utc(2024, 2, 1), utc(2024, 3, 1), utc(2024, 4, 1)]
     planned = [PlannedSlice(f"2024-0{m}", lo, hi) for m, (lo, hi) in enumerate(zip(bounds, bounds[1:]), start=1)]
     return source, info, planned
@@ -505,6 +509,26 @@ def test_window_reads_start_while_the_previous_window_is_written(pg_db, sources,
     assert [(c.partition, c.rows) for c in copies] == [("2024-01", 30000), ("2024-03", 30000)]
     # when January's file was published, March's COPY was already running; after March, nothing
     assert under_way == {"2024-01": 1, "2024-03": 0}
+    landed_ids = sorted(i for c in copies for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist())
+    assert landed_ids == list(range(30000)) + list(range(100000, 130000))
+
+
+def test_windows_without_an_index_come_from_one_copy(pg_db, sources, tmp_path, no_fallback):
+    """timestamptz with no index: one COPY in watermark order serves every window (one sorted scan,
+    not a scan per window), cut at the windows' UTC bounds: each window's rows arrive sorted."""
+    from incremental_assets.copying import copy_window_slices
+    from incremental_assets.landing import open_landing_store
+
+    source, info, planned = _windows_table(pg_db, sources, index=False)
+    store = open_landing_store(str(tmp_path / "landing"), "parquet")
+    sessions = []
+    copies = copy_window_slices(source, info, store, planned, table="w", batch_size=1000,
+                                landed=lambda copy: sessions.append(_copy_sessions(pg_db)))
+    assert [(c.partition, c.rows) for c in copies] == [("2024-01", 30000), ("2024-03", 30000)]
+    assert sessions == [1, 0]  # the same COPY still streams March when January is landed
+    for copy in copies:
+        stamps = [a for f in copy.files for a in pq.read_table(f.uri).column("at").to_pylist()]
+        assert stamps == sorted(stamps) and (copy.lo is None or min(stamps) >= copy.lo) and max(stamps) < copy.hi
     landed_ids = sorted(i for c in copies for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist())
     assert landed_ids == list(range(30000)) + list(range(100000, 130000))
 

@@ -161,6 +161,57 @@ def test_windows_with_rows_answers_for_many_windows_at_once(any_db, sources):
     assert source.windows_with_rows(info, []) == []
 
 
+def test_windows_without_an_index_come_from_one_ordered_read(any_db, sources, tmp_path, caplog):
+    """No index on the watermark: a run of several windows reads them in one scan in watermark
+    order (not a scan per window) and cuts it at the windows' bounds. Each window gets exactly
+    the rows a read of its own gets, ties on a bound included; an empty window gets no file, or
+    with a refresh loses its files. Then the same with an index, read window by window."""
+    from incremental_assets.copying import PlannedSlice, copy_window_slices
+    from incremental_assets.landing import open_landing_store
+
+    stamps = ["2017-08-30 23:59:59.999999", "2017-09-01 00:00:00", "2017-09-01 00:00:00", "2017-09-01 12:00:00",
+              "2017-09-03 00:00:00", "2017-09-03 00:00:00.000001", "2017-09-03 23:00:00"]
+    create_adf_table(any_db, extra_rows=[(10 + k, "x", ts) for k, ts in enumerate(stamps)])
+    source = sources(any_db)
+    info = source.describe_table("data_source_table", watermark_column="LastModifytime")
+    assert not info.watermark_indexed
+    edges = [None, utc(2017, 9, 1), utc(2017, 9, 2), utc(2017, 9, 3), utc(2017, 9, 4)]
+    planned = [PlannedSlice(f"w{k}", lo, hi) for k, (lo, hi) in enumerate(zip(edges, edges[1:]))]
+    expected = {p.partition: sorted(col(read(source, info, p.lo, p.hi), "PersonID")) for p in planned}
+    assert expected == {"w0": [10], "w1": [1, 11, 12, 13], "w2": [2], "w3": [3, 14, 15, 16]}  # 4, 5: later
+    stamps = sorted(info.kind.from_db(v) for v in col(read(source, info, None, utc(2017, 9, 4)), "LastModifytime"))
+    span = (stamps[0], stamps[-1])  # 2017-08-30 23:59:59[.999999] (as the column's precision keeps it), 09-03 23:00
+    assert span[0].date() == dt.date(2017, 8, 30) and span[1] == utc(2017, 9, 3, 23)
+    assert source.watermark_range(info, None, utc(2017, 9, 4)) == span
+    assert source.watermark_range(info, utc(2017, 9, 6), None) == (None, None)
+    batch = 3 if engine_of(any_db) != "sqlite" else 100_000  # several batches cut across windows
+
+    def landed(store):
+        return {p.partition: sorted(v for f in store.list_files("t", p.partition)
+                                    for v in col(store.read_arrow(f), "PersonID")) for p in planned}
+
+    any_db.run("DELETE FROM data_source_table WHERE PersonID = 2")  # w2 is now empty
+    expected["w2"] = []
+    caplog.set_level(logging.INFO, logger="incremental_assets")
+    store = open_landing_store(str(tmp_path / "one"), "parquet")
+    copies = copy_window_slices(source, info, store, planned, table="t", batch_size=batch)
+    assert [c.partition for c in copies] == ["w0", "w1", "w3"] and landed(store) == expected
+    one_read = "windows from one read in watermark order" in caplog.text
+    assert one_read == (engine_of(any_db) != "sqlite")  # SQLite compares its timestamps as text
+    copies = copy_window_slices(source, info, store, planned, table="t", batch_size=batch, replace=True)
+    assert [(c.partition, c.rows) for c in copies] == [("w0", 1), ("w1", 4), ("w2", 0), ("w3", 4)]
+    assert landed(store) == expected
+
+    any_db.run("CREATE INDEX ix_dst_lm ON data_source_table (LastModifytime)")
+    info = source.describe_table("data_source_table", watermark_column="LastModifytime")
+    assert info.watermark_indexed
+    assert source.watermark_range(info, None, utc(2017, 9, 4)) == span
+    caplog.clear()
+    other = open_landing_store(str(tmp_path / "each"), "parquet")
+    copy_window_slices(source, info, other, planned, table="t", batch_size=batch)
+    assert landed(other) == expected and "one read" not in caplog.text
+
+
 def test_integer_watermark_slices_and_horizon(any_db, sources):
     create_adf_table(any_db)
     source = sources(any_db)

@@ -84,6 +84,17 @@ class LandingTable:
             primary_key=tc.primary_key or None,
         )
 
+    def index_note(self, info: TableInfo) -> str:
+        """What to tell the user when no index leads with the watermark column ("" when one does)."""
+        tc = self.config
+        if self.tracks_changes or info.watermark_indexed:
+            return ""
+        return (
+            f"no index leads with {tc.watermark_column!r} on {tc.table!r}: every incremental read scans the table "
+            f"(a run of several windows reads them in one sorted scan). Create one, e.g. "
+            f"CREATE INDEX ON {tc.table} ({tc.watermark_column})"
+        )
+
     @property
     def tracks_changes(self) -> bool:
         return self.config.mode == "change_tracking"
@@ -312,11 +323,8 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         store = context.resources.landing.get()
         info = table.describe(source)
         kind = info.kind
-        if not info.watermark_indexed:
-            context.log.warning(
-                f"{tc.name}: no index leads with {tc.watermark_column!r} on {tc.table!r}; every incremental read "
-                f"scans the table. Create one, e.g. CREATE INDEX ON {tc.table} ({tc.watermark_column})"
-            )
+        if note := table.index_note(info):
+            context.log.warning(f"{tc.name}: {note}")
         nulls = check_null_watermarks(source, info, tc.null_watermark, tc.name)
         refresh = _is_refresh(context, config)
         recorded = recorded_state(context.instance, table.key, kind)

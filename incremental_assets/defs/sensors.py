@@ -139,10 +139,10 @@ def _request(table: LandingTable, source: Source, info, frontier) -> CopyRequest
         # configured start (or the frontier) to now: each empty window at either end would cost
         # a planned event and a materialization, ~30 ms on SQLite storage (the run checks that
         # no row is left below its first window before it moves the frontier)
-        lowest = source.min_watermark(info, frontier, hi)
+        lowest, highest = source.watermark_range(info, frontier, hi)
         if lowest is None:
             return None
-        first, last = key_for_time(pdef, lowest), key_for_time(pdef, source.max_watermark(info, frontier, hi))
+        first, last = key_for_time(pdef, lowest), key_for_time(pdef, highest)
         reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
         return CopyRequest(name, first, last, reason)
     if not source.has_rows(info, frontier, None):

@@ -143,6 +143,9 @@ class EngineDialect:
 
     #: keyword arguments for ``sqlalchemy.create_engine``
     engine_kwargs: dict[str, Any] = {}
+    #: whether rows read in watermark order may be split into windows by comparing their Arrow
+    #: values with the windows' bounds (the engine compares the column's values as Arrow does)
+    splits_ordered_reads: bool = True
     #: how much earlier than the clock / a reported transaction start a not-yet-visible row's
     #: timestamp may be (delay before a new transaction shows in :meth:`timestamp_holds`, or
     #: between a statement taking its timestamp and its transaction being registered)
@@ -477,15 +480,20 @@ class Source:
             clauses.append(col.is_not(None))
         return clauses
 
-    def select_slice(self, info: TableInfo, lo: Any, hi: Any) -> sa.Select:
-        return sa.select(*self._result_columns(info)).where(*self.range_filter(info, lo, hi))
+    def select_slice(self, info: TableInfo, lo: Any, hi: Any, *, ordered: bool = False) -> sa.Select:
+        query = sa.select(*self._result_columns(info)).where(*self.range_filter(info, lo, hi))
+        return query.order_by(info.table.c[info.watermark_column]) if ordered else query
 
     def _result_columns(self, info: TableInfo) -> list:
         return [self.dialect.result_column(info.table.c[c]).label(c) for c in info.columns]
 
-    def read_slice(self, info: TableInfo, lo: Any, hi: Any, *, batch_size: int = 100_000) -> Iterator[pa.RecordBatch]:
-        """Rows with ``lo <= watermark < hi`` (either bound may be open) as Arrow batches."""
-        return self.dialect.read_batches(self, self.select_slice(info, lo, hi), info.schema, batch_size)
+    def read_slice(
+        self, info: TableInfo, lo: Any, hi: Any, *, batch_size: int = 100_000, ordered: bool = False
+    ) -> Iterator[pa.RecordBatch]:
+        """Rows with ``lo <= watermark < hi`` (either bound may be open) as Arrow batches; with
+        ``ordered``, in watermark order (see :meth:`EngineDialect.splits_ordered_reads`)."""
+        select = self.select_slice(info, lo, hi, ordered=ordered)
+        return self.dialect.read_batches(self, select, info.schema, batch_size)
 
     def select_stats(self, info: TableInfo, lo: Any, hi: Any) -> sa.Select:
         col = self.dialect.result_column(info.table.c[info.watermark_column])
@@ -535,10 +543,16 @@ class Source:
             value = conn.execute(query).scalar()
         return None if value is None else info.kind.from_db(value)
 
-    def min_watermark(self, info: TableInfo, lo: Any = None, hi: Any = None) -> Any:
-        """The lowest watermark in ``[lo, hi)`` (the whole table by default): where an initial
-        load's first window is; one indexed probe."""
-        return self._aggregate(info, sa.func.min, lo, hi)
+    def watermark_range(self, info: TableInfo, lo: Any = None, hi: Any = None) -> tuple[Any, Any]:
+        """The lowest and highest watermark in ``[lo, hi)`` ((None, None) when it holds no row):
+        two index probes, or, without an index on the watermark, one scan for both."""
+        if info.watermark_indexed:  # one statement asking both would scan the range on SQLite
+            return self._aggregate(info, sa.func.min, lo, hi), self._aggregate(info, sa.func.max, lo, hi)
+        col = self.dialect.result_column(info.table.c[info.watermark_column])
+        query = sa.select(sa.func.min(col), sa.func.max(col)).where(*self.range_filter(info, lo, hi))
+        with self.connect() as conn:
+            values = conn.execute(query).one()
+        return tuple(None if v is None else info.kind.from_db(v) for v in values)
 
     def max_watermark(self, info: TableInfo, lo: Any = None, hi: Any = None) -> Any:
         """The highest watermark in ``[lo, hi)`` (the whole table by default); NULLs are ignored."""

@@ -26,6 +26,7 @@ def sqlite_text(value: dt.datetime) -> str:
 @register("sqlite")
 class SQLiteDialect(EngineDialect):
     engine_kwargs = {"connect_args": {"timeout": 30}}
+    splits_ordered_reads = False  # timestamps are text, compared as text
 
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         text = conn.execute(sa.text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar()
