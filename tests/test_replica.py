@@ -71,12 +71,16 @@ def expected(rows):
     return [(r[0], r[1], canonical(r[2], "timestamp")) for r in sorted(rows)]
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "postgresql-adbc", "mariadb"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-adbc", "postgresql-optimistic", "mariadb"])
 def any_db(request, monkeypatch):
     """The same test on each real engine; ``postgresql-adbc`` stages every merge step that needs
-    staging by ADBC (binary COPY into a table of its own) instead of CSV."""
+    staging by ADBC (binary COPY into a table of its own) instead of CSV; ``postgresql-optimistic``
+    tries every step whose first key is not stored as a plain COPY into the target first."""
     if request.param == "postgresql-adbc":
         monkeypatch.setattr(PostgreSQLReplica, "side_staging_min_rows", 0)
+    if request.param == "postgresql-optimistic":
+        monkeypatch.setattr(PostgreSQLReplica, "optimistic_min_rows", 0)
+        monkeypatch.setattr(PostgreSQLReplica, "KEY_SAMPLE", 1)
     engine = request.param.split("-")[0]
     return request.getfixturevalue({"sqlite": "sqlite_db", "postgresql": "pg_db", "mariadb": "mariadb_db"}[engine])
 
@@ -241,6 +245,38 @@ def test_postgresql_leaves_rows_a_replay_would_not_change_as_they_are(pg_db):
     after = dict(pg_db.rows(row_versions))
     assert [k for k in before if before[k] != after[k]] == [1]
     assert read(pg_db, "customer_table") == expected(changed)
+    replica.dispose()
+
+
+def test_postgresql_new_keys_between_stored_ones_go_straight_in_unless_one_is_stored(pg_db, monkeypatch, caplog):
+    """A big step whose sampled keys are not stored is copied into the target without staging;
+    if a key was stored after all, the target's key refuses the copy, which leaves no row, and
+    the step is merged by key: last writer wins, nothing twice."""
+    import logging
+
+    from incremental_assets.replica import postgresql
+
+    monkeypatch.setattr(PostgreSQLReplica, "optimistic_min_rows", 3)
+    monkeypatch.setattr(PostgreSQLReplica, "KEY_SAMPLE", 1)  # the sample: the step's first key
+    staged = []
+    load = postgresql.PostgreSQLReplica.load_staging
+    monkeypatch.setattr(postgresql.PostgreSQLReplica, "load_staging",
+                        lambda self, conn, plan, table, execute: (staged.append(table.num_rows), load(self, conn, plan, table, execute)))
+    replica = Replica(pg_db.url, retries=0)
+    day = ts("2017-09-01 00:00:00")
+    replica.merge("customer_table", customers([(k, f"even {k}", day) for k in (2, 4, 6, 8)]), KEY, version_column=V)
+    odd = replica.merge("customer_table", customers([(k, f"odd {k}", day) for k in (1, 3, 5, 7)]), KEY, version_column=V)
+    assert (odd.inserted, odd.updated) == (4, 0) and staged == []  # between the stored keys, not staged
+
+    caplog.set_level(logging.INFO, logger="incremental_assets")
+    later, earlier = ts("2017-09-02 00:00:00"), ts("2017-08-01 00:00:00")
+    mixed = customers([(9, "nine", later), (4, "four again", later), (11, "eleven", later), (6, "six, older", earlier)])
+    result = replica.merge("customer_table", mixed, KEY, version_column=V)
+    assert "a key of the step's 4 rows is stored already" in caplog.text and staged == [4]
+    assert (result.inserted, result.updated, result.skipped_older) == (2, 1, 1)
+    rows = {r[0]: r[1] for r in read(pg_db, "customer_table")}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]
+    assert rows[4] == "four again" and rows[6] == "even 6" and rows[9] == "nine"
     replica.dispose()
 
 

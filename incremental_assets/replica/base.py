@@ -469,6 +469,11 @@ class ReplicaDialect:
         loaded (the merge's lock keeps it true until commit): here, when both tables are empty."""
         return execute(conn, self.is_empty_sql(plan)).one() == (None, None)
 
+    def insert_if_new(self, conn: sa.Connection, plan: MergePlan, staged: pa.Table, execute) -> bool | None:
+        """Insert the step's rows if no key of theirs is stored (no deletes): None when they were
+        not inserted (the step is merged by key), else whether the staging table now holds them."""
+        return self.insert_new(conn, plan, staged, execute) if self.all_new(conn, plan, staged, execute) else None
+
     def insert_new(self, conn: sa.Connection, plan: MergePlan, staged: pa.Table, execute) -> bool:
         """Insert rows that :meth:`all_new` found new (no deletes); returns whether the staging
         table now holds them."""
@@ -1180,11 +1185,13 @@ class Replica:
                     continue
                 if staging_loaded:
                     self._execute(conn, self.dialect.clear_staging_sql(plan))
-                if not plan.deletes and self.dialect.all_new(conn, plan, staged, self._execute):
+                if not plan.deletes:
                     # e.g. an initial load: nothing to compare with, a plain insert is ~2x faster than an upsert
-                    staging_loaded = self.dialect.insert_new(conn, plan, staged, self._execute)
-                    result.inserted += staged.num_rows
-                    continue
+                    loaded = self.dialect.insert_if_new(conn, plan, staged, self._execute)
+                    if loaded is not None:
+                        staging_loaded = loaded
+                        result.inserted += staged.num_rows
+                        continue
                 side_table = None if side is None else side.load(conn, staged, self._execute)
                 if side_table is None:
                     self.dialect.load_staging(conn, plan, staged, self._execute)
