@@ -212,9 +212,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
             replica and not failed and latest_metadata(project.instance, table.key) is not None
             and latest_metadata(project.instance, replica[0].key) is None
         ):
-            # landed before the replica was configured: merge every window once
-            pdef = table.partitions_def
-            everything = CopyRequest(name, pdef.get_first_partition_key(), pdef.get_last_partition_key(), "replica")
+            # landed before the replica was configured: merge every landed window once (the range
+            # from the first to the last, not every window since the configured start)
+            landed = sorted(project.instance.get_materialized_partitions(table.key))  # time keys sort in time order
+            everything = CopyRequest(name, landed[0], landed[-1], "replica")
             failed |= not _merge(project, table, replica, everything.partition_key, everything.tags, log_level)
     return 1 if failed else 0
 

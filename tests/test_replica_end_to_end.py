@@ -145,13 +145,18 @@ def test_table_without_any_key_fails_clearly(sqlite_db, tmp_path, capsys):
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
     assert code == 0, err
     assert "1 inserted" in out
+    # the merge ran over the window that was landed, not every daily window since 2017-01-01
+    with dg.DagsterInstance.get() as instance:
+        merged = instance.fetch_materializations(dg.AssetKey(["replica", "customer_table"]), limit=100).records
+    assert [r.partition_key for r in merged] == ["2017-09-01"]
 
 
 def test_replica_down_keeps_landing_and_merge_reruns(sqlite_db, tmp_path, capsys, monkeypatch):
     sqlite_db.run("CREATE TABLE customer_table (PersonID int, Name varchar(255), LastModifytime datetime)",
                   "INSERT INTO customer_table VALUES (1, 'John', '2017-09-01 00:56:00')")
     monkeypatch.setenv("REPLICA_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x")
-    config = write_config(tmp_path, sqlite_db.url, TABLES[:1],
+    daily = [{**TABLES[0], "partitions": {"granularity": "daily", "start": "2017-01-01"}}]
+    config = write_config(tmp_path, sqlite_db.url, daily,
                           replica={"url": "${REPLICA_URL}", "retries": 1, "retry_delay_seconds": 0.1},
                           run_retries={"max_retries": 0})
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
@@ -161,6 +166,10 @@ def test_replica_down_keeps_landing_and_merge_reruns(sqlite_db, tmp_path, capsys
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
     assert code == 0, err
     assert "1 inserted" in out
+    # the merge ran over the window that was landed, not every daily window since 2017-01-01
+    with dg.DagsterInstance.get() as instance:
+        merged = instance.fetch_materializations(dg.AssetKey(["replica", "customer_table"]), limit=100).records
+    assert [r.partition_key for r in merged] == ["2017-09-01"]
 
 
 def test_sensor_merges_new_slices_and_backfilled_windows(sqlite_db, tmp_path):
