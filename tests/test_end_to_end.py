@@ -359,6 +359,22 @@ def test_a_run_spans_the_windows_holding_rows_not_every_window_since_the_start(s
     assert code == 0 and "up to date" in out
 
 
+def test_rows_far_apart_are_copied_in_a_run_each_not_one_over_the_empty_windows(sqlite_db, tmp_path, capsys, dagster_home):
+    create_adf_table(sqlite_db)  # one row on each day from 2017-09-01 to 2017-09-05
+    insert_rows(sqlite_db, [(6, "later", dt.datetime(2017, 11, 20, 12)), (7, "later", dt.datetime(2017, 11, 22, 12))])
+    config = write_config(tmp_path, sqlite_db.url, [adf_table(partitions={"granularity": "daily", "start": "2017-01-01"})])
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("data_source_table: [2017-09-01...2017-09-05] 5 row(s), watermark (start) -> 2017-09-06T00:00:00")
+    assert lines[1].startswith("data_source_table: [2017-11-20...2017-11-22] 2 row(s), watermark 2017-09-06T00:00:00+00:00 -> ")
+    done = materializations(dagster_home)
+    assert sorted(m["partition"] for m in done) == [f"2017-09-0{d}" for d in range(1, 6)] + ["2017-11-20", "2017-11-21", "2017-11-22"]
+    assert done[-1]["frontier"] == "2017-11-23T00:00:00+00:00"
+    assert landed_rows(str(tmp_path / "landing"), "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS] + [(6, "later"), (7, "later")]
+    assert "up to date" in run_cli(capsys, "--config", str(config), "sync")[1]
+
+
 def test_sync_says_when_the_watermark_has_no_index(pg_db, tmp_path, capsys):
     create_adf_table(pg_db, index=False)
     config = write_config(tmp_path, pg_db.url, [adf_table(partitions={"granularity": "daily", "start": "2017-09-01"})])

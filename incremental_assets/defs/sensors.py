@@ -143,12 +143,41 @@ def _request(table: LandingTable, source: Source, info, frontier) -> CopyRequest
         if lowest is None:
             return None
         first, last = key_for_time(pdef, lowest), key_for_time(pdef, highest)
+        if info.watermark_indexed:  # without an index, each empty window asked about is a scan
+            last = _stretch_end(pdef, source, info, first, last, hi)
         reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
         return CopyRequest(name, first, last, reason)
     if not source.has_rows(info, frontier, None):
         return None
     reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
     return CopyRequest(name, current, current, reason)
+
+
+#: empty windows in a row after which a run stops: each window of a run costs Dagster a planned
+#: event and a materialization (20-35 ms on SQLite storage), a run of its own about half a second
+GAP_WINDOWS = 30
+
+
+def _stretch_end(pdef, source: Source, info, first: str, last: str, hi) -> str:
+    """The last window with rows before the first run of :data:`GAP_WINDOWS` empty windows from
+    ``first`` (``last`` when there is none): rows from 2017 and from today make two runs, not one
+    over every window between. The next run starts at the first row after the gap."""
+    keys = pdef.get_partition_keys_in_range(dg.PartitionKeyRange(first, last))
+    if len(keys) <= GAP_WINDOWS:
+        return last
+    end, empty = first, 0
+    step = source.WINDOWS_PER_PROBE
+    for start in range(0, len(keys), step):
+        chunk = keys[start:start + step]
+        bounds = [window(pdef, k) for k in chunk]
+        for key, has_rows in zip(chunk, source.windows_with_rows(info, [(lo, min(up, hi)) for lo, up in bounds])):
+            if has_rows:
+                end, empty = key, 0
+            elif key != first:  # the first window may hold rows from before the configured start
+                empty += 1
+                if empty >= GAP_WINDOWS:
+                    return end
+    return end
 
 
 def _in_flight(instance: dg.DagsterInstance, table: str) -> bool:
