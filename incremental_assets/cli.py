@@ -178,7 +178,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 failed = True
                 break
             if runs == 0:
-                for warning in (plan.warning, plan.request and table.index_note(table.describe(source))):
+                for warning in (plan.warning, plan.request and table.index_note(source)):
                     if warning:
                         print(f"{name}: WARNING: {warning}", file=sys.stderr)
             request = plan.request

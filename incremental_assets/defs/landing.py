@@ -84,10 +84,11 @@ class LandingTable:
             primary_key=tc.primary_key or None,
         )
 
-    def index_note(self, info: TableInfo) -> str:
-        """What to tell the user when no index leads with the watermark column ("" when one does)."""
+    def index_note(self, source: Source) -> str:
+        """What to tell the user when no index leads with the watermark column ("" when one does,
+        or the table is copied by change tracking)."""
         tc = self.config
-        if self.tracks_changes or info.watermark_indexed:
+        if self.tracks_changes or self.describe(source).watermark_indexed:
             return ""
         return (
             f"no index leads with {tc.watermark_column!r} on {tc.table!r}: every incremental read scans the table "
@@ -323,7 +324,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         store = context.resources.landing.get()
         info = table.describe(source)
         kind = info.kind
-        if note := table.index_note(info):
+        if note := table.index_note(source):
             context.log.warning(f"{tc.name}: {note}")
         nulls = check_null_watermarks(source, info, tc.null_watermark, tc.name)
         refresh = _is_refresh(context, config)

@@ -367,7 +367,7 @@ class PostgreSQLReplica(ReplicaDialect):
 
         try:
             with conn.begin_nested():
-                _copy(conn, plan.target, [plan.q(c) for c in plan.columns], staged)
+                self.insert_new(conn, plan, staged, execute)
         except psycopg.errors.UniqueViolation:
             log.info("replica table %s: a key of the step's %d rows is stored already: merging them by key",
                      plan.target, staged.num_rows)

@@ -546,12 +546,14 @@ class Source:
     def watermark_range(self, info: TableInfo, lo: Any = None, hi: Any = None) -> tuple[Any, Any]:
         """The lowest and highest watermark in ``[lo, hi)`` ((None, None) when it holds no row):
         two index probes, or, without an index on the watermark, one scan for both."""
-        if info.watermark_indexed:  # one statement asking both would scan the range on SQLite
-            return self._aggregate(info, sa.func.min, lo, hi), self._aggregate(info, sa.func.max, lo, hi)
         col = self.dialect.result_column(info.table.c[info.watermark_column])
-        query = sa.select(sa.func.min(col), sa.func.max(col)).where(*self.range_filter(info, lo, hi))
+        where = self.range_filter(info, lo, hi)
+        if info.watermark_indexed:  # one statement asking both would scan the range on SQLite
+            queries = [sa.select(sa.func.min(col)).where(*where), sa.select(sa.func.max(col)).where(*where)]
+        else:
+            queries = [sa.select(sa.func.min(col), sa.func.max(col)).where(*where)]
         with self.connect() as conn:
-            values = conn.execute(query).one()
+            values = [v for query in queries for v in conn.execute(query).one()]
         return tuple(None if v is None else info.kind.from_db(v) for v in values)
 
     def max_watermark(self, info: TableInfo, lo: Any = None, hi: Any = None) -> Any:
