@@ -127,6 +127,17 @@ def test_stats_and_existence_selects(source, adf_table):
         "WHERE [dbo].data_source_table.[RV] >= ? AND [dbo].data_source_table.[RV] < ?)) THEN ? ELSE ? END AS w1"
     )
     assert params == [bytes.fromhex("0000000000000002"), 1, 0, bytes.fromhex("0000000000000002"), bytes.fromhex("0000000000000003"), 1, 0]
+    # with an index on the watermark: a MIN per window, which SQL Server answers with one seek
+    # (EXISTS would be planned as a scan when the statistics say the window holds many rows)
+    indexed = source.table_info(adf_table, watermark_column="RV", indexes=[{"column_names": ["RV"]}])
+    sql, params = compile_(source.select_windows_with_rows(indexed, [(None, 2), (2, 3)]))
+    assert sql == (
+        "SELECT CASE WHEN ((SELECT min([dbo].data_source_table.[RV]) AS min_1 \nFROM [dbo].data_source_table \n"
+        "WHERE [dbo].data_source_table.[RV] < ?) IS NOT NULL) THEN ? ELSE ? END AS w0, "
+        "CASE WHEN ((SELECT min([dbo].data_source_table.[RV]) AS min_2 \nFROM [dbo].data_source_table \n"
+        "WHERE [dbo].data_source_table.[RV] >= ? AND [dbo].data_source_table.[RV] < ?) IS NOT NULL) THEN ? ELSE ? END AS w1"
+    )
+    assert params == [bytes.fromhex("0000000000000002"), 1, 0, bytes.fromhex("0000000000000002"), bytes.fromhex("0000000000000003"), 1, 0]
 
 
 def test_timestamp_slice_binds_exact_values(source, adf_table):

@@ -513,6 +513,26 @@ def test_window_reads_start_while_the_previous_window_is_written(pg_db, sources,
     assert landed_ids == list(range(30000)) + list(range(100000, 130000))
 
 
+def test_asking_which_windows_hold_rows_probes_the_index(pg_db, sources):
+    """A window the statistics say holds half the table is not found by reading the table in
+    storage order until a row matches (EXISTS is planned as such a scan): each window is one
+    probe of the watermark's index, however the rows are stored."""
+    source, info, planned = _windows_table(pg_db, sources)
+    pg_db.run("ANALYZE w")
+    bounds = [(p.lo, p.hi) for p in planned]
+    assert source.windows_with_rows(info, bounds) == [True, False, True]
+    assert source.has_rows(info, utc(2024, 3, 1), None) and not source.has_rows(info, utc(2024, 2, 1), utc(2024, 3, 1))
+    statements = {
+        "windows_with_rows": source.select_windows_with_rows(info, bounds),
+        "has_rows": source.select_first(info, utc(2024, 1, 1), None),
+    }
+    with source.engine.connect() as conn:
+        for what, statement in statements.items():
+            compiled = statement.compile(dialect=source.engine.dialect)
+            plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + str(compiled), compiled.params))
+            assert "Seq Scan" not in plan and "Index Only Scan" in plan, (what, plan)
+
+
 def test_windows_without_an_index_come_from_one_copy(pg_db, sources, tmp_path, no_fallback):
     """timestamptz with no index: one COPY in watermark order serves every window (one sorted scan,
     not a scan per window), cut at the windows' UTC bounds: each window's rows arrive sorted."""

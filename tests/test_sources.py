@@ -81,8 +81,10 @@ def col(table: pa.Table, name: str) -> list:
     return table.column(real).to_pylist()
 
 
-def create_adf_table(db, extra_rows=()):
+def create_adf_table(db, extra_rows=(), *, index=False):
     db.run(f"CREATE TABLE data_source_table (PersonID int, Name varchar(255), LastModifytime {ts_type(db)})")
+    if index:
+        db.run("CREATE INDEX ix_dst_lm ON data_source_table (LastModifytime)")
     for pid, name, ts in [*ADF_ROWS, *extra_rows]:
         db.run(
             "INSERT INTO data_source_table (PersonID, Name, LastModifytime) VALUES (:p, :n, :t)",
@@ -147,10 +149,12 @@ def test_ties_on_a_boundary_land_in_exactly_one_slice(any_db, sources):
     assert source.slice_stats(info, cut, cut)[0] == 0 and not source.has_rows(info, cut, cut)
 
 
-def test_windows_with_rows_answers_for_many_windows_at_once(any_db, sources):
-    create_adf_table(any_db)
+@pytest.mark.parametrize("index", [True, False], ids=["index", "no-index"])
+def test_windows_with_rows_answers_for_many_windows_at_once(any_db, sources, index):
+    create_adf_table(any_db, index=index)
     source = sources(any_db)
     info = source.describe_table("data_source_table", watermark_column="LastModifytime")
+    assert info.watermark_indexed is index  # an index probe per window, or an EXISTS each
     # 250 half-day windows from 2017-08-20 (more than one statement's worth), the first open
     edges = [utc(2017, 8, 20) + dt.timedelta(hours=12 * k) for k in range(251)]
     bounds = [(None if k == 0 else lo, hi) for k, (lo, hi) in enumerate(zip(edges, edges[1:]))]
@@ -159,6 +163,7 @@ def test_windows_with_rows_answers_for_many_windows_at_once(any_db, sources):
     assert sum(expected) == 5
     assert source.windows_with_rows(info, bounds) == expected
     assert source.windows_with_rows(info, []) == []
+    assert [source.has_rows(info, lo, hi) for lo, hi in bounds] == expected
 
 
 def test_windows_without_an_index_come_from_one_ordered_read(any_db, sources, tmp_path, caplog):

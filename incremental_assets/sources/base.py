@@ -509,16 +509,28 @@ class Source:
         kind = info.kind
         return int(count), (None if low is None else kind.from_db(low)), (None if high is None else kind.from_db(high))
 
+    def select_first(self, info: TableInfo, lo: Any, hi: Any) -> sa.Select:
+        """The lowest watermark in ``[lo, hi)``: with an index on the watermark, one probe of the
+        index wherever the rows lie. (``EXISTS`` leaves the plan to row estimates: a window the
+        statistics say holds many rows is read in table order until a row matches, which is a
+        scan of most of the table when the window's rows are stored last.)"""
+        return sa.select(sa.func.min(info.table.c[info.watermark_column])).where(*self.range_filter(info, lo, hi))
+
     def has_rows(self, info: TableInfo, lo: Any, hi: Any) -> bool:
+        """Whether ``[lo, hi)`` holds a row: the lowest watermark's index probe, or, without an
+        index, the first matching row of a scan."""
         with self.connect() as conn:
+            if info.watermark_indexed:
+                return conn.execute(self.select_first(info, lo, hi)).scalar() is not None
             return conn.execute(self.select_any(info, lo, hi)).first() is not None
 
     #: windows asked about per statement by :meth:`windows_with_rows` (two bound values each)
     WINDOWS_PER_PROBE = 100
 
     def windows_with_rows(self, info: TableInfo, bounds: Sequence[tuple[Any, Any]]) -> list[bool]:
-        """For each ``[lo, hi)`` of ``bounds``, whether it holds a row: one indexed EXISTS per
-        window, a hundred windows per statement (a year of daily windows is four round trips)."""
+        """For each ``[lo, hi)`` of ``bounds``, whether it holds a row, a hundred windows per
+        statement (a year of daily windows is four round trips): an index probe per window
+        (:meth:`select_first`), or, without an index, an ``EXISTS`` that stops at the first row."""
         flags: list[bool] = []
         with self.connect() as conn:
             for start in range(0, len(bounds), self.WINDOWS_PER_PROBE):
@@ -527,12 +539,15 @@ class Source:
         return flags
 
     def select_windows_with_rows(self, info: TableInfo, bounds: Sequence[tuple[Any, Any]]) -> sa.Select:
-        """One row, a 1 or 0 per window: ``CASE WHEN EXISTS (...) THEN 1 ELSE 0 END`` (which
-        every engine takes in a select list, SQL Server included)."""
-        return sa.select(*(
-            sa.case((self.select_any(info, lo, hi).exists(), 1), else_=0).label(f"w{k}")
-            for k, (lo, hi) in enumerate(bounds)
-        ))
+        """One row, a 1 or 0 per window: ``CASE WHEN (SELECT MIN(...)) IS NOT NULL THEN 1 ELSE 0
+        END`` with an index, ``CASE WHEN EXISTS (...) ...`` without (both taken in a select list
+        by every engine, SQL Server included)."""
+        def probe(lo, hi):
+            if info.watermark_indexed:
+                return self.select_first(info, lo, hi).scalar_subquery().is_not(None)
+            return self.select_any(info, lo, hi).exists()
+
+        return sa.select(*(sa.case((probe(lo, hi), 1), else_=0).label(f"w{k}") for k, (lo, hi) in enumerate(bounds)))
 
     def _aggregate(self, info: TableInfo, func, lo: Any, hi: Any) -> Any:
         col = self.dialect.result_column(info.table.c[info.watermark_column])
