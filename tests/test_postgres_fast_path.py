@@ -513,6 +513,51 @@ def test_window_reads_start_while_the_previous_window_is_written(pg_db, sources,
     assert landed_ids == list(range(30000)) + list(range(100000, 130000))
 
 
+def test_reads_of_many_windows_reuse_connections_that_hold_no_transaction(pg_db, sources, tmp_path, no_fallback):
+    """A run of many small windows does not open a connection per window: a read that went to its
+    end leaves its connection for the next one, out of any transaction (an open one would hold
+    back the safe horizon of every table of the database); dispose closes them."""
+    from incremental_assets.copying import PlannedSlice, copy_window_slices
+    from incremental_assets.landing import open_landing_store
+
+    pg_db.run(
+        "CREATE TABLE d (id bigint, at timestamptz)",
+        "INSERT INTO d SELECT g, timestamptz '2024-01-01 06:00Z' + g * interval '1 day' FROM generate_series(0, 29) g",
+        "CREATE INDEX ON d (at)",
+    )
+    source = sources(pg_db)
+    info = source.describe_table("d", watermark_column="at")
+    day = dt.timedelta(days=1)
+    planned = [PlannedSlice(f"d{k}", utc(2024, 1, 1) + k * day, utc(2024, 1, 1) + (k + 1) * day) for k in range(30)]
+    others = "datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    before = {r[0] for r in pg_db.rows(f"SELECT pid FROM pg_stat_activity WHERE {others}")}
+    seen: set[int] = set()
+
+    def landed(copy):
+        seen.update(r[0] for r in pg_db.rows(f"SELECT pid FROM pg_stat_activity WHERE {others}"))
+
+    store = open_landing_store(str(tmp_path / "landing"), "parquet")
+    copies = copy_window_slices(source, info, store, planned, table="d", batch_size=1000, landed=landed)
+    assert [c.rows for c in copies] == [1] * 30
+    # the source's own connection, at most two reading and the test's: not one per window
+    assert len(seen - before) <= 4, len(seen - before)
+    waiting = pg_db.rows(f"SELECT pid, state FROM pg_stat_activity WHERE {others} AND pid <> ALL(ARRAY{sorted(before) or [0]}::int[])")
+    assert waiting and all(state == "idle" for _, state in waiting), waiting
+    horizon = source.safe_horizon(info)
+    assert "held back" not in horizon.note, horizon
+    # a connection that died while it waited (the server restarted, say) is replaced, not an error
+    source.engine.dispose()  # (only the reads' connections are killed here)
+    assert pg_db.rows(f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {others}") == [(len(waiting),)]
+    again = copy_window_slices(source, info, store, planned[:3], table="d", batch_size=1000, replace=True)
+    assert [c.rows for c in again] == [1, 1, 1]
+    waiting = pg_db.rows(f"SELECT pid, state FROM pg_stat_activity WHERE {others}")
+    source.dispose()
+    deadline = time.monotonic() + 5
+    while {pid for pid, _ in waiting} & {r[0] for r in pg_db.rows(f"SELECT pid FROM pg_stat_activity WHERE {others}")}:
+        assert time.monotonic() < deadline, "connections left open after dispose"
+        time.sleep(0.05)
+
+
 def test_asking_which_windows_hold_rows_probes_the_index(pg_db, sources):
     """A window the statistics say holds half the table is not found by reading the table in
     storage order until a row matches (EXISTS is planned as such a scan): each window is one

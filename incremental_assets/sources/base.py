@@ -151,6 +151,9 @@ class EngineDialect:
     #: between a statement taking its timestamp and its transaction being registered)
     clock_margin: dt.timedelta = dt.timedelta(0)
 
+    def dispose(self) -> None:
+        """Close what the dialect keeps open beside the SQLAlchemy engine (none by default)."""
+
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         """The database clock, as an aware UTC datetime."""
         raise NotImplementedError
@@ -298,6 +301,7 @@ class Source:
     def dispose(self) -> None:
         if self.engine is not None:
             self.engine.dispose()
+        self.dialect.dispose()
 
     # -- reflection ------------------------------------------------------------------------
     def describe_table(

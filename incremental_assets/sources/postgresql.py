@@ -38,6 +38,7 @@ import logging
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,12 @@ class PostgreSQLDialect(EngineDialect):
         log.info("source %r: reading through SQLAlchemy rows (the columnar path is not used: %s)", source.name, reason)
         yield from super().read_batches(source, select, schema, batch_size)
 
+    #: connections a finished read leaves for the next (a run of many small windows reads each in
+    #: a slice of its own: a new connection costs the server a process and the read 3-5 ms)
+    IDLE_MAX = 2
+    #: an idle connection older than this is closed instead of used again
+    IDLE_SECONDS = 60.0
+
     def adbc_connection(self, source: Source, uri: str):
         """A low-level ADBC connection in a transaction (autocommit off), retrying with backoff
         like :meth:`Source.connect`. The ADBC database (which loads the server's type catalogue
@@ -151,6 +158,40 @@ class PostgreSQLDialect(EngineDialect):
 
         return source.retrying(attempt, adbc_driver_manager.Error, str)
 
+    def take_idle(self, uri: str):
+        """A connection a finished read left for ``uri`` (see :meth:`adbc_release`), or None."""
+        now = time.monotonic()
+        with self._adbc_lock:
+            fresh = [e for e in self._adbc_idle if now - e[1] <= self.IDLE_SECONDS]
+            stale = [e[2] for e in self._adbc_idle if now - e[1] > self.IDLE_SECONDS]
+            found = next((e for e in fresh if e[0] == uri), None)
+            self._adbc_idle = tuple(e for e in fresh if e is not found)
+        _close_all(stale)
+        return None if found is None else found[2]
+
+    def adbc_release(self, uri: str, conn) -> None:
+        """Take back the connection of a read that went to its end: its transaction is rolled
+        back (the slice's settings go with it) and it waits for the next read, or is closed."""
+        try:
+            conn.rollback()
+            # out of any transaction while it waits: ADBC begins the next one at once, and an open
+            # transaction would hold back every safe horizon on this database (see open_transactions)
+            conn.set_autocommit(True)
+        except Exception:  # noqa: BLE001 - a connection that cannot roll back is not kept
+            _close_all([conn])
+            return
+        with self._adbc_lock:
+            if len(self._adbc_idle) < self.IDLE_MAX:
+                self._adbc_idle = (*self._adbc_idle, (uri, time.monotonic(), conn))
+                return
+        _close_all([conn])
+
+    def dispose(self) -> None:
+        with self._adbc_lock:
+            idle, self._adbc_idle = self._adbc_idle, ()
+        _close_all([conn for _, _, conn in idle])
+
+    _adbc_idle: tuple = ()  # (uri, when it was left, connection), replaced, never changed in place
     _adbc_database: Any = None
     _adbc_uri: str | None = None
     _adbc_lock = threading.Lock()
@@ -501,8 +542,7 @@ class _CopyReader:
 
         conn = statement = reader = None
         try:
-            conn = self.dialect.adbc_connection(self.source, self.uri)
-            sql = self._statement(conn)
+            conn, sql = self._connect()
             types = self._column_types(conn)
             statement = adbc_driver_manager.AdbcStatement(conn)
             statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(self.dialect.batch_bytes)})
@@ -518,13 +558,45 @@ class _CopyReader:
                     break
                 for offset in range(0, batch.num_rows, size):
                     yield convert(batch.slice(offset, size) if batch.num_rows > size else batch)
+            reader.close()
+            statement.close()
+            reader = statement = None
+            conn, done = None, conn
+            self.dialect.adbc_release(self.uri, done)  # read to its end: the next read may use it
         finally:
-            for closeable in (reader, statement, conn):
-                if closeable is not None:
-                    try:
-                        closeable.close()  # the connection's (read-only) transaction ends unfinished
-                    except Exception:  # noqa: BLE001
-                        pass
+            # a read stopped early or failed: its connection closes, its (read-only) transaction unfinished
+            _close_all([reader, statement, conn])
+
+    def _connect(self):
+        """A connection and the statement to COPY on it: one a finished read left (closed, and a
+        new one made, if its first statement fails: the server restarted, say), or a new one."""
+        import adbc_driver_manager
+
+        conn = self.dialect.take_idle(self.uri)
+        if conn is not None:
+            try:
+                conn.set_autocommit(False)  # a transaction of its own, as a new connection's
+                return conn, self._statement(conn)
+            except adbc_driver_manager.Error:
+                _close_all([conn])
+            except BaseException:
+                _close_all([conn])
+                raise
+        conn = self.dialect.adbc_connection(self.source, self.uri)
+        try:
+            return conn, self._statement(conn)
+        except BaseException:
+            _close_all([conn])
+            raise
+
+
+def _close_all(closeables) -> None:
+    for closeable in closeables:
+        if closeable is not None:
+            try:
+                closeable.close()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def _run_query(conn, sql: str, params: pa.RecordBatch | None = None) -> pa.Table:
