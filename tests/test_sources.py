@@ -330,6 +330,22 @@ def test_mariadb_types_round_trip(mariadb_db, sources):
     assert read(source, naive, None, exact).num_rows == 0
 
 
+FLOATS = [0.1 + 0.2, 1 / 3, 2.0 ** -1074, 1.7976931348623157e308, -123456.78901234567, None]
+
+
+def test_floating_point_columns_keep_every_digit(any_db, sources):
+    # MySQL/MariaDB DOUBLE reflects as a type that turns floats into decimals of 10 places
+    any_db.run("CREATE TABLE floats (id int PRIMARY KEY, x DOUBLE PRECISION)")
+    with any_db.engine.begin() as conn:
+        for i, value in enumerate(FLOATS):
+            conn.execute(sa.text("INSERT INTO floats (id, x) VALUES (:i, :x)"), {"i": i, "x": value})
+    source = sources(any_db)
+    info = source.describe_table("floats", watermark_column="id")
+    assert info.schema.field("x").type == pa.float64()
+    got = read(source, info, None, None).sort_by("id")
+    assert got.column("x").to_pylist() == FLOATS
+
+
 # ---------------------------------------------------------------------------------------------
 # late-committing transactions
 

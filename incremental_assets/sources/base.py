@@ -388,6 +388,12 @@ class Source:
             raise SourceError(
                 f"table {str(ref)!r} in source {self.name!r} has no watermark column {watermark_column!r}; it has {names}"
             )
+        for c in selected:
+            sa_type = sa_table.c[c].type
+            if isinstance(sa_type, sa.Float) and sa_type.asdecimal:
+                # MySQL's DOUBLE and REAL reflect so: SQLAlchemy would round every value to a
+                # Decimal of 10 places; the column lands as float64, the driver's value as it is
+                sa_type.asdecimal = False
         schema = pa.schema([pa.field(c, self.dialect.arrow_type(sa_table.c[c].type)) for c in selected])
         info = TableInfo(ref=ref, table=sa_table, columns=selected, schema=schema, primary_key=keys)
         if watermark_column is not None:
