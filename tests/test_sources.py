@@ -346,6 +346,26 @@ def test_floating_point_columns_keep_every_digit(any_db, sources):
     assert got.column("x").to_pylist() == FLOATS
 
 
+def test_driver_values_of_other_types_are_still_converted():
+    """A column whose values are all of the type Arrow takes goes as it is; one value of another
+    type among them (an int in a text column, a zoned time among naive ones) still converts all."""
+    from incremental_assets.sources.types import column_converter, rows_to_batch
+
+    schema = pa.schema([("t", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("b", pa.bool_()), ("d", pa.decimal128(5, 2))])
+    converters = [column_converter(f.type) for f in schema]
+    paris = dt.timezone(dt.timedelta(hours=1))
+    rows = [("a", dt.datetime(2024, 1, 1, 12), 1, decimal.Decimal("1.50")),
+            (5, dt.datetime(2024, 1, 1, 12, tzinfo=paris), 0, 2.25),
+            (None, None, None, None)]
+    got = rows_to_batch(rows, schema, converters).to_pylist()
+    assert [r["t"] for r in got] == ["a", "5", None]
+    assert [r["ts"] for r in got] == [utc(2024, 1, 1, 12), utc(2024, 1, 1, 11), None]
+    assert [r["b"] for r in got] == [True, False, None]
+    assert [r["d"] for r in got] == [decimal.Decimal("1.50"), decimal.Decimal("2.25"), None]
+    same = rows_to_batch([("a", dt.datetime(2024, 1, 1, 12), True, decimal.Decimal("1.50"))], schema, converters)
+    assert same.to_pylist() == [{"t": "a", "ts": utc(2024, 1, 1, 12), "b": True, "d": decimal.Decimal("1.50")}]
+
+
 # ---------------------------------------------------------------------------------------------
 # late-committing transactions
 
