@@ -366,6 +366,23 @@ def test_driver_values_of_other_types_are_still_converted():
     assert same.to_pylist() == [{"t": "a", "ts": utc(2024, 1, 1, 12), "b": True, "d": decimal.Decimal("1.50")}]
 
 
+def test_generic_reads_fetch_blocks_and_yield_whole_batches(sqlite_db, sources, monkeypatch):
+    """Rows held as Python objects cost far more than in Arrow: the generic path fetches small
+    blocks and joins them into batches of ``batch_size`` rows."""
+    create_adf_table(sqlite_db)
+    source = sources(sqlite_db)
+    monkeypatch.setattr(type(source.dialect), "FETCH_BLOCK", 2)
+    fetched = []
+    original = sa.engine.CursorResult.fetchmany
+    monkeypatch.setattr(sa.engine.CursorResult, "fetchmany",
+                        lambda self, size=None: fetched.append(size) or original(self, size))
+    info = source.describe_table("data_source_table", watermark_column="LastModifytime")
+    batches = list(source.read_slice(info, None, None, batch_size=3))
+    assert [b.num_rows for b in batches] == [3, 2]
+    assert max(fetched) == 2
+    assert pa.Table.from_batches(batches).column("Name").to_pylist() == [n for _, n, _ in ADF_ROWS]
+
+
 # ---------------------------------------------------------------------------------------------
 # late-committing transactions
 

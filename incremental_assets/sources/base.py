@@ -199,6 +199,9 @@ class EngineDialect:
             return IntegerKind()
         return None
 
+    #: rows fetched and converted at a time by the generic path
+    FETCH_BLOCK = 10_000
+
     def result_column(self, column: sa.Column) -> sa.ColumnElement:
         """How a column is selected; engines whose drivers mangle a type read it as text instead."""
         return column
@@ -206,10 +209,29 @@ class EngineDialect:
     def read_batches(self, source: Source, select: sa.Select, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
         """Stream a SELECT as Arrow batches in bounded memory (the generic path: SQLAlchemy rows)."""
         converters = [column_converter(f.type) for f in schema]
+        # rows as Python objects take about ten times their Arrow size: they are fetched and
+        # converted a block at a time, and the blocks of a batch joined in Arrow
+        block = max(1, min(batch_size, self.FETCH_BLOCK))
         with source.connect() as conn:
-            result = conn.execution_options(stream_results=True, max_row_buffer=batch_size).execute(select)
-            for rows in result.partitions(batch_size):
-                yield rows_to_batch(rows, schema, converters)
+            result = conn.execution_options(stream_results=True, max_row_buffer=block).execute(select)
+            done = False
+            while not done:
+                blocks, count = [], 0
+                while count < batch_size:
+                    rows = result.fetchmany(min(block, batch_size - count))
+                    if not rows:
+                        done = True
+                        break
+                    blocks.append(rows_to_batch(rows, schema, converters))
+                    count += len(rows)
+                if blocks:
+                    yield _joined(blocks, schema)
+
+
+def _joined(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches, schema=schema).combine_chunks().to_batches()[0]
 
 
 def dialect_for(engine_name: str) -> EngineDialect:
