@@ -185,13 +185,14 @@ def child_connectorx(args, table: str, out: Path) -> dict:
     return {"seconds": time.perf_counter() - t0, "rows": rows, "note": "amount lands as float64 (connectorx has no decimal)"}
 
 
-def child_engine(args, table: str, out: Path) -> dict:
+def child_engine(args, table: str, out: Path, url: str | None = None) -> dict:
+    """The engine alone: one slice of the whole table into a local Parquet landing."""
     t0 = time.perf_counter()
     from incremental_assets.copying import slice_stem
     from incremental_assets.landing import open_landing_store
     from incremental_assets.sources import Source
 
-    source = Source("bench", sa_url(args, args.database))
+    source = Source("bench", url or sa_url(args, args.database))
     info = source.describe_table(table, watermark_column="modified")
     horizon = source.safe_horizon(info).value
     store = open_landing_store(str(out / "landing"), "parquet")
@@ -203,6 +204,53 @@ def child_engine(args, table: str, out: Path) -> dict:
     t2 = time.perf_counter()
     return {"seconds": t2 - t0, "rows": sum(f.rows for f in files),
             "note": f"read+write {t2 - t1:.2f}s, {len(files)} file(s), {sum(f.bytes for f in files) / 1e6:.0f} MB"}
+
+
+# ------------------------------------------------------------------------------------------------
+# MariaDB: the generic path (SQLAlchemy streaming) through each driver, beside the C client
+
+
+def mariadb_url(args, driver: str = "pymysql") -> str:
+    return f"mysql+{driver}://{args.mariadb_user}@{args.mariadb_host}:{args.mariadb_port}/{args.mariadb_database}"
+
+
+def build_mariadb_table(args, rows: int) -> str:
+    """The benchmark's 9 columns in MariaDB (``modified`` as DATETIME(6), indexed), from the
+    server's own sequence engine."""
+    import pymysql
+
+    table = f"bench_orders_{rows}"
+    conn = pymysql.connect(host=args.mariadb_host, port=args.mariadb_port, user=args.mariadb_user,
+                           database=args.mariadb_database, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+            cur.execute(
+                f"CREATE TABLE {table} (id bigint PRIMARY KEY, qty int, amount decimal(12,2), score double, "
+                "note text, code varchar(40), active bool, modified datetime(6) NOT NULL, day date, KEY (modified))"
+            )
+            cur.execute(
+                f"INSERT INTO {table} SELECT seq, (seq * 7919) % 100000, ((seq * 13) % 10000000) / 100.0, "
+                "(seq % 9973) / 7.0, concat('note ', md5(seq)), concat('code-', seq % 5000), seq % 3 = 0, "
+                f"utc_timestamp(6) - interval 2 minute - interval (({rows} - seq) * {SPACING_SECONDS}) second "
+                "- interval (seq % 1000000) microsecond, date '2024-01-01' + interval (seq % 700) day "
+                f"FROM seq_1_to_{rows}"
+            )
+            cur.execute(f"ANALYZE TABLE {table}")
+    finally:
+        conn.close()
+    return table
+
+
+def child_mariadb_client(args, table: str, out: Path) -> dict:
+    """``mariadb --quick`` (the C client, row by row to text) into /dev/null: the server's and the
+    wire's cost, as COPY is for PostgreSQL."""
+    t0 = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        subprocess.run(["mariadb", "--batch", "--quick", "-h", args.mariadb_host, "-P", str(args.mariadb_port),
+                        "-u", args.mariadb_user, args.mariadb_database, "-e", f"SELECT {COLUMNS} FROM {table}"],
+                       stdout=devnull, check=True)
+    return {"seconds": time.perf_counter() - t0, "rows": args.mariadb_rows}
 
 
 MERGE_ROWS = 1_000_000
@@ -287,7 +335,9 @@ def _merge(args, table: str, case: str) -> dict:
 
 
 CHILDREN = {"copy": child_copy, "adbc": child_adbc, "pandas": child_pandas, "connectorx": child_connectorx,
-            "engine": child_engine,
+            "engine": child_engine, "mariadb_client": child_mariadb_client,
+            "mariadb_pymysql": lambda args, table, out: child_engine(args, table, out, mariadb_url(args, "pymysql")),
+            "mariadb_mysqlclient": lambda args, table, out: child_engine(args, table, out, mariadb_url(args, "mysqldb")),
             **{case: (lambda args, table, out, case=case: _merge(args, table, case)) for case in MERGE_CASES}}
 
 
@@ -308,7 +358,9 @@ def run_child(args, case: str, table: str) -> dict:
 
 def common_args(args) -> list[str]:
     return ["--host", args.host, "--port", str(args.port), "--user", args.user, "--database", args.database,
-            "--batch-size", str(args.batch_size)]
+            "--batch-size", str(args.batch_size), "--mariadb-host", args.mariadb_host,
+            "--mariadb-port", str(args.mariadb_port), "--mariadb-user", args.mariadb_user,
+            "--mariadb-database", args.mariadb_database, "--mariadb-rows", str(args.mariadb_rows)]
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict:
@@ -475,10 +527,18 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="where temp folders go (default: the system's)")
     parser.add_argument("--output", default=str(HERE / "results" / "latest.md"))
     parser.add_argument("--skip-half", action="store_true", help="skip the memory-flatness run at half the rows")
+    parser.add_argument("--mariadb-host", default="127.0.0.1")
+    parser.add_argument("--mariadb-port", type=int, default=3306)
+    parser.add_argument("--mariadb-user", default="root")
+    parser.add_argument("--mariadb-database", default="test")
+    parser.add_argument("--mariadb-rows", type=int, default=None,
+                        help="rows of the MariaDB table (default a quarter of --rows); 0 skips MariaDB")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-table", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.mariadb_rows is None:
+        args.mariadb_rows = args.rows // 4
 
     if args.child:
         print(json.dumps(CHILDREN[args.child](args, args.child_table, Path(args.child_out or "."))))
@@ -598,6 +658,8 @@ def main(argv=None) -> int:
         print(f"  sync initial at half the rows: {half['seconds']:.2f}s, {half['rss_mb']:.0f} MB", flush=True)
         _drop(args, half_table)
 
+    maria = mariadb_cases(args)
+
     copy = results["COPY binary -> /dev/null (psycopg)"]
     copy_s = copy["seconds"] if copy and "error" not in copy else None
     lines = [
@@ -642,6 +704,7 @@ def main(argv=None) -> int:
         checks.append((f"replica merge >= 300k rows/s ({n:,} new keys between {n:,} stored ones)", rate >= 300_000, f"{rate:,.0f} rows/s"))
     for label, ok, value in checks:
         lines.append(f"- {'met' if ok else 'MISSED'}: {label} ({value})")
+    lines += ["", *maria]
     text = "\n".join(lines) + "\n"
     print()
     print(text)
@@ -650,6 +713,47 @@ def main(argv=None) -> int:
     out.write_text(text)
     print(f"saved to {out}")
     return 0
+
+
+def mariadb_cases(args) -> list[str]:
+    """The MariaDB section of the report: the C client beside the engine through each driver."""
+    title = f"MariaDB, {args.mariadb_rows:,} rows x 9 columns -> Parquet (ratio: time / the C client's time)"
+    if not args.mariadb_rows:
+        return []
+    try:
+        print(f"building bench_orders_{args.mariadb_rows} in MariaDB...", flush=True)
+        table = build_mariadb_table(args, args.mariadb_rows)
+    except Exception as exc:  # noqa: BLE001 - the PostgreSQL figures stand without it
+        return [f"{title}: not measured, MariaDB unavailable ({type(exc).__name__}: {exc})"]
+    cases = {"mariadb --quick -> /dev/null (C client)": "mariadb_client",
+             "engine through PyMySQL (mysql+pymysql://)": "mariadb_pymysql",
+             "engine through mysqlclient (mysql+mysqldb://)": "mariadb_mysqlclient"}
+    found = {}
+    try:
+        run_child(args, "mariadb_client", table)  # warm-up
+        for label, child in cases.items():
+            if child == "mariadb_mysqlclient":
+                try:
+                    import MySQLdb  # noqa: F401
+                except ImportError:
+                    found[label] = None
+                    continue
+            found[label] = best([run_child(args, child, table) for _ in range(args.repeat)])
+            r = found[label]
+            print(f"  {label}: " + (f"{r['seconds']:.2f}s" if "error" not in r else f"FAILED {r['error']}"), flush=True)
+    finally:
+        import pymysql
+
+        conn = pymysql.connect(host=args.mariadb_host, port=args.mariadb_port, user=args.mariadb_user,
+                               database=args.mariadb_database, autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+        conn.close()
+    client = found["mariadb --quick -> /dev/null (C client)"]
+    client_s = client["seconds"] if client and "error" not in client else None
+    lines = [title, "", "| case | time s | process s | rows | rows/s | peak RSS MB | ratio | note |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [fmt_row(label, r, client_s, args.mariadb_rows) for label, r in found.items()]
+    return lines
 
 
 def _drop(args, table: str) -> None:

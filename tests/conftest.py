@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -90,17 +91,44 @@ def pg_db(pg_server):
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@contextmanager
+def _mariadb_database(server: sa.Engine, drivername: str | None = None):
+    name = f"ia_{uuid.uuid4().hex[:10]}"
+    with server.begin() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}`"))
+    url = server.url.set(database=name, drivername=drivername or server.url.drivername)
+    url = url.render_as_string(hide_password=False)
+    engine = sa.create_engine(url)
+    try:
+        yield Database(url, engine)
+    finally:
+        engine.dispose()
+        with server.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+
+
 @pytest.fixture
 def mariadb_db(mariadb_server):
-    name = f"ia_{uuid.uuid4().hex[:10]}"
-    with mariadb_server.begin() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE `{name}`"))
-    url = mariadb_server.url.set(database=name).render_as_string(hide_password=False)
-    engine = sa.create_engine(url)
-    yield Database(url, engine)
-    engine.dispose()
-    with mariadb_server.begin() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+    """A fresh MariaDB database per test, through the server URL's driver (PyMySQL by default)."""
+    with _mariadb_database(mariadb_server) as db:
+        yield db
+
+
+@pytest.fixture
+def mariadb_mysqlclient_db(mariadb_server):
+    """The same through mysqlclient (``mysql+mysqldb://``), the faster driver: the ``mysqlclient``
+    extra, which builds against the MariaDB/MySQL client headers (Debian: libmariadb-dev)."""
+    try:
+        import MySQLdb  # noqa: F401
+    except ImportError:
+        unavailable("mysqlclient is not installed: pip install -e '.[mysqlclient]' (needs libmariadb-dev and pkg-config)")
+    with _mariadb_database(mariadb_server, "mysql+mysqldb") as db:
+        yield db
+
+
+#: the fixture behind each engine parameter of the tests that run on every engine
+ENGINE_FIXTURES = {"sqlite": "sqlite_db", "postgresql": "pg_db", "mariadb": "mariadb_db",
+                   "mariadb_mysqlclient": "mariadb_mysqlclient_db"}
 
 
 @pytest.fixture
@@ -115,7 +143,7 @@ def dagster_home(tmp_path, monkeypatch):
     return home
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb", "mariadb_mysqlclient"])
 def any_db(request):
-    """The same test on each real engine."""
-    return request.getfixturevalue({"sqlite": "sqlite_db", "postgresql": "pg_db", "mariadb": "mariadb_db"}[request.param])
+    """The same test on each real engine (MariaDB through both drivers)."""
+    return request.getfixturevalue(ENGINE_FIXTURES[request.param])

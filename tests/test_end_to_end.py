@@ -24,7 +24,7 @@ def materializations(home, table="data_source_table"):
         ]
 
 
-@pytest.mark.parametrize("db_fixture", ["sqlite_db", "pg_db", "mariadb_db"])
+@pytest.mark.parametrize("db_fixture", ["sqlite_db", "pg_db", "mariadb_db", "mariadb_mysqlclient_db"])
 def test_adf_tutorial_one_table_copies_only_new_rows(request, db_fixture, tmp_path, capsys, dagster_home):
     db = request.getfixturevalue(db_fixture)
     create_adf_table(db)

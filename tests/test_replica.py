@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from incremental_assets.replica import MergeResult, Replica, ReplicaError, reconcile_source
 from incremental_assets.replica.base import canonical
 from incremental_assets.replica.postgresql import PostgreSQLReplica
+from tests.conftest import ENGINE_FIXTURES
 
 UTC = dt.timezone.utc
 KEY = ["PersonID"]
@@ -71,7 +72,7 @@ def expected(rows):
     return [(r[0], r[1], canonical(r[2], "timestamp")) for r in sorted(rows)]
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "postgresql-adbc", "postgresql-optimistic", "mariadb"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-adbc", "postgresql-optimistic", "mariadb", "mariadb_mysqlclient"])
 def any_db(request, monkeypatch):
     """The same test on each real engine; ``postgresql-adbc`` stages every merge step that needs
     staging by ADBC (binary COPY into a table of its own) instead of CSV; ``postgresql-optimistic``
@@ -81,8 +82,7 @@ def any_db(request, monkeypatch):
     if request.param == "postgresql-optimistic":
         monkeypatch.setattr(PostgreSQLReplica, "optimistic_min_rows", 0)
         monkeypatch.setattr(PostgreSQLReplica, "KEY_SAMPLE", 1)
-    engine = request.param.split("-")[0]
-    return request.getfixturevalue({"sqlite": "sqlite_db", "postgresql": "pg_db", "mariadb": "mariadb_db"}[engine])
+    return request.getfixturevalue(ENGINE_FIXTURES[request.param.split("-")[0]])
 
 
 @pytest.fixture

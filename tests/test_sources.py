@@ -290,7 +290,9 @@ def test_postgresql_types_round_trip(pg_db, sources):
     assert source.slice_stats(local, None, None)[1] == as_utc
 
 
-def test_mariadb_types_round_trip(mariadb_db, sources):
+@pytest.mark.parametrize("driver", ["mariadb_db", "mariadb_mysqlclient_db"])
+def test_mariadb_types_round_trip(request, driver, sources):
+    mariadb_db = request.getfixturevalue(driver)
     mariadb_db.run(
         "CREATE TABLE typed (id int PRIMARY KEY, at6 DATETIME(6), amount DECIMAL(18,4), "
         "stamp TIMESTAMP(6) NULL DEFAULT NULL, plain TIMESTAMP NULL DEFAULT NULL, big BIGINT UNSIGNED, "

@@ -28,6 +28,7 @@ from incremental_assets.tracking import (
     enable_change_tracking,
 )
 from incremental_assets.tracking.base import derived_name
+from tests.conftest import ENGINE_FIXTURES
 
 TABLE = "data_source_table"
 ADF_ROWS = [(1, "aaaa", 21), (2, "bbbb", 24), (3, "cccc", 20), (4, "dddd", 26), (5, "eeee", 22)]
@@ -290,9 +291,9 @@ def test_mariadb_text_key_in_the_tables_own_charset(mariadb_db, sources):
 
 
 # -- validity: truncation, cleanup, re-enabling -------------------------------------------------
-@pytest.fixture(params=["postgresql", "mariadb"])
+@pytest.fixture(params=["postgresql", "mariadb", "mariadb_mysqlclient"])
 def truncating_db(request):
-    return request.getfixturevalue({"postgresql": "pg_db", "mariadb": "mariadb_db"}[request.param])
+    return request.getfixturevalue(ENGINE_FIXTURES[request.param])
 
 
 def test_truncate_makes_the_next_read_reinitialize(truncating_db, sources):
