@@ -780,7 +780,8 @@ class Replica:
     ):
         parsed = self._setup(url, schema=schema, retries=retries, retry_delay=retry_delay, chunk_rows=chunk_rows)
         try:
-            self.engine: sa.Engine | None = sa.create_engine(parsed, **self.dialect.engine_kwargs)
+            # pre-ping: a pooled connection the server ended while idle is replaced at checkout
+            self.engine: sa.Engine | None = sa.create_engine(parsed, pool_pre_ping=True, **self.dialect.engine_kwargs)
         except Exception as exc:  # missing driver, bad options
             raise ReplicaError(f"replica {self.redacted_url}: {scrub(str(exc), url)}") from None
         self.dialect.configure_engine(self.engine)

@@ -261,7 +261,9 @@ class Source:
     def __init__(self, name: str, url: str, *, retries: int = 3, retry_delay: float = 1.0, horizon_wait: float = 30.0):
         parsed = self._setup(name, url, retries=retries, retry_delay=retry_delay, horizon_wait=horizon_wait)
         try:
-            self.engine = sa.create_engine(parsed, **self.dialect.engine_kwargs)
+            # pre-ping: a pooled connection the server ended while it sat idle (a restart, a
+            # failover, an idle timeout) is replaced at checkout instead of failing a statement
+            self.engine = sa.create_engine(parsed, pool_pre_ping=True, **self.dialect.engine_kwargs)
         except Exception as exc:  # missing driver, bad options
             raise SourceError(f"source {name!r} ({self.redacted_url}): {scrub(str(exc), url)}") from None
 
