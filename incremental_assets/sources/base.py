@@ -214,18 +214,15 @@ class EngineDialect:
         block = max(1, min(batch_size, self.FETCH_BLOCK))
         with source.connect() as conn:
             result = conn.execution_options(stream_results=True, max_row_buffer=block).execute(select)
-            done = False
-            while not done:
-                blocks, count = [], 0
-                while count < batch_size:
-                    rows = result.fetchmany(min(block, batch_size - count))
-                    if not rows:
-                        done = True
-                        break
-                    blocks.append(rows_to_batch(rows, schema, converters))
-                    count += len(rows)
-                if blocks:
+            blocks, count = [], 0
+            while rows := result.fetchmany(min(block, batch_size - count)):
+                blocks.append(rows_to_batch(rows, schema, converters))
+                count += len(rows)
+                if count == batch_size:
                     yield _joined(blocks, schema)
+                    blocks, count = [], 0
+            if blocks:
+                yield _joined(blocks, schema)
 
 
 def _joined(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
