@@ -437,6 +437,7 @@ class SyncSetup:
             warnings.filterwarnings("ignore")
             import dagster as dg
 
+            os.environ["DAGSTER_HOME"] = str(self.home)  # the instance's storage is configured from it
             with dg.DagsterInstance.from_config(str(self.home)) as instance:
                 records = instance.fetch_materializations(dg.AssetKey(["landing", self.table]), limit=1).records
                 if not records:

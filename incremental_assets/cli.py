@@ -18,7 +18,21 @@ from pathlib import Path
 from .config import CONFIG_ENV, PROJECT_DIR, ConfigError
 
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
-INSTANCE_YAML = "concurrency:\n  pools:\n    default_limit: 1\ntelemetry:\n  enabled: false\n"
+# what dagster_home/dagster.yaml holds: the project's storage (defs/storage.py), one pool per table
+INSTANCE_YAML = """\
+storage:
+  custom:
+    module: incremental_assets.defs.storage
+    class: SqliteStorage
+    config:
+      base_dir:
+        env: DAGSTER_HOME
+concurrency:
+  pools:
+    default_limit: 1
+telemetry:
+  enabled: false
+"""
 
 
 def _prepare_environment(config: str | None) -> None:
