@@ -5,7 +5,7 @@
 
 Builds ``bench_orders_<rows>`` (9 mixed columns, ``modified`` timestamptz indexed: the watermark)
 in the database ``bench`` of the local PostgreSQL (created if missing), then measures each case
-in its own subprocess (wall time, rows/s, peak RSS of that process via ``wait4``) and prints a
+in its own subprocess (wall time, rows/s, peak RSS of that process via ``wait4`` in a launcher) and prints a
 table with each time's ratio to ``COPY (SELECT ...) TO STDOUT (FORMAT binary)``; the table is
 saved to ``benchmarks/results/latest.md`` with the date and the machine. See README.md.
 """
@@ -363,16 +363,48 @@ def common_args(args) -> list[str]:
             "--mariadb-database", args.mariadb_database, "--mariadb-rows", str(args.mariadb_rows)]
 
 
+# Starts the command from a small process of its own and reports the command's wall time, peak RSS
+# and exit code on the file descriptor given first. A command forked from this process instead
+# would report this process's RSS as its own peak (the kernel keeps the high-water mark of the
+# memory a process had before exec, which for a fork is the parent's: 200 MB and more here once
+# the later cases run).
+_LAUNCHER = """
+import os, sys, time
+fd = int(sys.argv[1])
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.close(fd)
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+os.write(fd, f"{wall} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}".encode())
+"""
+
+
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; its wall time and its own peak RSS (wait4 gives that child's rusage)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(PROJECT))
-    # read the pipes before waiting so that a chatty child never blocks
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    return {"wall": wall, "rss_mb": usage.ru_maxrss / 1024, "code": proc.returncode,
+    """Run ``cmd``; its wall time and its own peak RSS (from a small launcher process: see above)."""
+    report_r, report_w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(report_w), *cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, cwd=str(PROJECT), pass_fds=(report_w,))
+        os.close(report_w)
+        report_w = None
+        # read the pipes before waiting so that a chatty child never blocks
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()
+        proc.wait()
+        report = os.read(report_r, 200).decode().split()
+    finally:
+        os.close(report_r)
+        if report_w is not None:
+            os.close(report_w)
+    if len(report) != 3:
+        raise RuntimeError(f"the launcher of {cmd[0]} failed: {stderr.decode(errors='replace').strip()[-300:]}")
+    wall, maxrss_kb, code = float(report[0]), int(report[1]), int(report[2])
+    return {"wall": wall, "rss_mb": maxrss_kb / 1024, "code": code,
             "stdout": stdout.decode(errors="replace"), "stderr": stderr.decode(errors="replace")}
 
 
