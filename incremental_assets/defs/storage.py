@@ -106,7 +106,7 @@ class FastSqliteEventLogStorage(SqliteEventLogStorage):
 
     def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
         path = engine.url.database
-        if for_index_shard or not path or os.path.exists(path) or not self._copy_template(path):
+        if for_index_shard or not os.path.isabs(path or "") or os.path.exists(path) or not self._copy_template(path):
             super()._initdb(engine, for_index_shard=for_index_shard)  # Dagster's own, checks versions
 
     def _copy_template(self, path: str) -> bool:
