@@ -214,14 +214,18 @@ def mariadb_url(args, driver: str = "pymysql") -> str:
     return f"mysql+{driver}://{args.mariadb_user}@{args.mariadb_host}:{args.mariadb_port}/{args.mariadb_database}"
 
 
+def mariadb_connect(args):
+    import pymysql
+
+    return pymysql.connect(host=args.mariadb_host, port=args.mariadb_port, user=args.mariadb_user,
+                           database=args.mariadb_database, autocommit=True)
+
+
 def build_mariadb_table(args, rows: int) -> str:
     """The benchmark's 9 columns in MariaDB (``modified`` as DATETIME(6), indexed), from the
     server's own sequence engine."""
-    import pymysql
-
     table = f"bench_orders_{rows}"
-    conn = pymysql.connect(host=args.mariadb_host, port=args.mariadb_port, user=args.mariadb_user,
-                           database=args.mariadb_database, autocommit=True)
+    conn = mariadb_connect(args)
     try:
         with conn.cursor() as cur:
             cur.execute(f"DROP TABLE IF EXISTS {table}")
@@ -780,10 +784,7 @@ def mariadb_cases(args) -> list[str]:
             r = found[label]
             print(f"  {label}: " + (f"{r['seconds']:.2f}s" if "error" not in r else f"FAILED {r['error']}"), flush=True)
     finally:
-        import pymysql
-
-        conn = pymysql.connect(host=args.mariadb_host, port=args.mariadb_port, user=args.mariadb_user,
-                               database=args.mariadb_database, autocommit=True)
+        conn = mariadb_connect(args)
         with conn.cursor() as cur:
             cur.execute(f"DROP TABLE IF EXISTS {table}")
         conn.close()

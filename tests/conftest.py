@@ -68,6 +68,20 @@ class Database:
         with self.engine.connect() as conn:
             return [tuple(r) for r in conn.execute(sa.text(query))]
 
+    def end_other_sessions(self) -> int:
+        """End every other session on this database (PostgreSQL, MariaDB), as a server restart or
+        a failover does; returns how many."""
+        with self.engine.connect() as conn:
+            if self.engine.dialect.name == "postgresql":
+                return conn.execute(sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+            ids = conn.execute(sa.text(
+                "SELECT id FROM information_schema.processlist WHERE db = database() AND id <> connection_id()")).scalars().all()
+            for session in ids:
+                conn.execute(sa.text(f"KILL {int(session)}"))
+            return len(ids)
+
 
 @pytest.fixture
 def sqlite_db(tmp_path):

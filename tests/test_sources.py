@@ -385,20 +385,6 @@ def test_generic_reads_fetch_blocks_and_yield_whole_batches(sqlite_db, sources, 
     assert pa.Table.from_batches(batches).column("Name").to_pylist() == [n for _, n, _ in ADF_ROWS]
 
 
-def _kill_other_connections(db) -> int:
-    """End every other session on the test's database, as a server restart or a failover does."""
-    with db.engine.connect() as conn:
-        if db.engine.dialect.name == "postgresql":
-            return conn.execute(sa.text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
-        ids = conn.execute(sa.text(
-            "SELECT id FROM information_schema.processlist WHERE db = database() AND id <> connection_id()")).scalars().all()
-        for session in ids:
-            conn.execute(sa.text(f"KILL {int(session)}"))
-        return len(ids)
-
-
 @pytest.mark.parametrize("server_db", ["pg_db", "mariadb_db"])
 def test_a_connection_lost_while_idle_is_replaced(request, server_db, sources):
     db = request.getfixturevalue(server_db)
@@ -406,7 +392,7 @@ def test_a_connection_lost_while_idle_is_replaced(request, server_db, sources):
     source = sources(db, retries=0)
     info = source.describe_table("data_source_table", watermark_column="LastModifytime")
     before = source.safe_horizon(info).value
-    assert _kill_other_connections(db) >= 1  # the source's pooled connection among them
+    assert db.end_other_sessions() >= 1  # the source's pooled connection among them
     time.sleep(0.2)
     assert source.safe_horizon(info).value >= before
     assert read(source, info, None, None).num_rows == len(ADF_ROWS)

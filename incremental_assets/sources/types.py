@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import json
 import uuid
 from typing import Any
@@ -107,6 +108,7 @@ def column_converter(arrow_t: pa.DataType):
     return None
 
 
+@functools.lru_cache(maxsize=None)  # asked once per column of every block
 def _taken_as_is(arrow_t: pa.DataType) -> frozenset:
     """The Python types that :func:`column_converter`'s converter for ``arrow_t`` returns unchanged
     and ``pa.array`` takes as they are (a naive datetime into a zoned timestamp counts as UTC,
