@@ -152,3 +152,19 @@ def test_a_run_database_made_elsewhere_is_left_as_it_is(tmp_path, monkeypatch):
             other.report_engine_event("made by another process", job_name="reader", run_id="elsewhere")
         assert [r.event_log_entry.dagster_event.message for r in storage.get_records_for_run("elsewhere").records] == [
             "made by another process"]
+
+
+def test_opening_the_instance_makes_the_run_template_once(tmp_path, monkeypatch):
+    """The template is made when the instance opens (not by the first run, which would wait for
+    it), and runs copy it without remaking it."""
+    runs = tmp_path / "home" / "history" / "runs"
+    with _instance(tmp_path / "home", cli.INSTANCE_YAML, monkeypatch) as instance:
+        templates = list(runs.glob(".run-template-*.sqlite"))
+        assert [t.name for t in templates] == [f".run-template-{dg.__version__}.sqlite"]
+        made = templates[0].stat().st_mtime_ns
+        result = _run(instance)
+        assert result.success
+    assert _schema(runs / f"{result.run_id}.db")[:2] == _schema(templates[0])[:2]
+    with _instance(tmp_path / "home", cli.INSTANCE_YAML, monkeypatch) as again:
+        assert _run(again).success
+    assert templates[0].stat().st_mtime_ns == made and not list(runs.glob("*.partial"))
