@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -88,6 +89,7 @@ def plan_window_slices(
 
 
 _EPOCH = dt.datetime(1970, 1, 1)
+_EPOCH_UTC = _EPOCH.replace(tzinfo=dt.timezone.utc)
 _UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
 
 
@@ -252,21 +254,36 @@ class OrderedSplit:
 
 def ordered_read_bounds(source: Source, info: TableInfo, planned: Sequence[PlannedSlice]) -> list[pa.Scalar] | None:
     """The upper bounds of all but the last of ``planned``, as values of the watermark's Arrow
-    type, when one read in watermark order should serve them all: the watermark has no index (a
-    read per window would scan the table once per window; one ordered read scans it once and
-    sorts), the slices follow each other, and the engine compares timestamps as Arrow does."""
-    if info.watermark_indexed or len(planned) < 2 or not source.dialect.splits_ordered_reads:
+    type, when one read in watermark order should serve them all: the slices follow each other,
+    the engine compares timestamps as Arrow does, and either the watermark has no index (a read
+    per window would scan the table once per window; one ordered read scans it once and sorts)
+    or the server reads the whole range from the index in order, with no sort (one query, not a
+    query, a connection turn and a reading thread per window: a 2M-row load over 718 daily
+    windows landed in 2.5 s instead of 4.9 s)."""
+    if len(planned) < 2 or not source.dialect.splits_ordered_reads:
         return None
     if any(b.lo != a.hi for a, b in zip(planned, planned[1:])):
         return None
     kind, arrow = info.kind, info.schema.field(info.watermark_column).type
     if not isinstance(kind, TimestampKind) or not pa.types.is_timestamp(arrow) or (arrow.tz is not None) != kind.timezone_aware:
         return None
-    return [pa.scalar(kind.to_column_value(p.hi), type=arrow) for p in planned[:-1]]
+    if info.watermark_indexed and not source.reads_in_order(info, planned[0].lo, planned[-1].hi):
+        return None
+    return [_upper_bound_scalar(kind.to_column_value(p.hi), arrow) for p in planned[:-1]]
+
+
+def _upper_bound_scalar(value: dt.datetime, arrow: pa.TimestampType) -> pa.Scalar:
+    """An upper bound as a scalar of the column's Arrow type, rounded up to its unit (``v < bound``
+    holds for the same values), built from its integer: ``pa.scalar`` on a datetime imports
+    pandas where it is installed (0.2 s and 30 MB of a run's process)."""
+    micros = (value - (_EPOCH_UTC if value.tzinfo else _EPOCH)) // dt.timedelta(microseconds=1)
+    count = micros * 1_000 if arrow.unit == "ns" else -(-micros // _UNITS[arrow.unit])
+    return pa.Array.from_buffers(arrow, 1, [None, pa.py_buffer(struct.pack("<q", count))])[0]
 
 
 def _copy_ordered_read(source, info, store, planned, bounds, *, table, batch_size, max_rows_per_file, replace, landed):
-    log.info("%s: no index on %r: %d windows from one read in watermark order", table, info.watermark_column, len(planned))
+    how = "in the order of its index" if info.watermark_indexed else "no index"
+    log.info("%s: %d windows from one read in watermark order (%r: %s)", table, len(planned), info.watermark_column, how)
     split = OrderedSplit(
         source.read_slice(info, planned[0].lo, planned[-1].hi, batch_size=batch_size, ordered=True), info.watermark_column
     )
@@ -305,8 +322,8 @@ def copy_window_slices(
     hundred windows, not one read each), and starting each slice's read while the one before is
     written: the next query is under way when a file closes. ``landed`` is called after each slice.
     With ``replace`` (a refresh) an empty window is not skipped but emptied: its files go.
-    Without an index on the watermark, the slices come from one read instead
-    (:func:`ordered_read_bounds`)."""
+    Without an index on the watermark, or where the server reads them from the index in order,
+    the slices come from one read instead (:func:`ordered_read_bounds`)."""
     bounds = ordered_read_bounds(source, info, planned)
     if bounds is not None:
         return _copy_ordered_read(

@@ -10,6 +10,8 @@ import datetime as dt
 import logging
 from decimal import Decimal
 import math
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -635,3 +637,68 @@ def test_a_refresh_empties_a_window_whose_rows_are_gone(pg_db, sources, tmp_path
     assert [(c.partition, c.rows) for c in copies] == [("2024-01", 30000), ("2024-02", 0), ("2024-03", 0)]
     assert store.list_files("w", "2024-03") == [] and store.list_files("w", "2024-02") == []
     assert len(store.list_files("w", "2024-01")) == 1
+
+
+def test_windows_the_index_reads_in_order_come_from_one_copy(pg_db, sources, tmp_path, no_fallback, caplog):
+    """With an index on the watermark of a table stored in watermark order, the server reads a
+    run of windows from the index in order without sorting, so one COPY serves them all (not a
+    query, a connection turn and a thread per window), cut at the windows' bounds: each window
+    lands exactly what a read of its own gets, a row on a bound in the window it starts. The same
+    rows stored out of order would be sorted for that read: there each window is read alone."""
+    from incremental_assets.copying import PlannedSlice, copy_window_slices
+    from incremental_assets.landing import open_landing_store
+
+    pg_db.run(
+        # 40 days of 1,000 rows each, one of them on each midnight
+        "CREATE TABLE o (id bigint, at timestamptz)",
+        "INSERT INTO o SELECT g, timestamptz '2024-01-01Z' + g * interval '86.4 seconds' FROM generate_series(0, 39999) g",
+        "CREATE TABLE s AS SELECT * FROM o ORDER BY md5(id::text)",
+        "CREATE INDEX ON o (at)", "CREATE INDEX ON s (at)", "ANALYZE o", "ANALYZE s",
+    )
+    source = sources(pg_db)
+    day = dt.timedelta(days=1)
+    planned = [PlannedSlice(f"d{k:02d}", None if k == 0 else utc(2024, 1, 1) + k * day, utc(2024, 1, 1) + (k + 1) * day)
+               for k in range(40)]
+    caplog.set_level(logging.INFO, logger="incremental_assets")
+    for table, in_order in (("o", True), ("s", False)):
+        info = source.describe_table(table, watermark_column="at")
+        assert info.watermark_indexed and source.reads_in_order(info, None, planned[-1].hi) is in_order
+        expected = {p.partition: sorted(fast(source, info, p.lo, p.hi)[0].column("id").to_pylist()) for p in planned}
+        assert [len(ids) for ids in expected.values()] == [1000] * 40 and expected["d01"][0] == 1000
+        caplog.clear()
+        sessions = []
+        store = open_landing_store(str(tmp_path / table), "parquet")
+        copies = copy_window_slices(source, info, store, planned, table=table, batch_size=700,
+                                    landed=lambda copy: sessions.append(_copy_sessions(pg_db)))
+        landed = {c.partition: sorted(i for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist()) for c in copies}
+        assert landed == expected
+        assert ("windows from one read in watermark order ('at': in the order of its index)" in caplog.text) is in_order
+        if in_order:
+            assert sessions == [1] * 39 + [0]  # the one COPY streams the next windows when one is landed
+
+
+def test_a_run_of_windows_does_not_load_pandas(pg_db, tmp_path):
+    """Cutting one read at the windows' bounds takes no pyarrow conversion of Python values,
+    which imports pandas where it is installed (0.2 s and 30 MB of every run's process)."""
+    pytest.importorskip("pandas", reason="pandas is not installed: nothing could load it")
+    pg_db.run(
+        "CREATE TABLE p (id bigint, at timestamptz)",
+        "INSERT INTO p SELECT g, timestamptz '2024-01-01Z' + g * interval '1 hour' FROM generate_series(0, 2399) g",
+        "ANALYZE p",
+    )
+    script = f"""
+import datetime as dt, sys
+from incremental_assets.copying import PlannedSlice, copy_window_slices
+from incremental_assets.landing import open_landing_store
+from incremental_assets.sources import Source
+source = Source("src", {pg_db.url!r})
+info = source.describe_table("p", watermark_column="at")
+start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+planned = [PlannedSlice(str(k), None if k == 0 else start + dt.timedelta(days=k), start + dt.timedelta(days=k + 1)) for k in range(100)]
+copies = copy_window_slices(source, info, open_landing_store({str(tmp_path)!r}, "parquet"), planned, table="p")
+source.dispose()
+print(sum(c.rows for c in copies), len(copies), "pandas" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2400", "100", "False"]

@@ -199,6 +199,11 @@ class EngineDialect:
             return IntegerKind()
         return None
 
+    def reads_in_order(self, source: Source, select: sa.Select, column: str) -> bool:
+        """Whether the server returns ``select``, ordered by the watermark ``column``, from the
+        column's index without sorting, reading the table about in storage order. Unknown here: no."""
+        return False
+
     #: rows fetched and converted at a time by the generic path
     FETCH_BLOCK = 10_000
 
@@ -525,6 +530,11 @@ class Source:
         ``ordered``, in watermark order (see :meth:`EngineDialect.splits_ordered_reads`)."""
         select = self.select_slice(info, lo, hi, ordered=ordered)
         return self.dialect.read_batches(self, select, info.schema, batch_size)
+
+    def reads_in_order(self, info: TableInfo, lo: Any, hi: Any) -> bool:
+        """Whether ``[lo, hi)`` in watermark order comes from the index, with no sort on the
+        server and the table read about in storage order."""
+        return self.dialect.reads_in_order(self, self.select_slice(info, lo, hi, ordered=True), info.watermark_column)
 
     def select_stats(self, info: TableInfo, lo: Any, hi: Any) -> sa.Select:
         col = self.dialect.result_column(info.table.c[info.watermark_column])

@@ -123,6 +123,47 @@ class PostgreSQLDialect(EngineDialect):
         log.info("source %r: reading through SQLAlchemy rows (the columnar path is not used: %s)", source.name, reason)
         yield from super().read_batches(source, select, schema, batch_size)
 
+    #: the planner's correlation of the watermark with the rows' physical order from which an
+    #: index scan over many windows reads the table about in storage order (1: exactly)
+    IN_ORDER_CORRELATION = 0.9
+
+    def reads_in_order(self, source: Source, select: sa.Select, column: str) -> bool:
+        """In order when the plan of the ordered read (EXPLAINed with its real bounds) sorts
+        nothing, and the table is stored about in the order of ``column`` (the planner's
+        statistics): an index scan over rows stored in another order fetches them page by page
+        at random (a 2M-row table stored shuffled: 5.8 s, against 1.7 s in a read per month).
+        Asked on a connection of the fast path, left for the read that follows."""
+        try:
+            import adbc_driver_manager
+
+            query = slice_query(select)
+            uri = libpq_uri(source.url)
+        except (NoFastPath, ImportError):
+            return False
+        if query.relation is None:
+            return False
+        conn = self.take_idle(uri)
+        try:
+            if conn is None:
+                conn = self.adbc_connection(source, uri)
+            else:
+                conn.set_autocommit(False)
+            if query.settings is not None:
+                _run_query(conn, query.settings, query.params)
+            plan = _run_query(conn, "EXPLAIN (FORMAT JSON) " + query.direct).column(0)[0].as_py()
+            params = pa.record_batch([_string_array([query.relation]), _string_array([column])], names=["1", "2"])
+            correlations = _run_query(conn, CORRELATION, params).column(0).to_pylist()
+        except adbc_driver_manager.Error:
+            _close_all([conn])
+            return False  # the read itself reports what is wrong
+        except BaseException:
+            _close_all([conn])
+            raise
+        self.adbc_release(uri, conn)
+        if _plan_nodes(json.loads(plan) if isinstance(plan, (str, bytes)) else plan, {"Sort", "Incremental Sort"}):
+            return False
+        return bool(correlations) and all(c is not None and abs(c) >= self.IN_ORDER_CORRELATION for c in correlations)
+
     #: connections a finished read leaves for the next (a run of many small windows reads each in
     #: a slice of its own: a new connection costs the server a process and the read 3-5 ms)
     IDLE_MAX = 2
@@ -333,6 +374,15 @@ COLUMN_TYPES = (
     "FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid "
     "LEFT JOIN pg_catalog.pg_type AS b ON b.oid = t.typbasetype "
     "WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped"
+)
+
+
+# the planner's correlation of a column with the table's storage order (no statistics: no row)
+CORRELATION = (
+    "SELECT s.correlation FROM pg_catalog.pg_stats AS s "
+    "JOIN pg_catalog.pg_class AS c ON c.relname = s.tablename "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace AND n.nspname = s.schemaname "
+    "WHERE c.oid = to_regclass($1) AND s.attname = $2"
 )
 
 
@@ -632,24 +682,32 @@ _KEEP_SCAN = {
 }
 
 
-def per_row_scan(plan: Any) -> str | None:
-    """The scan of an EXPLAIN (FORMAT JSON) plan that would read the settings for every row:
-    ``"Seq Scan"``, ``"Bitmap Heap Scan"``, or None (index scans compute their bounds once)."""
-    found = None
+def _plan_nodes(plan: Any, kinds: set[str]) -> list[dict]:
+    """The nodes of an EXPLAIN (FORMAT JSON) plan whose type is one of ``kinds``."""
+    found = []
     nodes = list(plan) if isinstance(plan, list) else [plan]
     while nodes:
         node = nodes.pop()
         if not isinstance(node, dict):
             continue
-        kind = node.get("Node Type")
-        if kind in _KEEP_SCAN and "current_setting" in str(node.get("Filter", "")) + str(node.get("Recheck Cond", "")):
-            if kind == "Seq Scan" or found is None:
-                found = kind
+        if node.get("Node Type") in kinds:
+            found.append(node)
         for value in node.values():
             if isinstance(value, dict):
                 nodes.append(value)
             elif isinstance(value, list):
                 nodes.extend(value)
+    return found
+
+
+def per_row_scan(plan: Any) -> str | None:
+    """The scan of an EXPLAIN (FORMAT JSON) plan that would read the settings for every row:
+    ``"Seq Scan"``, ``"Bitmap Heap Scan"``, or None (index scans compute their bounds once)."""
+    found = None
+    for node in _plan_nodes(plan, set(_KEEP_SCAN)):
+        if "current_setting" in str(node.get("Filter", "")) + str(node.get("Recheck Cond", "")):
+            if node["Node Type"] == "Seq Scan" or found is None:
+                found = node["Node Type"]
     return found
 
 
