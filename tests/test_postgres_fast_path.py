@@ -495,7 +495,14 @@ def _windows_table(pg_db, sources, *, index=True):
     return source, info, planned
 
 
-def test_window_reads_start_while_the_previous_window_is_written(pg_db, sources, tmp_path, no_fallback):
+@pytest.fixture
+def per_window(monkeypatch):
+    """Windows of a table stored in another order than its watermark's are read one by one
+    (not sorted by the server in one read)."""
+    monkeypatch.setattr(pgmod.PostgreSQLDialect, "SORTED_READ_MAX_ROWS", 0)
+
+
+def test_window_reads_start_while_the_previous_window_is_written(pg_db, sources, tmp_path, no_fallback, per_window):
     from incremental_assets.copying import copy_window_slices
     from incremental_assets.landing import open_landing_store
 
@@ -600,7 +607,7 @@ def test_windows_without_an_index_come_from_one_copy(pg_db, sources, tmp_path, n
     assert landed_ids == list(range(30000)) + list(range(100000, 130000))
 
 
-def test_a_failed_window_stops_the_read_started_for_the_next(pg_db, sources, tmp_path, no_fallback):
+def test_a_failed_window_stops_the_read_started_for_the_next(pg_db, sources, tmp_path, no_fallback, per_window):
     from incremental_assets.copying import copy_window_slices
     from incremental_assets.landing import open_landing_store
 
@@ -639,12 +646,14 @@ def test_a_refresh_empties_a_window_whose_rows_are_gone(pg_db, sources, tmp_path
     assert len(store.list_files("w", "2024-01")) == 1
 
 
-def test_windows_the_index_reads_in_order_come_from_one_copy(pg_db, sources, tmp_path, no_fallback, caplog):
-    """With an index on the watermark of a table stored in watermark order, the server reads a
-    run of windows from the index in order without sorting, so one COPY serves them all (not a
-    query, a connection turn and a thread per window), cut at the windows' bounds: each window
-    lands exactly what a read of its own gets, a row on a bound in the window it starts. The same
-    rows stored out of order would be sorted for that read: there each window is read alone."""
+def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sources, tmp_path, no_fallback, caplog,
+                                                                    monkeypatch):
+    """With an index on the watermark, one COPY serves a run of windows (not a query, a
+    connection turn and a thread per window), cut at the windows' bounds: each window lands
+    exactly what a read of its own gets, a row on a bound in the window it starts. A table stored
+    in watermark order is read from the index in order; one stored in another order is sorted by
+    the server (an index read would fetch its rows page by page at random), unless it holds more
+    rows than the server should sort: then each window is read alone."""
     from incremental_assets.copying import PlannedSlice, copy_window_slices
     from incremental_assets.landing import open_landing_store
 
@@ -660,21 +669,29 @@ def test_windows_the_index_reads_in_order_come_from_one_copy(pg_db, sources, tmp
     planned = [PlannedSlice(f"d{k:02d}", None if k == 0 else utc(2024, 1, 1) + k * day, utc(2024, 1, 1) + (k + 1) * day)
                for k in range(40)]
     caplog.set_level(logging.INFO, logger="incremental_assets")
-    for table, in_order in (("o", True), ("s", False)):
+    cases = [("o", "in the order of its index", 5_000_000), ("s", "sorted on the server", 5_000_000), ("s", None, 39_999)]
+    for table, how, most in cases:
+        monkeypatch.setattr(pgmod.PostgreSQLDialect, "SORTED_READ_MAX_ROWS", most)
         info = source.describe_table(table, watermark_column="at")
-        assert info.watermark_indexed and source.reads_in_order(info, None, planned[-1].hi) is in_order
+        assert info.watermark_indexed
+        said = source.one_ordered_read(info, None, planned[-1].hi)
+        assert (said is None) if how is None else said.startswith(how)
         expected = {p.partition: sorted(fast(source, info, p.lo, p.hi)[0].column("id").to_pylist()) for p in planned}
         assert [len(ids) for ids in expected.values()] == [1000] * 40 and expected["d01"][0] == 1000
         caplog.clear()
         sessions = []
-        store = open_landing_store(str(tmp_path / table), "parquet")
+        store = open_landing_store(str(tmp_path / f"{table}-{most}"), "parquet")
         copies = copy_window_slices(source, info, store, planned, table=table, batch_size=700,
                                     landed=lambda copy: sessions.append(_copy_sessions(pg_db)))
-        landed = {c.partition: sorted(i for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist()) for c in copies}
-        assert landed == expected
-        assert ("windows from one read in watermark order ('at': in the order of its index)" in caplog.text) is in_order
-        if in_order:
+        landed = {c.partition: [i for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist()] for c in copies}
+        assert {k: sorted(v) for k, v in landed.items()} == expected
+        one_read = "windows from one read in watermark order ('at': "
+        if how is None:
+            assert one_read not in caplog.text
+        else:
+            assert one_read + how in caplog.text
             assert sessions == [1] * 39 + [0]  # the one COPY streams the next windows when one is landed
+            assert all(v == sorted(v) for v in landed.values())  # ids follow the watermark here
 
 
 def test_a_run_of_windows_does_not_load_pandas(pg_db, tmp_path):

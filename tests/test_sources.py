@@ -170,7 +170,7 @@ def test_windows_without_an_index_come_from_one_ordered_read(any_db, sources, tm
     """No index on the watermark: a run of several windows reads them in one scan in watermark
     order (not a scan per window) and cuts it at the windows' bounds. Each window gets exactly
     the rows a read of its own gets, ties on a bound included; an empty window gets no file, or
-    with a refresh loses its files. Then the same with an index, read window by window."""
+    with a refresh loses its files. Then the same with an index."""
     from incremental_assets.copying import PlannedSlice, copy_window_slices
     from incremental_assets.landing import open_landing_store
 
@@ -214,7 +214,10 @@ def test_windows_without_an_index_come_from_one_ordered_read(any_db, sources, tm
     caplog.clear()
     other = open_landing_store(str(tmp_path / "each"), "parquet")
     copy_window_slices(source, info, other, planned, table="t", batch_size=batch)
-    assert landed(other) == expected and "one read" not in caplog.text
+    assert landed(other) == expected
+    # the other engines read window by window; PostgreSQL sorts the few rows of a table its
+    # statistics do not say is stored in watermark order in one read
+    assert ("one read" in caplog.text) == (engine_of(any_db) == "postgresql")
 
 
 def test_integer_watermark_slices_and_horizon(any_db, sources):

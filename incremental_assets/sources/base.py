@@ -25,6 +25,10 @@ from .types import arrow_type, column_converter, is_timezone_aware, rows_to_batc
 from .watermarks import IntegerKind, RowversionKind, TimestampKind, WatermarkKind
 
 log = logging.getLogger("incremental_assets")
+
+#: execution option of a slice's SELECT in watermark order: the watermark column's name (an
+#: engine's fast path may choose how the server produces that order)
+ORDER_OPTION = "incremental_assets_order"
 T = TypeVar("T")
 UTC = dt.timezone.utc
 
@@ -199,10 +203,11 @@ class EngineDialect:
             return IntegerKind()
         return None
 
-    def reads_in_order(self, source: Source, select: sa.Select, column: str) -> bool:
-        """Whether the server returns ``select``, ordered by the watermark ``column``, from the
-        column's index without sorting, reading the table about in storage order. Unknown here: no."""
-        return False
+    def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> str | None:
+        """How one read of ``select`` (a range of windows in the order of the watermark
+        ``column``, which has an index) would serve the windows better than a read of each, in
+        a few words for the log; None: a read per window. Unknown here: None."""
+        return None
 
     #: rows fetched and converted at a time by the generic path
     FETCH_BLOCK = 10_000
@@ -518,7 +523,9 @@ class Source:
 
     def select_slice(self, info: TableInfo, lo: Any, hi: Any, *, ordered: bool = False) -> sa.Select:
         query = sa.select(*self._result_columns(info)).where(*self.range_filter(info, lo, hi))
-        return query.order_by(info.table.c[info.watermark_column]) if ordered else query
+        if not ordered:
+            return query
+        return query.order_by(info.table.c[info.watermark_column]).execution_options(**{ORDER_OPTION: info.watermark_column})
 
     def _result_columns(self, info: TableInfo) -> list:
         return [self.dialect.result_column(info.table.c[c]).label(c) for c in info.columns]
@@ -531,10 +538,10 @@ class Source:
         select = self.select_slice(info, lo, hi, ordered=ordered)
         return self.dialect.read_batches(self, select, info.schema, batch_size)
 
-    def reads_in_order(self, info: TableInfo, lo: Any, hi: Any) -> bool:
-        """Whether ``[lo, hi)`` in watermark order comes from the index, with no sort on the
-        server and the table read about in storage order."""
-        return self.dialect.reads_in_order(self, self.select_slice(info, lo, hi, ordered=True), info.watermark_column)
+    def one_ordered_read(self, info: TableInfo, lo: Any, hi: Any) -> str | None:
+        """How one read of ``[lo, hi)`` in watermark order would serve its windows better than a
+        read each (the watermark has an index), or None (see :meth:`EngineDialect.one_ordered_read`)."""
+        return self.dialect.one_ordered_read(self, self.select_slice(info, lo, hi, ordered=True), info.watermark_column)
 
     def select_stats(self, info: TableInfo, lo: Any, hi: Any) -> sa.Select:
         col = self.dialect.result_column(info.table.c[info.watermark_column])
