@@ -32,6 +32,7 @@ CLI = VENV_BIN / "incremental-assets"
 COLUMNS = "id, qty, amount, score, note, code, active, modified, day"
 SPACING_SECONDS = 3  # between consecutive rows' watermarks: 2M rows span ~70 days
 SPREAD_DAYS = 730  # the span of the same rows in the table of a case with a window a day for two years
+SCATTERED_DAYS = 365  # the same, for a table whose rows are stored in another order than the watermark's
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,19 +77,22 @@ def build_table(args, rows: int) -> str:
     return table
 
 
-def build_spread_table(args, table: str, days: int) -> str:
-    """``table``'s rows with watermarks spread over ``days`` days to 2 minutes ago, stored in
-    watermark order as rows appended as they come are, with the same indexes."""
+def build_spread_table(args, table: str, days: int, *, scattered: bool = False) -> str:
+    """``table``'s rows with watermarks spread over ``days`` days to 2 minutes ago, with the same
+    indexes: stored in watermark order, as rows appended as they come are, or ``scattered``
+    (the watermarks a fixed permutation of the ids: rows written at random times)."""
     import psycopg
 
-    spread = f"{table}_{days}d"
+    spread = f"{table}_{days}d" + ("_scattered" if scattered else "")
     seconds = days * 86400 / args.rows
+    # 7919 is prime and no factor of the row counts used: a permutation of 0 .. rows - 1
+    position = f"(id * 7919) % {args.rows}" if scattered else "id"
     with psycopg.connect(pg_conninfo(args, args.database), autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {spread}")
         conn.execute(f"CREATE TABLE {spread} (LIKE {table} INCLUDING ALL)")
         conn.execute(
             f"INSERT INTO {spread} SELECT id, qty, amount, score, note, code, active, "
-            f"now() - interval '2 minutes' - (({args.rows} - id) * interval '{seconds} seconds') "
+            f"now() - interval '2 minutes' - (({args.rows} - {position}) * interval '{seconds} seconds') "
             f"- (id % 1000000) * interval '1 microsecond', day FROM {table} ORDER BY id"
         )
         conn.execute(f"VACUUM ANALYZE {spread}")
@@ -704,24 +708,30 @@ def main(argv=None) -> int:
     results[daily_label] = best(daily)
     print(f"  sync initial, daily windows: {results[daily_label]['seconds']:.2f}s", flush=True)
 
-    # the same rows over two years: a table in use for a while, in a window per day
-    spread_table = build_spread_table(args, table, SPREAD_DAYS)
-    spread = []
-    for _ in range(args.repeat):
-        setup = SyncSetup(args, spread_table, granularity="daily")
-        try:
-            r = setup.sync()
-            if r.get("rows") != args.rows and "error" not in r:
-                r["error"] = f"landed {r.get('rows')} rows, expected {args.rows}"
-            windows = len({p.parent.name for p in (setup.dir / "landing").rglob("*.parquet")})
-            r["note"] = f"{windows} daily windows with rows; {r['note']}"
-            spread.append(r)
-        finally:
-            setup.cleanup()
-    spread_label = f"incremental-assets sync: initial load, daily windows, rows over {SPREAD_DAYS} days"
-    results[spread_label] = best(spread)
-    print(f"  sync initial, daily windows over {SPREAD_DAYS} days: {results[spread_label]['seconds']:.2f}s", flush=True)
-    _drop(args, spread_table)
+    # the same rows over two years (a table in use for a while), and over one year stored in
+    # another order than the watermark's (rows written at random times), in a window per day
+    for days, scattered, label in (
+        (SPREAD_DAYS, False, f"rows over {SPREAD_DAYS} days"),
+        (SCATTERED_DAYS, True, f"rows over {SCATTERED_DAYS} days stored in another order"),
+    ):
+        spread_table = build_spread_table(args, table, days, scattered=scattered)
+        spread = []
+        for _ in range(args.repeat):
+            setup = SyncSetup(args, spread_table, granularity="daily")
+            try:
+                r = setup.sync()
+                r["landed"] = setup.landed_rows()
+                if r["landed"] != args.rows and "error" not in r:
+                    r["error"] = f"landed {r['landed']} rows, expected {args.rows}"
+                windows = len({p.parent.name for p in (setup.dir / "landing").rglob("*.parquet")})
+                r["note"] = f"{windows} daily windows with rows; {r['note']}"
+                spread.append(r)
+            finally:
+                setup.cleanup()
+        spread_label = f"incremental-assets sync: initial load, daily windows, {label}"
+        results[spread_label] = best(spread)
+        print(f"  sync initial, daily windows, {label}: {results[spread_label]['seconds']:.2f}s", flush=True)
+        _drop(args, spread_table)
 
     half = None
     if not args.skip_half:
