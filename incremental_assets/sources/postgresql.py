@@ -123,10 +123,10 @@ class PostgreSQLDialect(EngineDialect):
         log.info("source %r: reading through SQLAlchemy rows (the columnar path is not used: %s)", source.name, reason)
         yield from super().read_batches(source, select, schema, batch_size)
 
-    #: rows (the planner's estimate) up to which a run of windows of a table stored in another
-    #: order than its watermark's is read as one scan the server sorts (its temporary files hold
-    #: about that many rows), rather than a read per window
-    SORTED_READ_MAX_ROWS = 5_000_000
+    #: bytes (the planner's estimate: rows times their width) up to which a run of windows of a
+    #: table stored in another order than its watermark's is read as one scan the server sorts,
+    #: rather than a read per window: the server's temporary files hold about that much
+    SORTED_READ_MAX_BYTES = 1 << 30
 
     def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> str | None:
         """One read in watermark order serves a run of windows better than a read per window:
@@ -134,7 +134,7 @@ class PostgreSQLDialect(EngineDialect):
         - the plan of the ordered read (EXPLAINed with its real bounds) sorts nothing and the
           table is stored about in the order of ``column`` (the planner's statistics): the index
           is read in order, the table about in storage order;
-        - else, up to :data:`SORTED_READ_MAX_ROWS` rows, the server scans the range and sorts it
+        - else, up to :data:`SORTED_READ_MAX_BYTES`, the server scans the range and sorts it
           (see :meth:`_CopyReader._statement`): an index read in order would fetch the rows page
           by page at random, and a read per window re-reads the same pages for every window
           (2M rows stored at random over a year, 366 daily windows: 4.5 s through the index in
@@ -169,8 +169,8 @@ class PostgreSQLDialect(EngineDialect):
         self.adbc_release(uri, conn)
         if stored_in_order and not _plan_nodes(plan, _SORTS):
             return "in the order of its index"
-        rows = _plan_rows(plan)
-        if rows is not None and rows <= self.SORTED_READ_MAX_ROWS:
+        size = _plan_bytes(plan)
+        if size is not None and size <= self.SORTED_READ_MAX_BYTES:
             return "sorted on the server: the table is stored in another order"
         return None
 
@@ -716,11 +716,14 @@ def _explain(conn, sql: str) -> Any:
     return json.loads(plan) if isinstance(plan, (str, bytes)) else plan
 
 
-def _plan_rows(plan: Any) -> float | None:
-    """The planner's estimate of the rows a plan returns."""
+def _plan_bytes(plan: Any) -> float | None:
+    """The planner's estimate of the bytes a plan returns: its rows times their width."""
     top = plan[0] if isinstance(plan, list) and plan else plan
-    rows = top.get("Plan", {}).get("Plan Rows") if isinstance(top, dict) else None
-    return rows if isinstance(rows, (int, float)) else None
+    node = top.get("Plan", {}) if isinstance(top, dict) else {}
+    rows, width = node.get("Plan Rows"), node.get("Plan Width")
+    if not isinstance(rows, (int, float)) or not isinstance(width, (int, float)):
+        return None
+    return rows * width
 
 
 def _stored_in_order(conn, relation: str, column: str) -> bool:
