@@ -504,3 +504,31 @@ def test_the_installed_command_delivers_its_output_and_exit_code(pg_db, tmp_path
     done = subprocess.run([str(command), "--config", str(bad), "sync"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert "no_such_table" in done.stderr and "not found" in done.stderr
+
+
+@pytest.mark.parametrize("gap_days", [40, 29, 0], ids=["gap", "shorter-gap", "no-gap"])
+def test_a_run_stops_before_a_gap_of_empty_windows(sqlite_db, monkeypatch, gap_days):
+    """Rows on the first ten days, then none for ``gap_days`` days, then rows again for a month:
+    the run planned from the first row ends before a gap of 30 empty daily windows (the next run
+    starts after it) and spans a shorter one. With no empty window, the windows are asked about
+    a block of 15 at a time, not one by one."""
+    from incremental_assets.defs import sensors
+    from incremental_assets.sources import Source
+
+    start = dt.datetime(2020, 1, 1, 12)
+    days = list(range(10)) + list(range(10 + gap_days, 10 + gap_days + 30))
+    create_adf_table(sqlite_db, rows=[(k, f"p{k}", start + dt.timedelta(days=d)) for k, d in enumerate(days)])
+    source = Source("src", sqlite_db.url)
+    info = source.describe_table("data_source_table", watermark_column="LastModifytime")
+    assert info.watermark_indexed
+    asked = []
+    original = Source.windows_with_rows
+    monkeypatch.setattr(Source, "windows_with_rows", lambda self, i, bounds: asked.append(len(bounds)) or original(self, i, bounds))
+    pdef = dg.DailyPartitionsDefinition(start_date="2019-12-01", end_offset=1)
+    last = (start + dt.timedelta(days=days[-1])).strftime("%Y-%m-%d")
+    hi = dt.datetime(2020, 12, 1, tzinfo=dt.timezone.utc)
+    end = sensors._stretch_end(pdef, source, info, "2020-01-01", last, hi)
+    source.dispose()
+    assert end == ("2020-01-10" if gap_days >= sensors.GAP_WINDOWS else last)
+    if gap_days == 0:
+        assert asked == [-(-len(days) // (sensors.GAP_WINDOWS // 2))]  # 40 windows: 3 blocks, no window alone
