@@ -168,3 +168,19 @@ def test_opening_the_instance_makes_the_run_template_once(tmp_path, monkeypatch)
     with _instance(tmp_path / "home", cli.INSTANCE_YAML, monkeypatch) as again:
         assert _run(again).success
     assert templates[0].stat().st_mtime_ns == made and not list(runs.glob("*.partial"))
+
+
+def test_an_instance_opens_and_runs_when_the_template_cannot_be_made(tmp_path, monkeypatch):
+    """The template is an optimisation: when making it fails, whatever the error, the instance
+    opens and a run's database is created by Dagster's own code."""
+    from incremental_assets.defs import storage
+
+    def refuse(self, template):
+        raise RuntimeError("no template here")
+
+    monkeypatch.setattr(storage.FastSqliteEventLogStorage, "_make_template", refuse)
+    runs = tmp_path / "home" / "history" / "runs"
+    with _instance(tmp_path / "home", cli.INSTANCE_YAML, monkeypatch) as instance:
+        result = _run(instance)
+        assert result.success
+    assert not list(runs.glob(".run-template-*")) and (runs / f"{result.run_id}.db").exists()

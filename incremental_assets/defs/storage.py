@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, EVENT_TYPE_TO_PIPELINE_RUN_STATUS
@@ -79,7 +78,7 @@ class FastSqliteEventLogStorage(SqliteEventLogStorage):
         try:
             if not os.path.exists(self._template):
                 self._make_template(self._template)
-        except (OSError, SQLAlchemyError):
+        except Exception:  # noqa: BLE001 - opening the instance never fails for want of a template
             pass  # the first run tries again, and if it cannot either, Dagster creates its database
 
     @property
@@ -136,7 +135,7 @@ class FastSqliteEventLogStorage(SqliteEventLogStorage):
                 os.link(partial, path)  # whole, and only if no one created it meanwhile
             finally:
                 os.unlink(partial)
-        except (OSError, SQLAlchemyError):
+        except Exception:  # noqa: BLE001 - the template only saves time: Dagster's own init takes over
             return False
         return True
 
