@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import pyarrow as pa
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from .base import Source
 
 log = logging.getLogger("incremental_assets")
+T = TypeVar("T")
 
 HIDDEN = "(start hidden: GRANT pg_read_all_stats TO the source user)"
 
@@ -150,22 +151,16 @@ class PostgreSQLDialect(EngineDialect):
             return None
         if query.relation is None:
             return None
-        conn = self.take_idle(uri)
-        try:
-            if conn is None:
-                conn = self.adbc_connection(source, uri)
-            else:
-                conn.set_autocommit(False)
+
+        def ask(conn):
             if query.settings is not None:
                 _run_query(conn, query.settings, query.params)
-            plan = _explain(conn, query.direct)
-            stored_in_order = _stored_in_order(conn, query.relation, column)
+            return _explain(conn, query.direct), _stored_in_order(conn, query.relation, column)
+
+        try:
+            conn, (plan, stored_in_order) = self.checkout(source, uri, ask)
         except adbc_driver_manager.Error:
-            _close_all([conn])
             return None  # the read itself reports what is wrong
-        except BaseException:
-            _close_all([conn])
-            raise
         self.adbc_release(uri, conn)
         if stored_in_order and not _plan_nodes(plan, _SORTS):
             return "in the order of its index"
@@ -208,6 +203,29 @@ class PostgreSQLDialect(EngineDialect):
             return conn
 
         return source.retrying(attempt, adbc_driver_manager.Error, str)
+
+    def checkout(self, source: Source, uri: str, first: Callable[[Any], T]) -> tuple[Any, T]:
+        """A connection in a transaction of its own and what ``first`` (its first statements)
+        returned: one a finished read left (closed, and a new one made, if its first statement
+        fails: the server restarted, say), or a new one. Closed if ``first`` fails."""
+        import adbc_driver_manager
+
+        conn = self.take_idle(uri)
+        if conn is not None:
+            try:
+                conn.set_autocommit(False)  # a transaction of its own, as a new connection's
+                return conn, first(conn)
+            except adbc_driver_manager.Error:
+                _close_all([conn])
+            except BaseException:
+                _close_all([conn])
+                raise
+        conn = self.adbc_connection(source, uri)
+        try:
+            return conn, first(conn)
+        except BaseException:
+            _close_all([conn])
+            raise
 
     def take_idle(self, uri: str):
         """A connection a finished read left for ``uri`` (see :meth:`adbc_release`), or None."""
@@ -641,26 +659,8 @@ class _CopyReader:
             _close_all([reader, statement, conn])
 
     def _connect(self):
-        """A connection and the statement to COPY on it: one a finished read left (closed, and a
-        new one made, if its first statement fails: the server restarted, say), or a new one."""
-        import adbc_driver_manager
-
-        conn = self.dialect.take_idle(self.uri)
-        if conn is not None:
-            try:
-                conn.set_autocommit(False)  # a transaction of its own, as a new connection's
-                return conn, self._statement(conn)
-            except adbc_driver_manager.Error:
-                _close_all([conn])
-            except BaseException:
-                _close_all([conn])
-                raise
-        conn = self.dialect.adbc_connection(self.source, self.uri)
-        try:
-            return conn, self._statement(conn)
-        except BaseException:
-            _close_all([conn])
-            raise
+        """A connection and the statement to COPY on it (see :meth:`PostgreSQLDialect.checkout`)."""
+        return self.dialect.checkout(self.source, self.uri, self._statement)
 
 
 def _close_all(closeables) -> None:
