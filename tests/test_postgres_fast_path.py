@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from incremental_assets.landing.formats import ParquetSliceWriter
+from incremental_assets.landing.local import LocalLandingStore
 from incremental_assets.sources import Source, SourceUnavailable
 from incremental_assets.sources import postgresql as pgmod
 from incremental_assets.sources.base import EngineDialect
@@ -651,9 +652,10 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
     """With an index on the watermark, one COPY serves a run of windows (not a query, a
     connection turn and a thread per window), cut at the windows' bounds: each window lands
     exactly what a read of its own gets, a row on a bound in the window it starts. A table stored
-    in watermark order is read from the index in order; one stored in another order is sorted by
-    the server (an index read would fetch its rows page by page at random), unless it holds more
-    rows than the server should sort: then each window is read alone."""
+    in watermark order is read in storage order (into a local landing folder, whose files wait
+    unpublished until the read has ended) or from the index in order (Azure); one stored in
+    another order is sorted by the server (an index read would fetch its rows page by page at
+    random), unless it holds more rows than the server should sort: then each window is read alone."""
     from incremental_assets.copying import PlannedSlice, copy_window_slices
     from incremental_assets.landing import open_landing_store
 
@@ -670,18 +672,21 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
                for k in range(40)]
     caplog.set_level(logging.INFO, logger="incremental_assets")
     # (the planner's estimate of the rows' width is 16 bytes: 40,000 rows are about 640 kB)
-    cases = [("o", "in the order of its index", 1 << 30), ("s", "sorted on the server", 1 << 30), ("s", None, 100_000)]
-    for table, how, most in cases:
+    cases = [("o", "in the order of its index", 1 << 30, True), ("o", "in the order of its index", 1 << 30, False),
+             ("s", "sorted on the server", 1 << 30, True), ("s", None, 100_000, True)]
+    for table, how, most, cheap_publish in cases:
         monkeypatch.setattr(pgmod.PostgreSQLDialect, "SORTED_READ_MAX_BYTES", most)
+        monkeypatch.setattr(LocalLandingStore, "cheap_publish", cheap_publish)  # False: as Azure's
         info = source.describe_table(table, watermark_column="at")
         assert info.watermark_indexed
         said = source.one_ordered_read(info, None, planned[-1].hi)
-        assert (said is None) if how is None else said.startswith(how)
+        assert (said is None) if how is None else said.how.startswith(how)
+        assert (said is not None and said.storage_order) == (table == "o")
         expected = {p.partition: sorted(fast(source, info, p.lo, p.hi)[0].column("id").to_pylist()) for p in planned}
         assert [len(ids) for ids in expected.values()] == [1000] * 40 and expected["d01"][0] == 1000
         caplog.clear()
         sessions = []
-        store = open_landing_store(str(tmp_path / f"{table}-{most}"), "parquet")
+        store = open_landing_store(str(tmp_path / f"{table}-{most}-{cheap_publish}"), "parquet")
         copies = copy_window_slices(source, info, store, planned, table=table, batch_size=700,
                                     landed=lambda copy: sessions.append(_copy_sessions(pg_db)))
         landed = {c.partition: [i for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist()] for c in copies}
@@ -689,10 +694,105 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
         one_read = "windows from one read in watermark order ('at': "
         if how is None:
             assert one_read not in caplog.text
+        elif table == "o" and cheap_publish:
+            assert "40 windows from one read in storage order, about the watermark's ('at')" in caplog.text
+            assert "read again" not in caplog.text
+            assert sessions == [0] * 40  # published once the read has ended
         else:
             assert one_read + how in caplog.text
             assert sessions == [1] * 39 + [0]  # the one COPY streams the next windows when one is landed
             assert all(v == sorted(v) for v in landed.values())  # ids follow the watermark here
+
+
+def _about_in_order(pg_db, sources, table="a", late=False):
+    """A table stored about in watermark order, as tables written over time are: 40 days of
+    1,000 rows in order, then rows updated in place (HOT: a new version in the same page, a later
+    watermark: they come early in a scan); ``late``: with two rows of days 3 and 17 written late,
+    stored after every other row."""
+    from incremental_assets.copying import PlannedSlice
+
+    rows = "SELECT g AS id, timestamptz '2024-01-01Z' + g * interval '86.4 seconds' AS at, 'x' AS note FROM generate_series(0, 39999) g"
+    if late:
+        rows += (" UNION ALL SELECT 90001, timestamptz '2024-01-04 12:00Z', 'late'"
+                 " UNION ALL SELECT 90002, timestamptz '2024-01-18 00:00Z', 'late'")
+    pg_db.run(
+        f"CREATE TABLE {table} (id bigint, at timestamptz, note text) WITH (fillfactor = 50)",
+        f"INSERT INTO {table} SELECT id, at, note FROM ({rows}) r ORDER BY id",  # stored in that order
+        f"CREATE INDEX ON {table} (at)", f"ANALYZE {table}",
+        # updated in place, moved to the last day (the note is not indexed: HOT updates)
+        f"UPDATE {table} SET at = at + interval '39 days' * (1 - (id / 1000) / 40.0) WHERE id % 97 = 0 AND id < 30000",
+    )
+    source = sources(pg_db)
+    day = dt.timedelta(days=1)
+    planned = [PlannedSlice(f"d{k:02d}", None if k == 0 else utc(2024, 1, 1) + k * day, utc(2024, 1, 1) + (k + 1) * day)
+               for k in range(40)]
+    return source, planned
+
+
+def _landed_windows(copies):
+    return {c.partition: sorted(i for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist()) for c in copies}
+
+
+def test_a_table_about_in_watermark_order_lands_each_window_exactly(pg_db, sources, tmp_path, no_fallback, caplog,
+                                                                   monkeypatch):
+    """Read in storage order, rows updated in place come ahead of their window and wait for it;
+    rows written late, after their window's turn, make their window be read again on its own.
+    Every window lands exactly the rows a read of its own gets."""
+    from incremental_assets.copying import StorageOrderSplit, copy_window_slices
+    from incremental_assets.landing import open_landing_store
+
+    # a window's turn ends 16 kB of the read after its latest row (a day's rows are about 30 kB):
+    # the table is small, and the default (8 MB) would hold all of it in memory in the first turn
+    monkeypatch.setattr(StorageOrderSplit, "PAST_BYTES", 16 * 1024)
+
+    source, planned = _about_in_order(pg_db, sources)
+    info = source.describe_table("a", watermark_column="at")
+    assert source.one_ordered_read(info, None, planned[-1].hi).storage_order
+    caplog.set_level(logging.INFO, logger="incremental_assets")
+
+    store = open_landing_store(str(tmp_path / "updated"), "parquet")
+    copies = copy_window_slices(source, info, store, planned, table="a", batch_size=500)
+    expected = {p.partition: sorted(fast(source, info, p.lo, p.hi)[0].column("id").to_pylist()) for p in planned}
+    assert _landed_windows(copies) == expected
+    assert len(expected["d39"]) > 1000  # the updated rows moved there
+    assert "from one read in storage order" in caplog.text and "read again" not in caplog.text
+
+    _, planned = _about_in_order(pg_db, sources, table="b", late=True)
+    info = source.describe_table("b", watermark_column="at")
+    caplog.clear()
+    store = open_landing_store(str(tmp_path / "late"), "parquet")
+    copies = copy_window_slices(source, info, store, planned, table="b", batch_size=500)
+    expected = {p.partition: sorted(fast(source, info, p.lo, p.hi)[0].column("id").to_pylist()) for p in planned}
+    assert _landed_windows(copies) == expected
+    assert 90001 in expected["d03"] and 90002 in expected["d17"]
+    assert "2 window(s) read again on their own (rows out of watermark order): d03, d17" in caplog.text
+    assert [c.partition for c in copies] == [p.partition for p in planned]  # landed in window order
+
+
+def test_nothing_of_a_run_in_storage_order_is_visible_when_it_fails(pg_db, sources, tmp_path, no_fallback, monkeypatch):
+    """The files of a run read in storage order are published once the read has ended: a run
+    that fails before leaves no file, not even of the windows it had written."""
+    from incremental_assets import copying
+    from incremental_assets.landing import open_landing_store
+
+    source, planned = _about_in_order(pg_db, sources)
+    info = source.describe_table("a", watermark_column="at")
+    store = open_landing_store(str(tmp_path / "landing"), "parquet")
+    turns = []
+    real_rows = copying.StorageOrderSplit.rows
+
+    def rows(self, window):
+        turns.append(window)
+        if window == 30:
+            raise RuntimeError("the connection was lost in window 30")
+        yield from real_rows(self, window)
+
+    monkeypatch.setattr(copying.StorageOrderSplit, "rows", rows)
+    with pytest.raises(RuntimeError, match="window 30"):
+        copying.copy_window_slices(source, info, store, planned, table="a", batch_size=500)
+    assert turns == list(range(31))
+    assert store.list_files("a") == []
+    assert [p for p in (tmp_path / "landing").rglob("*") if p.is_file()] == []  # nor any temporary file
 
 
 def test_a_run_of_windows_does_not_load_pandas(pg_db, tmp_path):

@@ -3,7 +3,7 @@
 Dagster-free: the engine and the CLI use it directly; the Dagster layer wraps it.
 """
 
-from .base import LandedFile, LandingError, LandingStore, open_landing_store, redact
+from .base import LandedFile, LandingError, LandingStore, StagedSlice, open_landing_store, redact
 from .formats import FORMATS, SliceWriter, make_writer, read_table
 from .local import LocalLandingStore
 
@@ -15,6 +15,7 @@ __all__ = [
     "LandingStore",
     "LocalLandingStore",
     "SliceWriter",
+    "StagedSlice",
     "blob_service_client_from_env",
     "container_client_from_env",
     "make_writer",

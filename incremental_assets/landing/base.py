@@ -22,6 +22,7 @@ import pyarrow as pa
 from .formats import FORMATS, SliceWriter, extension_for, format_for_path, make_writer
 
 __all__ = [
+    "StagedSlice",
     "LandingError",
     "LandedFile",
     "LandingStore",
@@ -173,6 +174,31 @@ class _Part:
     bytes: int = 0
 
 
+class StagedSlice:
+    """A slice's files, written and durable but not yet visible (see :meth:`LandingStore.stage_slice`)."""
+
+    def __init__(self, store: LandingStore, table: str, partition: str, stem: str, parts: list[_Part]):
+        self.store, self.table, self.partition, self.stem = store, table, partition, stem
+        self.parts = parts
+        self.rows = sum(p.rows for p in parts)
+        self._done = False
+
+    def publish(self) -> list[LandedFile]:
+        """Make the files visible under their names (atomically, file by file) and remove other
+        files of the same stem; if that fails, the files not yet published are removed."""
+        if self._done:
+            raise RuntimeError(f"{self.table}/{self.partition}/{self.stem}: already published or discarded")
+        self._done = True
+        return self.store._publish_staged(self)
+
+    def discard(self) -> None:
+        """Remove the files; nothing of them was ever visible."""
+        if not self._done:
+            self._done = True
+            for part in self.parts:
+                self.store._abort_part(part)
+
+
 class LandingStore(ABC):
     """Where slices land. Subclasses implement the storage primitives."""
 
@@ -203,6 +229,11 @@ class LandingStore(ABC):
     def check_writable(self) -> None:
         """Raise LandingError when the store does not exist or refuses writes."""
 
+    #: publishing a staged file is quick and local (a rename), so a copy may keep the files of
+    #: several slices staged until it knows they are whole (see :meth:`stage_slice`); a store
+    #: that uploads keeps them in local scratch space meanwhile
+    cheap_publish: bool = False
+
     def write_slice(
         self,
         table: str,
@@ -223,6 +254,22 @@ class LandingStore(ABC):
         With 0 rows nothing is written (and earlier files of the stem are removed).
         If ``batches`` raises, temp files are removed and the exception propagates.
         """
+        return self.stage_slice(
+            table, partition, stem, schema, batches, max_rows_per_file=max_rows_per_file
+        ).publish()
+
+    def stage_slice(
+        self,
+        table: str,
+        partition: str,
+        stem: str,
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        max_rows_per_file: int | None = None,
+    ) -> StagedSlice:
+        """:meth:`write_slice` up to its files' publication: they are written and made durable
+        where no reader sees them, and :meth:`StagedSlice.publish` (or ``discard``) does the rest."""
         validate_segment(table, "table")
         validate_segment(partition, "partition")
         validate_segment(stem, "stem")
@@ -262,12 +309,20 @@ class LandingStore(ABC):
             if current is not None:
                 self._finish_part(current, table, folder)
                 current = None
+        except BaseException:
+            for part in parts:
+                self._abort_part(part)
+            raise
+        return StagedSlice(self, table, partition, stem, parts)
 
-            if len(parts) == 1:
-                names = [f"{stem}.{self.extension}"]
-            else:
-                names = [f"{stem}.part-{i:05d}.{self.extension}" for i in range(len(parts))]
-            landed: list[LandedFile] = []
+    def _publish_staged(self, staged: StagedSlice) -> list[LandedFile]:
+        table, folder, stem, parts = staged.table, f"{staged.table}/{staged.partition}", staged.stem, staged.parts
+        if len(parts) == 1:
+            names = [f"{stem}.{self.extension}"]
+        else:
+            names = [f"{stem}.part-{i:05d}.{self.extension}" for i in range(len(parts))]
+        landed: list[LandedFile] = []
+        try:
             for part, name in zip(parts, names):
                 path = f"{folder}/{name}"
                 self._publish(part.temp, path, table, part.rows)
@@ -282,7 +337,7 @@ class LandingStore(ABC):
         keep = {f.path for f in landed}
         stale = [
             p
-            for p in self.list_files(table, partition)
+            for p in self.list_files(table, staged.partition)
             if p not in keep and is_stem_file(p.rsplit("/", 1)[-1], stem, self.extension)
         ]
         if stale:

@@ -32,6 +32,8 @@ class LocalLandingStore(LandingStore):
     folders are created on demand.
     """
 
+    cheap_publish = True  # a rename in the same folder
+
     def __init__(self, root: str | os.PathLike[str], format: str = "parquet", *, create: bool = False) -> None:
         super().__init__(format)
         self.root = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))

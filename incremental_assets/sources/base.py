@@ -29,6 +29,9 @@ log = logging.getLogger("incremental_assets")
 #: execution option of a slice's SELECT in watermark order: the watermark column's name (an
 #: engine's fast path may choose how the server produces that order)
 ORDER_OPTION = "incremental_assets_order"
+#: execution option of a slice's SELECT read in the table's storage order, about the watermark's
+#: (no ORDER BY): the engine's reader keeps that order (no parallel or synchronised scans)
+STORAGE_ORDER_OPTION = "incremental_assets_storage_order"
 T = TypeVar("T")
 UTC = dt.timezone.utc
 
@@ -142,6 +145,18 @@ class Horizon:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class RunRead:
+    """How one read serves a run of windows (see :meth:`EngineDialect.one_ordered_read`)."""
+
+    #: in a few words, for the log
+    how: str
+    #: the table is stored about in watermark order: a read in storage order (no ORDER BY, the
+    #: server's cheapest scan) may serve instead, cut by a reader that sorts out the rows that
+    #: are not in order (``copying.StorageOrderSplit``)
+    storage_order: bool = False
+
+
 class EngineDialect:
     """Engine-specific behaviour. Subclasses override what their engine does differently."""
 
@@ -203,10 +218,10 @@ class EngineDialect:
             return IntegerKind()
         return None
 
-    def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> str | None:
+    def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> RunRead | None:
         """How one read of ``select`` (a range of windows in the order of the watermark
-        ``column``, which has an index) would serve the windows better than a read of each, in
-        a few words for the log; None: a read per window. Unknown here: None."""
+        ``column``, which has an index) would serve the windows better than a read of each;
+        None: a read per window. Unknown here: None."""
         return None
 
     #: rows fetched and converted at a time by the generic path
@@ -521,8 +536,12 @@ class Source:
             clauses.append(col.is_not(None))
         return clauses
 
-    def select_slice(self, info: TableInfo, lo: Any, hi: Any, *, ordered: bool = False) -> sa.Select:
+    def select_slice(
+        self, info: TableInfo, lo: Any, hi: Any, *, ordered: bool = False, storage_order: bool = False
+    ) -> sa.Select:
         query = sa.select(*self._result_columns(info)).where(*self.range_filter(info, lo, hi))
+        if storage_order:
+            return query.execution_options(**{STORAGE_ORDER_OPTION: True})
         if not ordered:
             return query
         return query.order_by(info.table.c[info.watermark_column]).execution_options(**{ORDER_OPTION: info.watermark_column})
@@ -531,14 +550,16 @@ class Source:
         return [self.dialect.result_column(info.table.c[c]).label(c) for c in info.columns]
 
     def read_slice(
-        self, info: TableInfo, lo: Any, hi: Any, *, batch_size: int = 100_000, ordered: bool = False
+        self, info: TableInfo, lo: Any, hi: Any, *, batch_size: int = 100_000, ordered: bool = False,
+        storage_order: bool = False,
     ) -> Iterator[pa.RecordBatch]:
         """Rows with ``lo <= watermark < hi`` (either bound may be open) as Arrow batches; with
-        ``ordered``, in watermark order (see :meth:`EngineDialect.splits_ordered_reads`)."""
-        select = self.select_slice(info, lo, hi, ordered=ordered)
+        ``ordered``, in watermark order (see :meth:`EngineDialect.splits_ordered_reads`); with
+        ``storage_order``, in the order the table stores them (see :class:`RunRead`)."""
+        select = self.select_slice(info, lo, hi, ordered=ordered, storage_order=storage_order)
         return self.dialect.read_batches(self, select, info.schema, batch_size)
 
-    def one_ordered_read(self, info: TableInfo, lo: Any, hi: Any) -> str | None:
+    def one_ordered_read(self, info: TableInfo, lo: Any, hi: Any) -> RunRead | None:
         """How one read of ``[lo, hi)`` in watermark order would serve its windows better than a
         read each (the watermark has an index), or None (see :meth:`EngineDialect.one_ordered_read`)."""
         return self.dialect.one_ordered_read(self, self.select_slice(info, lo, hi, ordered=True), info.watermark_column)

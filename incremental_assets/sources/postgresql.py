@@ -51,7 +51,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.visitors import replacement_traverse
 
-from .base import ORDER_OPTION, EngineDialect, register
+from .base import ORDER_OPTION, STORAGE_ORDER_OPTION, EngineDialect, RunRead, register
 from .types import _to_text
 
 if TYPE_CHECKING:
@@ -129,12 +129,13 @@ class PostgreSQLDialect(EngineDialect):
     #: rather than a read per window: the server's temporary files hold about that much
     SORTED_READ_MAX_BYTES = 1 << 30
 
-    def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> str | None:
+    def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> RunRead | None:
         """One read in watermark order serves a run of windows better than a read per window:
 
         - the plan of the ordered read (EXPLAINed with its real bounds) sorts nothing and the
           table is stored about in the order of ``column`` (the planner's statistics): the index
-          is read in order, the table about in storage order;
+          is read in order, the table about in storage order; or the table is read in storage
+          order, without the index (``RunRead.storage_order``: 2M rows, 1.12 s instead of 1.33 s);
         - else, up to :data:`SORTED_READ_MAX_BYTES`, the server scans the range and sorts it
           (see :meth:`_CopyReader._statement`): an index read in order would fetch the rows page
           by page at random, and a read per window re-reads the same pages for every window
@@ -163,10 +164,10 @@ class PostgreSQLDialect(EngineDialect):
             return None  # the read itself reports what is wrong
         self.adbc_release(uri, conn)
         if stored_in_order and not _plan_nodes(plan, _SORTS):
-            return "in the order of its index"
+            return RunRead("in the order of its index", storage_order=True)
         size = _plan_bytes(plan)
         if size is not None and size <= self.SORTED_READ_MAX_BYTES:
-            return "sorted on the server: the table is stored in another order"
+            return RunRead("sorted on the server: the table is stored in another order")
         return None
 
     #: connections a finished read leaves for the next (a run of many small windows reads each in
@@ -338,6 +339,8 @@ class SliceQuery:
     table_columns: dict[str, str] = field(default_factory=dict)
     #: the column the SELECT is ordered by, for a read of several windows (see ``ORDER_OPTION``)
     order_column: str | None = None
+    #: rows in the table's storage order, for a read of several windows (see ``STORAGE_ORDER_OPTION``)
+    storage_order: bool = False
 
 
 def slice_query(select: sa.Select) -> SliceQuery:
@@ -367,9 +370,10 @@ def slice_query(select: sa.Select) -> SliceQuery:
     direct = rewrite(False)
     once = rewrite(True)
     relation, table_columns = _table_columns(select)
-    order_column = select.get_execution_options().get(ORDER_OPTION)
+    options = select.get_execution_options()
+    order_column, storage_order = options.get(ORDER_OPTION), bool(options.get(STORAGE_ORDER_OPTION))
     if not binds:
-        return SliceQuery(direct, once, None, None, text_columns, relation, table_columns, order_column)
+        return SliceQuery(direct, once, None, None, text_columns, relation, table_columns, order_column, storage_order)
     arrays, calls = [], []
     for number, element in sorted(binds.values(), key=lambda b: b[0]):
         value = element.effective_value
@@ -379,7 +383,9 @@ def slice_query(select: sa.Select) -> SliceQuery:
         arrays.append(_param_array(value, element.key))
         calls.append(f"set_config('{SETTING_PREFIX}{number}', CAST(${number} AS TEXT), true)")
     params = pa.record_batch(arrays, names=[str(n + 1) for n in range(len(arrays))])
-    return SliceQuery(direct, once, "SELECT " + ", ".join(calls), params, text_columns, relation, table_columns, order_column)
+    return SliceQuery(
+        direct, once, "SELECT " + ", ".join(calls), params, text_columns, relation, table_columns, order_column, storage_order
+    )
 
 
 def _table_columns(select: sa.Select) -> tuple[str | None, dict[str, str]]:
@@ -595,6 +601,12 @@ class _CopyReader:
         chose is kept by turning the others off for this transaction.
         """
         query = self.query
+        if query.storage_order:
+            # rows in storage order: a scan from the table's first page, by this process alone
+            # (a synchronised scan starts where another one of the table is; parallel workers
+            # interleave their pages)
+            for statement in _STORAGE_ORDER:
+                _run_update(conn, statement)
         if query.settings is None and query.order_column is None:
             return query.direct
         if query.settings is not None:
@@ -705,6 +717,7 @@ _KEEP_SCAN = {
 }
 
 
+_STORAGE_ORDER = ("SET LOCAL synchronize_seqscans = off", "SET LOCAL max_parallel_workers_per_gather = 0")
 _SORTS = {"Sort", "Incremental Sort"}
 #: the planner's correlation of a column with the table's storage order from which an index read
 #: in the column's order reads the table about in storage order (1: exactly)
