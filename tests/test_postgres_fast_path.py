@@ -652,10 +652,12 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
     """With an index on the watermark, one COPY serves a run of windows (not a query, a
     connection turn and a thread per window), cut at the windows' bounds: each window lands
     exactly what a read of its own gets, a row on a bound in the window it starts. A table stored
-    in watermark order is read in storage order (into a local landing folder, whose files wait
-    unpublished until the read has ended) or from the index in order (Azure); one stored in
+    in watermark order is read in storage order (windows of many rows, into a local landing
+    folder, whose files wait unpublished until the read has ended) or from the index in order
+    (smaller windows, or Azure); one stored in
     another order is sorted by the server (an index read would fetch its rows page by page at
     random), unless it holds more rows than the server should sort: then each window is read alone."""
+    from incremental_assets import copying
     from incremental_assets.copying import PlannedSlice, copy_window_slices
     from incremental_assets.landing import open_landing_store
 
@@ -672,11 +674,14 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
                for k in range(40)]
     caplog.set_level(logging.INFO, logger="incremental_assets")
     # (the planner's estimate of the rows' width is 16 bytes: 40,000 rows are about 640 kB)
-    cases = [("o", "in the order of its index", 1 << 30, True), ("o", "in the order of its index", 1 << 30, False),
-             ("s", "sorted on the server", 1 << 30, True), ("s", None, 100_000, True)]
-    for table, how, most, cheap_publish in cases:
+    # (storage order from windows of 500 rows here: by default, 100,000, the index is read)
+    cases = [("o", "in the order of its index", 1 << 30, True, 500), ("o", "in the order of its index", 1 << 30, True, 100_000),
+             ("o", "in the order of its index", 1 << 30, False, 500),
+             ("s", "sorted on the server", 1 << 30, True, 500), ("s", None, 100_000, True, 500)]
+    for table, how, most, cheap_publish, window_rows in cases:
         monkeypatch.setattr(pgmod.PostgreSQLDialect, "SORTED_READ_MAX_BYTES", most)
         monkeypatch.setattr(LocalLandingStore, "cheap_publish", cheap_publish)  # False: as Azure's
+        monkeypatch.setattr(copying, "STORAGE_ORDER_WINDOW_ROWS", window_rows)
         info = source.describe_table(table, watermark_column="at")
         assert info.watermark_indexed
         said = source.one_ordered_read(info, None, planned[-1].hi)
@@ -686,7 +691,7 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
         assert [len(ids) for ids in expected.values()] == [1000] * 40 and expected["d01"][0] == 1000
         caplog.clear()
         sessions = []
-        store = open_landing_store(str(tmp_path / f"{table}-{most}-{cheap_publish}"), "parquet")
+        store = open_landing_store(str(tmp_path / f"{table}-{most}-{cheap_publish}-{window_rows}"), "parquet")
         copies = copy_window_slices(source, info, store, planned, table=table, batch_size=700,
                                     landed=lambda copy: sessions.append(_copy_sessions(pg_db)))
         landed = {c.partition: [i for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist()] for c in copies}
@@ -694,7 +699,7 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
         one_read = "windows from one read in watermark order ('at': "
         if how is None:
             assert one_read not in caplog.text
-        elif table == "o" and cheap_publish:
+        elif table == "o" and cheap_publish and window_rows < 1000:
             assert "40 windows from one read in storage order, about the watermark's ('at')" in caplog.text
             assert "read again" not in caplog.text
             assert sessions == [0] * 40  # published once the read has ended
@@ -738,9 +743,11 @@ def test_a_table_about_in_watermark_order_lands_each_window_exactly(pg_db, sourc
     """Read in storage order, rows updated in place come ahead of their window and wait for it;
     rows written late, after their window's turn, make their window be read again on its own.
     Every window lands exactly the rows a read of its own gets."""
+    from incremental_assets import copying
     from incremental_assets.copying import StorageOrderSplit, copy_window_slices
     from incremental_assets.landing import open_landing_store
 
+    monkeypatch.setattr(copying, "STORAGE_ORDER_WINDOW_ROWS", 500)  # windows of about 1,000 rows here
     # a window's turn ends 16 kB of the read after its latest row (a day's rows are about 30 kB):
     # the table is small, and the default (8 MB) would hold all of it in memory in the first turn
     monkeypatch.setattr(StorageOrderSplit, "PAST_BYTES", 16 * 1024)
@@ -788,6 +795,7 @@ def test_nothing_of_a_run_in_storage_order_is_visible_when_it_fails(pg_db, sourc
         yield from real_rows(self, window)
 
     monkeypatch.setattr(copying.StorageOrderSplit, "rows", rows)
+    monkeypatch.setattr(copying, "STORAGE_ORDER_WINDOW_ROWS", 500)  # windows of about 1,000 rows here
     with pytest.raises(RuntimeError, match="window 30"):
         copying.copy_window_slices(source, info, store, planned, table="a", batch_size=500)
     assert turns == list(range(31))

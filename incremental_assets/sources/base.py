@@ -155,6 +155,8 @@ class RunRead:
     #: server's cheapest scan) may serve instead, cut by a reader that sorts out the rows that
     #: are not in order (``copying.StorageOrderSplit``)
     storage_order: bool = False
+    #: the rows of the range, as the planner estimates them (None: unknown)
+    rows: float | None = None
 
 
 class EngineDialect:

@@ -164,7 +164,7 @@ class PostgreSQLDialect(EngineDialect):
             return None  # the read itself reports what is wrong
         self.adbc_release(uri, conn)
         if stored_in_order and not _plan_nodes(plan, _SORTS):
-            return RunRead("in the order of its index", storage_order=True)
+            return RunRead("in the order of its index", storage_order=True, rows=_plan_top(plan).get("Plan Rows"))
         size = _plan_bytes(plan)
         if size is not None and size <= self.SORTED_READ_MAX_BYTES:
             return RunRead("sorted on the server: the table is stored in another order")
@@ -729,10 +729,16 @@ def _explain(conn, sql: str) -> Any:
     return json.loads(plan) if isinstance(plan, (str, bytes)) else plan
 
 
-def _plan_bytes(plan: Any) -> float | None:
-    """The planner's estimate of the bytes a plan returns: its rows times their width."""
+def _plan_top(plan: Any) -> dict:
+    """The top node of an EXPLAIN (FORMAT JSON) plan ({} if none)."""
     top = plan[0] if isinstance(plan, list) and plan else plan
     node = top.get("Plan", {}) if isinstance(top, dict) else {}
+    return node if isinstance(node, dict) else {}
+
+
+def _plan_bytes(plan: Any) -> float | None:
+    """The planner's estimate of the bytes a plan returns: its rows times their width."""
+    node = _plan_top(plan)
     rows, width = node.get("Plan Rows"), node.get("Plan Width")
     if not isinstance(rows, (int, float)) or not isinstance(width, (int, float)):
         return None
