@@ -134,8 +134,9 @@ class PostgreSQLDialect(EngineDialect):
 
         - the plan of the ordered read (EXPLAINed with its real bounds) sorts nothing and the
           table is stored about in the order of ``column`` (the planner's statistics): the index
-          is read in order, the table about in storage order; or the table is read in storage
-          order, without the index (``RunRead.storage_order``: 2M rows, 1.12 s instead of 1.33 s);
+          is read in order, the table about in storage order; or, where the windows are large
+          (``copying.STORAGE_ORDER_WINDOW_ROWS``, by the estimate in ``RunRead.rows``), the table
+          is read in storage order, without the index (``RunRead.storage_order``);
         - else, up to :data:`SORTED_READ_MAX_BYTES`, the server scans the range and sorts it
           (see :meth:`_CopyReader._statement`): an index read in order would fetch the rows page
           by page at random, and a read per window re-reads the same pages for every window
