@@ -356,9 +356,9 @@ class StorageOrderSplit:
         self._pos += size
         values = _int64_values(batch.column(self._column))
         current, bounds = self._current, self._bounds
-        if (current == 0 or (0 < current <= len(bounds) and values.min() >= bounds[current - 1])) and (
-            current == len(bounds) or (current < len(bounds) and values.max() < bounds[current])
-        ):
+        lo = bounds[current - 1] if 0 < current <= len(bounds) else None  # the current window's bounds
+        hi = bounds[current] if current < len(bounds) else None
+        if current <= len(bounds) and (lo is None or values.min() >= lo) and (hi is None or values.max() < hi):
             self._last[current] = self._pos
             return [batch]  # all the current window's: the usual case
         windows = np.searchsorted(bounds, values, side="right")
