@@ -76,6 +76,18 @@ def _schema(database) -> tuple:
         conn.close()
 
 
+def _event_rows(database, run_id) -> list[tuple]:
+    """A run's rows of a SQLite database's event log, in order, but for their ids and times."""
+    conn = sqlite3.connect(database)
+    try:
+        return conn.execute(
+            "SELECT dagster_event_type, step_key, asset_key, partition, run_id FROM event_logs WHERE run_id = ? ORDER BY id",
+            (run_id,),
+        ).fetchall()
+    finally:
+        conn.close()
+
+
 def _partitions(records) -> list[str]:
     return sorted(r.partition_key for r in records.records)
 
@@ -128,9 +140,16 @@ def test_batched_events_read_alike_through_dagsters_own_storage(tmp_path, monkey
                 "last run": [r.asset_entry.last_run_id == result.run_id for r in reader.get_asset_records([key])],
                 "run database": _schema(tmp_path / name / "history" / "runs" / f"{result.run_id}.db"),
             }
+        runs = tmp_path / name / "history" / "runs"
+        # the rows themselves, in both databases (the run ids differ: compared by position)
+        seen[name]["rows in the run's database"] = [r[:4] for r in _event_rows(runs / f"{result.run_id}.db", result.run_id)]
+        seen[name]["rows in the index database"] = [r[:4] for r in _event_rows(runs / "index.db", result.run_id)]
     assert seen["batched"] == seen["plain"]
     batched = seen["batched"]
     assert batched["planned"] == sorted(KEYS) and batched["last run"] == [True]
+    materialized = [r for r in batched["rows in the index database"] if r[0] == "ASSET_MATERIALIZATION"]
+    assert [r[3] for r in materialized] == ([] if fail else KEYS), "one row per partition, in order, in the index"
+    assert [r for r in batched["rows in the run's database"] if r[0] == "ASSET_MATERIALIZATION"] == materialized
     # the run's database was a copy of the template Dagster made, and is what Dagster makes
     assert list((tmp_path / "batched" / "history" / "runs").glob(".run-template-*.sqlite"))
     assert batched["run database"][1] and ("table", "event_logs") in {t[:2] for t in batched["run database"][0]}

@@ -31,6 +31,7 @@ from sqlalchemy.pool import NullPool
 from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, EVENT_TYPE_TO_PIPELINE_RUN_STATUS
 from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.base_storage import DagsterStorage
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
@@ -102,12 +103,15 @@ class FastSqliteEventLogStorage(SqliteEventLogStorage):
             for event in events:
                 self.store_event(event)
             return
-        statements = [self.prepare_insert_event(event) for event in events]
+        # the rows of Dagster's own statement (prepare_insert_event), through one compiled INSERT:
+        # a statement built per event costs more to build and to compile than to run (731 events:
+        # 0.1 s of each database's transaction)
+        rows = [self._event_to_row(event) for event in events]
+        insert = SqlEventLogStorageTable.insert()
         with self.run_connection(events[0].run_id) as conn:
-            for statement in statements:
-                conn.execute(statement)
+            conn.execute(insert, rows)
         with self.index_transaction() as conn:
-            event_ids = [conn.execute(statement).inserted_primary_key[0] for statement in statements]
+            event_ids = [conn.execute(insert, row).inserted_primary_key[0] for row in rows]
             self._store_asset_event_tags(conn, events, event_ids)
             # consecutive events of one asset and one kind set the same columns of the asset's
             # entry (its last run, materialization, timestamp): the last one's values are what the
