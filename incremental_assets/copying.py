@@ -12,7 +12,9 @@ import logging
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,8 +156,9 @@ def copy_slice(
 
 
 def _stage_slice(info: TableInfo, store: LandingStore, *, table: str, slice_: PlannedSlice,
-                 batches: Iterable[pa.RecordBatch], max_rows_per_file: int | None, replace: bool) -> tuple[SliceCopy, StagedSlice]:
-    """:func:`copy_slice` up to the publication of its files."""
+                 batches: Iterable[pa.RecordBatch], max_rows_per_file: int | None, replace: bool,
+                 durable: bool = True) -> tuple[SliceCopy, StagedSlice]:
+    """:func:`copy_slice` up to the publication of its files (``durable``: see :meth:`LandingStore.stage_slice`)."""
     kind = info.kind
     result = SliceCopy(slice_.partition, slice_.lo, slice_.hi)
     started = time.perf_counter()
@@ -164,7 +167,7 @@ def _stage_slice(info: TableInfo, store: LandingStore, *, table: str, slice_: Pl
     tracked = _track_max(batches, info.watermark_column, result, kind)
     staged = store.stage_slice(
         table, slice_.partition, slice_stem(kind, slice_.lo, slice_.hi), info.schema, tracked,
-        max_rows_per_file=max_rows_per_file,
+        max_rows_per_file=max_rows_per_file, durable=durable,
     )
     result.seconds = time.perf_counter() - started
     return result, staged
@@ -179,6 +182,72 @@ def _publish_slice(store: LandingStore, copy: SliceCopy, staged: StagedSlice, *,
         if stale:
             store.delete(stale)
     copy.seconds += time.perf_counter() - started
+
+
+class Publisher:
+    """Publishes the staged slices of a run, in order, on a thread of its own, while the caller
+    writes the next ones: a slice's files are made durable and visible there (locally an fsync of
+    each file, a rename and an fsync of its folder, most of a millisecond of waiting on the disk;
+    on Azure, the upload). At most :attr:`AHEAD` slices wait for it; :meth:`submit` waits for the
+    oldest beyond that. ``landed`` is called in the caller's thread, in order, once a slice is
+    published. Once a publication fails, the later slices are discarded, and the error is raised by
+    the next :meth:`submit` or by :meth:`finish`. :meth:`close` (after a failure of the caller)
+    waits for the slice being published and discards the others."""
+
+    #: staged slices waiting for the thread or being published, at most
+    AHEAD = 4
+
+    def __init__(self, store: LandingStore, *, table: str, replace: bool, landed: Callable[[SliceCopy], None] | None):
+        self._store, self._table, self._replace, self._landed = store, table, replace, landed
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="incremental_assets-publish")
+        self._pending: deque[tuple[SliceCopy, StagedSlice, Future]] = deque()
+        self._failed = False
+        self.copies: list[SliceCopy] = []
+
+    def submit(self, copy: SliceCopy, stage: StagedSlice) -> None:
+        try:
+            self._collect(len(self._pending) + 1 - self.AHEAD)  # an earlier failure is raised here
+        except BaseException:
+            stage.discard()
+            raise
+        self._pending.append((copy, stage, self._pool.submit(self._publish, copy, stage)))
+
+    def finish(self) -> list[SliceCopy]:
+        """Wait for every slice to be published; the copies, in order."""
+        self._collect(len(self._pending))
+        self._pool.shutdown()
+        return self.copies
+
+    def close(self) -> None:
+        for _, stage, future in self._pending:
+            if future.cancel():
+                stage.discard()
+        self._pool.shutdown()  # waits for the one being published
+        try:
+            self._collect(len(self._pending))  # what was published, as such
+        except Exception:  # noqa: BLE001 - the caller's own error is the one raised
+            pass
+
+    def _publish(self, copy: SliceCopy, stage: StagedSlice) -> None:
+        if self._failed:
+            stage.discard()
+            raise RuntimeError(f"{self._table}: window {copy.partition} not published: an earlier one failed")
+        try:
+            _publish_slice(self._store, copy, stage, table=self._table, replace=self._replace)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _collect(self, at_least: int) -> None:
+        """Take the published slices off the front: ``at_least`` of them (waiting for them),
+        and any other whose publication is done."""
+        while self._pending and (at_least > 0 or self._pending[0][2].done()):
+            copy, _, future = self._pending.popleft()
+            at_least -= 1
+            future.result()  # the publication's error, in the caller's thread
+            self.copies.append(copy)
+            if self._landed is not None:
+                self._landed(copy)
 
 
 class ReadAhead:
@@ -469,23 +538,20 @@ def _copy_ordered_read(source, info, store, planned, counts, how, *, table, batc
     split = OrderedSplit(
         source.read_slice(info, planned[0].lo, planned[-1].hi, batch_size=batch_size, ordered=True), info.watermark_column
     )
-    copies: list[SliceCopy] = []
+    publisher = Publisher(store, table=table, replace=replace, landed=landed)
     try:
         for slice_, hi in zip(planned, [*bounds, None]):
             has_rows = split.has_rows_below(hi)
             if not has_rows and not replace:
                 continue
-            copy = copy_slice(
-                source, info, store, table=table, slice_=slice_, batch_size=batch_size,
-                max_rows_per_file=max_rows_per_file, replace=replace,
-                batches=split.below(hi) if has_rows else iter(()),
-            )
-            copies.append(copy)
-            if landed is not None:
-                landed(copy)
+            publisher.submit(*_stage_slice(
+                info, store, table=table, slice_=slice_, batches=split.below(hi) if has_rows else iter(()),
+                max_rows_per_file=max_rows_per_file, replace=replace, durable=False,
+            ))
+        return publisher.finish()
     finally:
+        publisher.close()
         split.close()
-    return copies
 
 
 def _copy_storage_order(source, info, store, planned, counts, *, table, batch_size, max_rows_per_file, replace, landed):
@@ -561,7 +627,8 @@ def copy_window_slices(
 ) -> list[SliceCopy]:
     """Land ``planned`` slices in order, skipping empty ones (found up front with one statement per
     hundred windows, not one read each), and starting each slice's read while the one before is
-    written: the next query is under way when a file closes. ``landed`` is called after each slice.
+    written: the next query is under way when a file closes. Each slice's files are published while
+    the next slice is written (:class:`Publisher`); ``landed`` is called once a slice is published.
     With ``replace`` (a refresh) an empty window is not skipped but emptied: its files go.
     Without an index on the watermark, or where the server reads them from the index in order,
     the slices come from one read instead (:func:`ordered_read_bounds`)."""
@@ -577,31 +644,30 @@ def copy_window_slices(
     todo = [(p, has_rows) for p, has_rows in zip(planned, flags) if has_rows or replace]
     with_rows = [p for p, has_rows in todo if has_rows]
 
-    copies: list[SliceCopy] = []
+    publisher = Publisher(store, table=table, replace=replace, landed=landed)
     current: ReadAhead | None = None
     ahead: ReadAhead | None = None
     reads = 0  # slices of with_rows whose read has started
     try:
         for slice_, has_rows in todo:
-            batches: Iterable[pa.RecordBatch] | None = iter(())
+            batches: Iterable[pa.RecordBatch] = iter(())
             if has_rows:
-                current, ahead, batches = ahead, None, ahead
+                current, ahead = ahead, None
                 reads += 1
                 if reads < len(with_rows):
                     nxt = with_rows[reads]
                     ahead = ReadAhead(iter(source.read_slice(info, nxt.lo, nxt.hi, batch_size=batch_size)))
-            copy = copy_slice(
-                source, info, store, table=table, slice_=slice_, batch_size=batch_size,
-                max_rows_per_file=max_rows_per_file, replace=replace, batches=batches,
-            )
-            copies.append(copy)
-            if landed is not None:
-                landed(copy)
+                batches = current if current is not None else source.read_slice(info, slice_.lo, slice_.hi, batch_size=batch_size)
+            publisher.submit(*_stage_slice(
+                info, store, table=table, slice_=slice_, batches=batches,
+                max_rows_per_file=max_rows_per_file, replace=replace, durable=False,
+            ))
+        return publisher.finish()
     finally:
+        publisher.close()
         for read in (current, ahead):  # after a failure: reads started and not finished stop too
             if read is not None:
                 read.close()
-    return copies
 
 
 def check_null_watermarks(source: Source, info: TableInfo, policy: str, table: str) -> int:

@@ -94,3 +94,18 @@ def landed_rows(landing_url: str, table: str, columns=("PersonID", "Name"), fmt=
     if data is None:
         return []
     return sorted(zip(*(data.column(c).to_pylist() for c in columns)))
+
+
+def local_publish_fails(monkeypatch, partition: str) -> None:
+    """The local landing store cannot publish the files of ``partition`` (a full disk, say)."""
+    from incremental_assets.landing import LandingError
+    from incremental_assets.landing.local import LocalLandingStore
+
+    publish = LocalLandingStore._publish
+
+    def full(self, temp, path, table, rows):
+        if f"/{partition}/" in path:
+            raise LandingError("cannot publish file: No space left on device", store=self.describe(), table=table, path=path)
+        return publish(self, temp, path, table, rows)
+
+    monkeypatch.setattr(LocalLandingStore, "_publish", full)

@@ -285,6 +285,24 @@ def _copy_sessions(pg_db) -> int:
     )[0][0]
 
 
+@pytest.fixture
+def on_publish(monkeypatch):
+    """``on_publish(fn)``: ``fn(staged)`` is called as each staged slice is published, just before
+    (on the thread that publishes: a run's windows are published while the next one is written)."""
+    from incremental_assets.landing import StagedSlice
+
+    def install(fn):
+        publish = StagedSlice.publish
+
+        def publishing(staged):
+            fn(staged)
+            return publish(staged)
+
+        monkeypatch.setattr(StagedSlice, "publish", publishing)
+
+    return install
+
+
 def test_stopping_early_closes_the_connection(pg_db, sources, no_fallback, prefetch):
     pg_db.run(
         "CREATE TABLE s (id bigint, at timestamptz)",
@@ -503,27 +521,27 @@ def per_window(monkeypatch):
     monkeypatch.setattr(pgmod.PostgreSQLDialect, "SORTED_READ_MAX_BYTES", 0)
 
 
-def test_window_reads_start_while_the_previous_window_is_written(pg_db, sources, tmp_path, no_fallback, per_window):
+def test_window_reads_start_while_the_previous_window_is_written(pg_db, sources, tmp_path, no_fallback, per_window, on_publish):
     from incremental_assets.copying import copy_window_slices
     from incremental_assets.landing import open_landing_store
 
     source, info, planned = _windows_table(pg_db, sources)
     store = open_landing_store(str(tmp_path / "landing"), "parquet")
-    under_way = {}
-
-    def landed(copy):
-        under_way[copy.partition] = _copy_sessions(pg_db)
-
-    copies = copy_window_slices(source, info, store, planned, table="w", batch_size=1000, landed=landed)
+    under_way, published = {}, []
+    on_publish(lambda staged: under_way.__setitem__(staged.partition, _copy_sessions(pg_db)))
+    copies = copy_window_slices(source, info, store, planned, table="w", batch_size=1000,
+                                landed=lambda copy: published.append((copy.partition, [f.path for f in copy.files])))
     # February has no row: skipped by the probe, never read
     assert [(c.partition, c.rows) for c in copies] == [("2024-01", 30000), ("2024-03", 30000)]
     # when January's file was published, March's COPY was already running; after March, nothing
     assert under_way == {"2024-01": 1, "2024-03": 0}
+    # landed is told of each window once published, in order, with its files
+    assert [(c.partition, [f.path for f in c.files]) for c in copies] == published and all(files for _, files in published)
     landed_ids = sorted(i for c in copies for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist())
     assert landed_ids == list(range(30000)) + list(range(100000, 130000))
 
 
-def test_reads_of_many_windows_reuse_connections_that_hold_no_transaction(pg_db, sources, tmp_path, no_fallback):
+def test_reads_of_many_windows_reuse_connections_that_hold_no_transaction(pg_db, sources, tmp_path, no_fallback, on_publish):
     """A run of many small windows does not open a connection per window: a read that went to its
     end leaves its connection for the next one, out of any transaction (an open one would hold
     back the safe horizon of every table of the database); dispose closes them."""
@@ -543,11 +561,9 @@ def test_reads_of_many_windows_reuse_connections_that_hold_no_transaction(pg_db,
     before = {r[0] for r in pg_db.rows(f"SELECT pid FROM pg_stat_activity WHERE {others}")}
     seen: set[int] = set()
 
-    def landed(copy):
-        seen.update(r[0] for r in pg_db.rows(f"SELECT pid FROM pg_stat_activity WHERE {others}"))
-
+    on_publish(lambda staged: seen.update(r[0] for r in pg_db.rows(f"SELECT pid FROM pg_stat_activity WHERE {others}")))
     store = open_landing_store(str(tmp_path / "landing"), "parquet")
-    copies = copy_window_slices(source, info, store, planned, table="d", batch_size=1000, landed=landed)
+    copies = copy_window_slices(source, info, store, planned, table="d", batch_size=1000)
     assert [c.rows for c in copies] == [1] * 30
     # the source's own connection, at most two reading and the test's: not one per window
     assert len(seen - before) <= 4, len(seen - before)
@@ -590,7 +606,7 @@ def test_asking_which_windows_hold_rows_probes_the_index(pg_db, sources):
             assert "Seq Scan" not in plan and "Index Only Scan" in plan, (what, plan)
 
 
-def test_windows_without_an_index_come_from_one_copy(pg_db, sources, tmp_path, no_fallback):
+def test_windows_without_an_index_come_from_one_copy(pg_db, sources, tmp_path, no_fallback, on_publish):
     """timestamptz with no index: one COPY in watermark order serves every window (one sorted scan,
     not a scan per window), cut at the windows' UTC bounds: each window's rows arrive sorted."""
     from incremental_assets.copying import copy_window_slices
@@ -599,10 +615,10 @@ def test_windows_without_an_index_come_from_one_copy(pg_db, sources, tmp_path, n
     source, info, planned = _windows_table(pg_db, sources, index=False)
     store = open_landing_store(str(tmp_path / "landing"), "parquet")
     sessions = []
-    copies = copy_window_slices(source, info, store, planned, table="w", batch_size=1000,
-                                landed=lambda copy: sessions.append(_copy_sessions(pg_db)))
+    on_publish(lambda staged: sessions.append(_copy_sessions(pg_db)))
+    copies = copy_window_slices(source, info, store, planned, table="w", batch_size=1000)
     assert [(c.partition, c.rows) for c in copies] == [("2024-01", 30000), ("2024-03", 30000)]
-    assert sessions == [1, 0]  # the same COPY still streams March when January is landed
+    assert sessions == [1, 0]  # the same COPY still streams March when January is published
     for copy in copies:
         stamps = [a for f in copy.files for a in pq.read_table(f.uri).column("at").to_pylist()]
         assert stamps == sorted(stamps) and (copy.lo is None or min(stamps) >= copy.lo) and max(stamps) < copy.hi
@@ -610,24 +626,27 @@ def test_windows_without_an_index_come_from_one_copy(pg_db, sources, tmp_path, n
     assert landed_ids == list(range(30000)) + list(range(100000, 130000))
 
 
-def test_a_failed_window_stops_the_read_started_for_the_next(pg_db, sources, tmp_path, no_fallback, per_window):
+def test_a_failed_window_stops_the_read_started_for_the_next(pg_db, sources, tmp_path, no_fallback, per_window, monkeypatch):
+    """January's file cannot be published (the disk is full, say): the run fails with that error,
+    the read started for March stops, and nothing of either window is left, not even a temp file."""
     from incremental_assets.copying import copy_window_slices
-    from incremental_assets.landing import open_landing_store
+    from incremental_assets.landing import LandingError, open_landing_store
+
+    from .helpers import local_publish_fails
 
     source, info, planned = _windows_table(pg_db, sources)
     store = open_landing_store(str(tmp_path / "landing"), "parquet")
-
-    def fail(copy):
-        raise RuntimeError("the run failed after January")
-
-    with pytest.raises(RuntimeError, match="after January"):
-        copy_window_slices(source, info, store, planned, table="w", batch_size=1000, landed=fail)
+    local_publish_fails(monkeypatch, "2024-01")
+    landed = []
+    with pytest.raises(LandingError, match=r"No space left on device.*2024-01"):
+        copy_window_slices(source, info, store, planned, table="w", batch_size=1000, landed=landed.append)
     for _ in range(50):
         if _copy_sessions(pg_db) == 0:
             break
         time.sleep(0.1)
     assert _copy_sessions(pg_db) == 0
-    assert not list((tmp_path / "landing" / "w").glob("2024-03/*"))  # nothing of March was landed
+    assert landed == []
+    assert not [p for p in (tmp_path / "landing" / "w").rglob("*") if p.is_file()]  # nothing of any window
 
 
 def test_a_refresh_empties_a_window_whose_rows_are_gone(pg_db, sources, tmp_path, no_fallback):
@@ -650,7 +669,7 @@ def test_a_refresh_empties_a_window_whose_rows_are_gone(pg_db, sources, tmp_path
 
 
 def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sources, tmp_path, no_fallback, caplog,
-                                                                    monkeypatch):
+                                                                    monkeypatch, on_publish):
     """With an index on the watermark, one COPY serves a run of windows (not a query, a
     connection turn and a thread per window), cut at the windows' bounds: each window lands
     exactly what a read of its own gets, a row on a bound in the window it starts. A table stored
@@ -693,9 +712,9 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
         assert [len(ids) for ids in expected.values()] == [1000] * 40 and expected["d01"][0] == 1000
         caplog.clear()
         sessions = []
+        on_publish(lambda staged, sessions=sessions: sessions.append(_copy_sessions(pg_db)))
         store = open_landing_store(str(tmp_path / f"{table}-{most}-{cheap_publish}-{window_rows}"), "parquet")
-        copies = copy_window_slices(source, info, store, planned, table=table, batch_size=700,
-                                    landed=lambda copy: sessions.append(_copy_sessions(pg_db)))
+        copies = copy_window_slices(source, info, store, planned, table=table, batch_size=700)
         landed = {c.partition: [i for f in c.files for i in pq.read_table(f.uri).column("id").to_pylist()] for c in copies}
         assert {k: sorted(v) for k, v in landed.items()} == expected
         one_read = "windows from one read in watermark order ('at': "
@@ -707,7 +726,9 @@ def test_windows_with_an_index_come_from_one_copy_in_order_or_sorted(pg_db, sour
             assert sessions == [0] * 40  # published once the read has ended
         else:
             assert one_read + how in caplog.text
-            assert sessions == [1] * 39 + [0]  # the one COPY streams the next windows when one is landed
+            # one COPY at a time, streaming the next windows when the first is published (the later
+            # ones are published while the read goes on: it may have ended by then), over by the last
+            assert len(sessions) == 40 and sessions[0] == 1 and max(sessions) == 1 and sessions[-1] == 0, sessions
             assert all(v == sorted(v) for v in landed.values())  # ids follow the watermark here
 
 

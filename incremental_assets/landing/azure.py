@@ -293,6 +293,9 @@ class AzureLandingStore(LandingStore):
     def _sync(self, fileobj: Any) -> None:
         fileobj.flush()  # a local scratch file: durability comes from the upload
 
+    def _sync_temp(self, temp: Any, table: str, folder: str) -> None:
+        pass  # as _sync
+
     def _publish(self, temp: Any, path: str, table: str, rows: int) -> None:
         try:
             size = os.path.getsize(temp)

@@ -175,20 +175,31 @@ class _Part:
 
 
 class StagedSlice:
-    """A slice's files, written and durable but not yet visible (see :meth:`LandingStore.stage_slice`)."""
+    """A slice's files, written but not yet visible (see :meth:`LandingStore.stage_slice`)."""
 
-    def __init__(self, store: LandingStore, table: str, partition: str, stem: str, parts: list[_Part]):
+    def __init__(self, store: LandingStore, table: str, partition: str, stem: str, parts: list[_Part], *, durable: bool = True):
         self.store, self.table, self.partition, self.stem = store, table, partition, stem
         self.parts = parts
         self.rows = sum(p.rows for p in parts)
+        self.durable = durable
         self._done = False
 
     def publish(self) -> list[LandedFile]:
-        """Make the files visible under their names (atomically, file by file) and remove other
-        files of the same stem; if that fails, the files not yet published are removed."""
+        """Make the files durable if they are not yet, then visible under their names (atomically,
+        file by file), and remove other files of the same stem; if that fails, the files not yet
+        published are removed."""
         if self._done:
             raise RuntimeError(f"{self.table}/{self.partition}/{self.stem}: already published or discarded")
         self._done = True
+        if not self.durable:
+            try:
+                for part in self.parts:
+                    self.store._sync_temp(part.temp, self.table, f"{self.table}/{self.partition}")
+            except BaseException:
+                for part in self.parts:
+                    self.store._abort_part(part)
+                raise
+            self.durable = True
         return self.store._publish_staged(self)
 
     def discard(self) -> None:
@@ -267,9 +278,12 @@ class LandingStore(ABC):
         batches: Iterable[pa.RecordBatch],
         *,
         max_rows_per_file: int | None = None,
+        durable: bool = True,
     ) -> StagedSlice:
         """:meth:`write_slice` up to its files' publication: they are written and made durable
-        where no reader sees them, and :meth:`StagedSlice.publish` (or ``discard``) does the rest."""
+        where no reader sees them, and :meth:`StagedSlice.publish` (or ``discard``) does the rest.
+        With ``durable=False`` they are only written, and made durable by ``publish``: on another
+        thread, say, while the next slice is written."""
         validate_segment(table, "table")
         validate_segment(partition, "partition")
         validate_segment(stem, "stem")
@@ -295,7 +309,7 @@ class LandingStore(ABC):
                         and max_rows_per_file is not None
                         and current.rows >= max_rows_per_file
                     ):
-                        self._finish_part(current, table, folder)
+                        self._finish_part(current, table, folder, durable)
                         current = None
                     if current is None:
                         current = self._start_part(table, folder, stem, token, len(parts), schema)
@@ -307,13 +321,13 @@ class LandingStore(ABC):
                     self._write_chunk(current, chunk, table, folder)
                     offset += take
             if current is not None:
-                self._finish_part(current, table, folder)
+                self._finish_part(current, table, folder, durable)
                 current = None
         except BaseException:
             for part in parts:
                 self._abort_part(part)
             raise
-        return StagedSlice(self, table, partition, stem, parts)
+        return StagedSlice(self, table, partition, stem, parts, durable=durable)
 
     def _publish_staged(self, staged: StagedSlice) -> list[LandedFile]:
         table, folder, stem, parts = staged.table, f"{staged.table}/{staged.partition}", staged.stem, staged.parts
@@ -402,6 +416,20 @@ class LandingStore(ABC):
         fileobj.flush()
         os.fsync(fileobj.fileno())
 
+    def _sync_temp(self, temp: Any, table: str, folder: str) -> None:
+        """Flush a finished and closed temp file to stable storage (:meth:`_sync` when it was
+        finished with ``durable=False``)."""
+        try:
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise LandingError(
+                f"writing failed: {exc.strerror or exc}", store=self.describe(), table=table, path=folder
+            ) from exc
+
     # ---- part lifecycle ------------------------------------------------------------------
 
     def _start_part(
@@ -437,12 +465,15 @@ class LandingStore(ABC):
             ) from exc
         part.rows += batch.num_rows
 
-    def _finish_part(self, part: _Part, table: str, folder: str) -> None:
+    def _finish_part(self, part: _Part, table: str, folder: str, durable: bool = True) -> None:
         try:
             rows, nbytes = part.writer.close()
             if learned := part.writer.learned():
                 self._remember(table, part.schema, learned)
-            self._sync(part.fileobj)
+            if durable:
+                self._sync(part.fileobj)
+            else:
+                part.fileobj.flush()
             part.fileobj.close()
         except OSError as exc:
             raise LandingError(
