@@ -232,11 +232,15 @@ class Publisher:
         if self._failed:
             stage.discard()
             raise RuntimeError(f"{self._table}: window {copy.partition} not published: an earlier one failed")
+        seconds = copy.seconds
         try:
             _publish_slice(self._store, copy, stage, table=self._table, replace=self._replace)
         except BaseException:
             self._failed = True
             raise
+        # it overlapped the caller's writing of the next windows: the caller's wait for it is what
+        # the window's seconds count (see _collect), so that a run's windows add up to its time
+        copy.seconds = seconds
 
     def _collect(self, at_least: int) -> None:
         """Take the published slices off the front: ``at_least`` of them (waiting for them),
@@ -244,7 +248,9 @@ class Publisher:
         while self._pending and (at_least > 0 or self._pending[0][2].done()):
             copy, _, future = self._pending.popleft()
             at_least -= 1
+            waited = time.perf_counter()
             future.result()  # the publication's error, in the caller's thread
+            copy.seconds += time.perf_counter() - waited
             self.copies.append(copy)
             if self._landed is not None:
                 self._landed(copy)

@@ -114,3 +114,20 @@ def test_after_the_callers_failure_waiting_windows_are_discarded(store, tmp_path
     publisher.close()  # the caller failed: the run stops
     assert landed == ["p0"]  # published whole before the stop, and said so
     assert _files(tmp_path / "landing") == ["t/p0/s.parquet"]
+
+
+def test_the_windows_seconds_add_up_to_the_runs_time(store, monkeypatch):
+    """A window's seconds count the caller's wait for its publication, not the publication itself,
+    which overlapped the writing of the next windows: the run's log and metadata add them up."""
+    import time
+
+    publish = LocalLandingStore._publish
+    monkeypatch.setattr(LocalLandingStore, "_publish", lambda self, *a: (time.sleep(0.05), publish(self, *a)))
+    publisher = Publisher(store, table="t", replace=False, landed=None)
+    started = time.perf_counter()
+    for i in range(10):
+        publisher.submit(*_staged(store, i))
+    copies = publisher.finish()
+    wall = time.perf_counter() - started
+    assert wall >= 0.5
+    assert 0.5 * wall <= sum(c.seconds for c in copies) <= wall
