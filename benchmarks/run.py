@@ -231,7 +231,16 @@ def child_engine(args, table: str, out: Path, url: str | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-# MariaDB: the generic path (SQLAlchemy streaming) through each driver, beside the C client
+# MariaDB: the columnar path (ConnectorX) and the generic path (SQLAlchemy streaming) through each
+# driver, beside the C client
+
+
+def _generic(child, *args):
+    """``child`` with MySQL/MariaDB's columnar path turned off: the generic path through the URL's driver."""
+    from incremental_assets.sources.mysql import MySQLDialect
+
+    MySQLDialect.columnar = False
+    return child(*args)
 
 
 def mariadb_url(args, driver: str = "pymysql") -> str:
@@ -364,8 +373,9 @@ def _merge(args, table: str, case: str) -> dict:
 
 CHILDREN = {"copy": child_copy, "adbc": child_adbc, "pandas": child_pandas, "connectorx": child_connectorx,
             "engine": child_engine, "mariadb_client": child_mariadb_client,
-            "mariadb_pymysql": lambda args, table, out: child_engine(args, table, out, mariadb_url(args, "pymysql")),
-            "mariadb_mysqlclient": lambda args, table, out: child_engine(args, table, out, mariadb_url(args, "mysqldb")),
+            "mariadb_pymysql": lambda args, table, out: _generic(child_engine, args, table, out, mariadb_url(args, "pymysql")),
+            "mariadb_mysqlclient": lambda args, table, out: _generic(child_engine, args, table, out, mariadb_url(args, "mysqldb")),
+            "mariadb_connectorx": lambda args, table, out: child_engine(args, table, out, mariadb_url(args, "pymysql")),
             **{case: (lambda args, table, out, case=case: _merge(args, table, case)) for case in MERGE_CASES}}
 
 
@@ -828,7 +838,8 @@ def main(argv=None) -> int:
 
 
 def mariadb_cases(args) -> list[str]:
-    """The MariaDB section of the report: the C client beside the engine through each driver."""
+    """The MariaDB section of the report: the C client beside the engine's columnar path and its
+    generic path through each driver."""
     title = f"MariaDB, {args.mariadb_rows:,} rows x 9 columns -> Parquet (ratio: time / the C client's time)"
     if not args.mariadb_rows:
         return []
@@ -838,18 +849,18 @@ def mariadb_cases(args) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - the PostgreSQL figures stand without it
         return [f"{title}: not measured, MariaDB unavailable ({type(exc).__name__}: {exc})"]
     cases = {"mariadb --quick -> /dev/null (C client)": "mariadb_client",
-             "engine through PyMySQL (mysql+pymysql://)": "mariadb_pymysql",
-             "engine through mysqlclient (mysql+mysqldb://)": "mariadb_mysqlclient"}
+             "engine through ConnectorX (the columnar path)": "mariadb_connectorx",
+             "engine, generic path through PyMySQL (mysql+pymysql://)": "mariadb_pymysql",
+             "engine, generic path through mysqlclient (mysql+mysqldb://)": "mariadb_mysqlclient"}
     found = {}
     try:
         run_child(args, "mariadb_client", table)  # warm-up
         for label, child in cases.items():
-            if child == "mariadb_mysqlclient":
-                try:
-                    import MySQLdb  # noqa: F401
-                except ImportError:
-                    found[label] = None
-                    continue
+            try:
+                __import__({"mariadb_mysqlclient": "MySQLdb", "mariadb_connectorx": "connectorx"}.get(child, "sys"))
+            except ImportError:
+                found[label] = None
+                continue
             found[label] = best([run_child(args, child, table) for _ in range(args.repeat)])
             r = found[label]
             print(f"  {label}: " + (f"{r['seconds']:.2f}s" if "error" not in r else f"FAILED {r['error']}"), flush=True)

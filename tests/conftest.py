@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import pytest
 import sqlalchemy as sa
 
+from incremental_assets.sources import Source
+
 pytest_plugins = ["tests.azurite"]
 
 PG_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -161,3 +163,19 @@ def dagster_home(tmp_path, monkeypatch):
 def any_db(request):
     """The same test on each real engine (MariaDB through both drivers)."""
     return request.getfixturevalue(ENGINE_FIXTURES[request.param])
+
+
+@pytest.fixture
+def sources():
+    """Build sources for a test and dispose of them afterwards."""
+    made: list[Source] = []
+
+    def make(db_or_url, name: str = "src", **options) -> Source:
+        url = db_or_url if isinstance(db_or_url, str) else db_or_url.url
+        source = Source(name, url, **options)
+        made.append(source)
+        return source
+
+    yield make
+    for source in made:
+        source.dispose()

@@ -33,20 +33,6 @@ def utc(*args) -> dt.datetime:
     return dt.datetime(*args, tzinfo=UTC)
 
 
-@pytest.fixture
-def sources():
-    made: list[Source] = []
-
-    def make(db, **options) -> Source:
-        source = Source("src", db.url, **options)
-        made.append(source)
-        return source
-
-    yield make
-    for source in made:
-        source.dispose()
-
-
 @pytest.fixture(params=[0, 1], ids=["in-thread", "reading-thread"])
 def prefetch(request, monkeypatch):
     """Both ways of reading: in the caller's thread, and with a reading thread ahead of it."""

@@ -52,22 +52,6 @@ def ts_type(db, fsp: int | None = None) -> str:
     return "datetime" if fsp is None else f"datetime({fsp})"
 
 
-@pytest.fixture
-def sources():
-    """Build sources for a test and dispose of them afterwards."""
-    made: list[Source] = []
-
-    def make(db_or_url, name: str = "src", **options) -> Source:
-        url = db_or_url if isinstance(db_or_url, str) else db_or_url.url
-        source = Source(name, url, **options)
-        made.append(source)
-        return source
-
-    yield make
-    for source in made:
-        source.dispose()
-
-
 def read(source: Source, info, lo, hi) -> pa.Table:
     batches = list(source.read_slice(info, lo, hi, batch_size=2))
     for batch in batches:
