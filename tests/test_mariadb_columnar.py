@@ -147,3 +147,24 @@ def test_only_numbers_and_times_are_written_into_the_querys_text(mariadb_db, sou
         "WHERE t.at >= '2024-01-01 00:00:00.000005'")
     with pytest.raises(NoColumnar, match="str"):
         literal_query(sa.select(t.c.at).where(t.c.name == "x' OR '1'='1"), dialect)
+
+
+def test_a_password_with_url_characters_reaches_the_columnar_path(mariadb_db, sources, caplog):
+    import sqlalchemy as sa
+
+    user, password = f"ia_{os.getpid()}", "p@ss:w/rd%#?"
+    url = sa.make_url(mariadb_db.url)
+    mariadb_db.run("CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t VALUES (1), (2)")
+    for host in ("%", "localhost"):
+        mariadb_db.run(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'",
+                       f"GRANT SELECT ON `{url.database}`.* TO '{user}'@'{host}'")
+    try:
+        source = sources(url.set(username=user, password=password).render_as_string(hide_password=False))
+        info = source.describe_table("t", watermark_column="id")
+        with caplog.at_level(logging.INFO, logger="incremental_assets"):
+            got = pa.Table.from_batches(list(source.read_slice(info, None, None)), schema=info.schema)
+        assert got.column("id").to_pylist() == [1, 2]
+        assert FALLBACK not in caplog.text, caplog.text
+    finally:
+        for host in ("%", "localhost"):
+            mariadb_db.run(f"DROP USER IF EXISTS '{user}'@'{host}'")
