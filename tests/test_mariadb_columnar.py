@@ -5,6 +5,7 @@ log says why."""
 import datetime as dt
 import logging
 import os
+import time
 
 import pyarrow as pa
 import pytest
@@ -168,3 +169,18 @@ def test_a_password_with_url_characters_reaches_the_columnar_path(mariadb_db, so
     finally:
         for host in ("%", "localhost"):
             mariadb_db.run(f"DROP USER IF EXISTS '{user}'@'{host}'")
+
+
+def test_a_read_stopped_early_leaves_no_query_running(mariadb_db, sources):
+    mariadb_db.run("CREATE TABLE many (id int PRIMARY KEY)", "INSERT INTO many SELECT seq FROM seq_1_to_50000")
+    source = sources(mariadb_db)
+    info = source.describe_table("many", watermark_column="id")
+    batches = source.read_slice(info, None, None, batch_size=1000)
+    assert next(iter(batches)).num_rows == 1000
+    batches.close()
+    running = "SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE '%%FROM many%%' AND id <> CONNECTION_ID()"
+    for _ in range(50):
+        if mariadb_db.rows(running) == [(0,)]:
+            break
+        time.sleep(0.1)
+    assert mariadb_db.rows(running) == [(0,)]

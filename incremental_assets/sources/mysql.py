@@ -85,6 +85,7 @@ class MySQLDialect(EngineDialect):
                                              pre_execution_query=["SET time_zone = '+00:00'"])
                 casts = columnar_casts(select, reader.schema, schema)
             except NoColumnar as exc:
+                reader.close()
                 reason = str(exc)
             except Exception as exc:  # noqa: BLE001 - its own failure to start: the generic path says what is wrong
                 reason = f"connectorx failed: {scrub(str(exc), source.url).strip()[:300]}"
@@ -95,6 +96,8 @@ class MySQLDialect(EngineDialect):
                         yield pa.RecordBatch.from_arrays([cast(c) for cast, c in zip(casts, batch.columns)], schema=schema)
             except (pa.ArrowInvalid, RuntimeError) as exc:
                 raise SourceError(f"source {source.name!r} ({source.redacted_url}): reading failed: {scrub(str(exc), source.url).strip()}") from None
+            finally:
+                reader.close()  # also when the caller stops early: the query's connection goes at once
             return
         log.info("source %r: reading through SQLAlchemy rows (the columnar path is not used: %s)", source.name, reason)
         yield from super().read_batches(source, select, schema, batch_size)
@@ -178,10 +181,6 @@ def literal_query(select: sa.Select, dialect: sa.Dialect) -> str:
     return str(select.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
 
 
-def _integer(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t)
-
-
 def columnar_casts(select: sa.Select, got: pa.Schema, want: pa.Schema) -> list:
     """For each column, how ConnectorX's Arrow type becomes the generic path's, exactly; or
     NoColumnar. Safe casts only: a value that would not survive one is an error, never changed."""
@@ -189,7 +188,7 @@ def columnar_casts(select: sa.Select, got: pa.Schema, want: pa.Schema) -> list:
     for column, have, field in zip(select.selected_columns, got, want, strict=True):
         sql, a, b = column.type, have.type, field.type
         ok = (
-            (_integer(a) and _integer(b))
+            (pa.types.is_integer(a) and pa.types.is_integer(b))
             or (pa.types.is_float64(a) and pa.types.is_float64(b))  # DOUBLE (FLOAT comes as float32: no)
             # DECIMAL comes as decimal128(38, 10) through 28-digit decimals: exact up to those
             or (pa.types.is_decimal128(a) and pa.types.is_decimal128(b) and b.scale <= a.scale and b.precision <= 28)
