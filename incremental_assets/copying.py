@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import struct
 import threading
 import time
 from collections import deque
@@ -300,8 +299,9 @@ class ReadAhead:
 
 
 class OrderedSplit:
-    """One read in watermark order, cut into consecutive windows at their upper bounds: each
-    :meth:`below` yields the rows under its bound that the windows before it left."""
+    """One read in watermark order, cut into consecutive windows at their upper bounds (integers
+    of the watermark's Arrow timestamp type, see :func:`ordered_read_bounds`): each :meth:`below`
+    yields the rows under its bound that the windows before it left."""
 
     def __init__(self, batches: Iterable[pa.RecordBatch], column: str):
         self._batches = iter(batches)
@@ -315,16 +315,16 @@ class OrderedSplit:
                 return None
         return self._head
 
-    def _count_below(self, batch: pa.RecordBatch, hi: pa.Scalar | None) -> int:
+    def _count_below(self, batch: pa.RecordBatch, hi: int | None) -> int:
         if hi is None:
             return batch.num_rows
-        return pc.sum(pc.less(batch.column(self._column), hi)).as_py() or 0
+        return int(np.count_nonzero(_int64_values(batch.column(self._column)) < hi))
 
-    def has_rows_below(self, hi: pa.Scalar | None) -> bool:
+    def has_rows_below(self, hi: int | None) -> bool:
         head = self._peek()
         return head is not None and self._count_below(head, hi) > 0
 
-    def below(self, hi: pa.Scalar | None) -> Iterator[pa.RecordBatch]:
+    def below(self, hi: int | None) -> Iterator[pa.RecordBatch]:
         """The next rows with a watermark below ``hi`` (None: all the rest)."""
         while (head := self._peek()) is not None:
             n = self._count_below(head, hi)
@@ -531,22 +531,14 @@ def _bound_count(value: dt.datetime, arrow: pa.TimestampType) -> int:
     return micros * 1_000 if arrow.unit == "ns" else -(-micros // _UNITS[arrow.unit])
 
 
-def _count_scalar(count: int, arrow: pa.TimestampType) -> pa.Scalar:
-    """A scalar of ``arrow`` from its integer, without ``pa.scalar`` on a datetime, which imports
-    pandas where it is installed (0.2 s and 30 MB of a run's process)."""
-    return pa.Array.from_buffers(arrow, 1, [None, pa.py_buffer(struct.pack("<q", count))])[0]
-
-
 def _copy_ordered_read(source, info, store, planned, counts, how, *, table, batch_size, max_rows_per_file, replace, landed):
     log.info("%s: %d windows from one read in watermark order (%r: %s)", table, len(planned), info.watermark_column, how)
-    arrow = info.schema.field(info.watermark_column).type
-    bounds = [_count_scalar(c, arrow) for c in counts]
     split = OrderedSplit(
         source.read_slice(info, planned[0].lo, planned[-1].hi, batch_size=batch_size, ordered=True), info.watermark_column
     )
     publisher = Publisher(store, table=table, replace=replace, landed=landed)
     try:
-        for slice_, hi in zip(planned, [*bounds, None]):
+        for slice_, hi in zip(planned, [*counts, None]):
             has_rows = split.has_rows_below(hi)
             if not has_rows and not replace:
                 continue
@@ -596,15 +588,13 @@ def _copy_storage_order(source, info, store, planned, counts, *, table, batch_si
             if not stage.rows and not replace:
                 staged.pop(i)
                 stage.discard()
-        copies: list[SliceCopy] = []
-        for i in sorted(staged):
-            copy, stage = staged[i]
-            _publish_slice(store, copy, stage, table=table, replace=replace)
-            del staged[i]
-            copies.append(copy)
-            if landed is not None:
-                landed(copy)
-        return copies
+        publisher = Publisher(store, table=table, replace=replace, landed=landed)
+        try:
+            for i in sorted(staged):
+                publisher.submit(*staged.pop(i))
+            return publisher.finish()
+        finally:
+            publisher.close()
     finally:
         for _, stage in staged.values():  # after a failure: nothing of these was visible
             stage.discard()

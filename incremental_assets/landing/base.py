@@ -196,8 +196,7 @@ class StagedSlice:
                 for part in self.parts:
                     self.store._sync_temp(part.temp, self.table, f"{self.table}/{self.partition}")
             except BaseException:
-                for part in self.parts:
-                    self.store._abort_part(part)
+                self._remove()
                 raise
             self.durable = True
         return self.store._publish_staged(self)
@@ -206,8 +205,11 @@ class StagedSlice:
         """Remove the files; nothing of them was ever visible."""
         if not self._done:
             self._done = True
-            for part in self.parts:
-                self.store._abort_part(part)
+            self._remove()
+
+    def _remove(self) -> None:
+        for part in self.parts:
+            self.store._abort_part(part)
 
 
 class LandingStore(ABC):
