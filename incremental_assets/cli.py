@@ -219,7 +219,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             if replica and rows and not _merge(project, table, replica, request.partition_key, request.tags, log_level):
                 failed = True
                 break
-            if not rows and meta.get("horizon_note", "").startswith("held back"):
+            if not rows and meta.get("held_back"):
                 print(f"{name}: stopping: {meta['horizon_note']}")
                 break
         if (

@@ -39,7 +39,9 @@ def test_adf_tutorial_one_table_copies_only_new_rows(request, db_fixture, tmp_pa
     assert first["previous_watermark"] == "(start)"
     assert first["dagster/row_count"] == 5
     assert first["max_watermark_copied"] == "2017-09-05T08:06:00+00:00"
-    assert first["frontier"] and first["new_watermark"] == first["frontier"]
+    # the frontier stops just above the highest value copied, not at the window's end or the clock
+    assert first["frontier"] == "2017-09-05T08:06:00.000001+00:00"
+    assert first["new_watermark"] == "2017-10-01T00:00:00+00:00"
 
     # ADF's next step: new rows arrive; only they are copied
     now = fresh_time()
@@ -112,10 +114,11 @@ def test_late_commit_on_postgresql_timestamp_and_id(pg_db, tmp_path, capsys):
         trans.commit()
         conn.close()
         late.dispose()
+    after_horizon()  # the rows carry the transaction's start, a moment ago
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
     assert code == 0, err
     for table in ("by_time", "by_id"):
-        assert landed_rows(landing, table, ("id", "name")) == [(1, "late"), (2, "early")], table
+        assert landed_rows(landing, table, ("id", "name")) == [(1, "late"), (2, "early")], (table, out)
 
 
 def test_backfill_replaces_window_files(sqlite_db, tmp_path, capsys, dagster_home):
@@ -327,9 +330,8 @@ def test_a_run_spans_the_windows_holding_rows_not_every_window_since_the_start(s
     # each window's materialization shows its own row and file, the watermarks are the run's
     assert all(m["dagster/row_count"] == 1 and m["file_count"] == 1 for m in done)
     assert all(len(m["files"]) == 1 and f"/{m['partition']}/" in m["files"][0] for m in done)
-    assert {m["frontier"] for m in done} == {"2017-09-06T00:00:00+00:00"}
+    assert {m["frontier"] for m in done} == {"2017-09-05T08:06:00.000001+00:00"}  # just above the highest copied
     assert done[-1]["previous_watermark"] == "(start)"
-    assert done[-1]["frontier"] == "2017-09-06T00:00:00+00:00"  # the end of the last window copied
 
     # planned over today's window; then a row stamped yesterday commits before the run starts
     now = fresh_time()
@@ -346,11 +348,11 @@ def test_a_run_spans_the_windows_holding_rows_not_every_window_since_the_start(s
         assert dg.materialize([asset], instance=instance, partition_key=request.partition_key, tags=request.tags).success
     kept = materializations(dagster_home)[-1]
     assert kept["partition"] == f"{now:%Y-%m-%d}" and kept["dagster/row_count"] == 1
-    assert kept["frontier"] == "2017-09-06T00:00:00+00:00"  # row 7 lies between it and the run's window
+    assert kept["frontier"] == "2017-09-05T08:06:00.000001+00:00"  # row 7 lies between it and the run's window
 
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
     assert code == 0, err
-    assert f"[{yesterday:%Y-%m-%d}...{now:%Y-%m-%d}] 2 row(s), watermark 2017-09-06T00:00:00+00:00 -> " in out
+    assert f"[{yesterday:%Y-%m-%d}...{now:%Y-%m-%d}] 2 row(s), watermark 2017-09-05T08:06:00.000001+00:00 -> " in out
     assert landed_rows(str(tmp_path / "landing"), "data_source_table") == (
         [(p, n) for p, n, _ in ADF_ROWS] + [(6, "new"), (7, "late")]  # today's window re-copied, not doubled
     )
@@ -367,10 +369,10 @@ def test_rows_far_apart_are_copied_in_a_run_each_not_one_over_the_empty_windows(
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("data_source_table: [2017-09-01...2017-09-05] 5 row(s), watermark (start) -> 2017-09-06T00:00:00")
-    assert lines[1].startswith("data_source_table: [2017-11-20...2017-11-22] 2 row(s), watermark 2017-09-06T00:00:00+00:00 -> ")
+    assert lines[1].startswith("data_source_table: [2017-11-20...2017-11-22] 2 row(s), watermark 2017-09-05T08:06:00.000001+00:00 -> ")
     done = materializations(dagster_home)
     assert sorted(m["partition"] for m in done) == [f"2017-09-0{d}" for d in range(1, 6)] + ["2017-11-20", "2017-11-21", "2017-11-22"]
-    assert done[-1]["frontier"] == "2017-11-23T00:00:00+00:00"
+    assert done[-1]["frontier"] == "2017-11-22T12:00:00.000001+00:00"
     assert landed_rows(str(tmp_path / "landing"), "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS] + [(6, "later"), (7, "later")]
     assert "up to date" in run_cli(capsys, "--config", str(config), "sync")[1]
 

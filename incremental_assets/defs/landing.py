@@ -26,6 +26,7 @@ from ..copying import (
     slice_stem,
 )
 from ..sources import IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind
+from ..state import OPEN, WatermarkState, next_frontier
 from .partitions import partitions_def_for, window
 from .resources import source_resource_key
 
@@ -122,22 +123,14 @@ def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: s
     return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
-@dataclass(frozen=True)
-class Recorded:
-    """What the latest materialization of a table says."""
-
-    frontier: Any = None  # every row with a watermark below it has landed (None: nothing yet)
-    highest: Any = None  # the highest watermark value ever copied
-
-
-def recorded_state(instance: dg.DagsterInstance, key: dg.AssetKey, kind: WatermarkKind) -> Recorded:
-    meta = latest_metadata(instance, key) or {}
-    values = [meta.get(k) for k in ("frontier", "highest_watermark")]
-    return Recorded(*(kind.from_text(v) if v else None for v in values))
+def recorded_state(instance: dg.DagsterInstance, key: dg.AssetKey, kind: WatermarkKind) -> WatermarkState:
+    """The table's latest recorded watermark state (empty when nothing was copied yet)."""
+    return WatermarkState.from_metadata(latest_metadata(instance, key), kind)
 
 
 def recorded_ranges(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str, kind: WatermarkKind) -> tuple[Any, Any] | None:
-    """The union ``[lo, hi)`` of the slices recorded for one capture-time window (for a replay)."""
+    """The union ``[lo, hi)`` of the slices recorded for one capture-time window (for a replay):
+    from the lowest bound read to the highest frontier recorded."""
     lows, highs, cursor, open_low = [], [], None, False
     while True:
         result = instance.fetch_materializations(
@@ -145,14 +138,16 @@ def recorded_ranges(instance: dg.DagsterInstance, key: dg.AssetKey, partition: s
         )
         for record in result.records:
             meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
-            if meta.get("run_mode") == "replay" or not meta.get("new_watermark"):
+            state = WatermarkState.from_metadata(meta, kind)
+            if state.run_mode == "replay" or state.new is None:
                 continue
-            prev = meta.get("previous_watermark")
-            if prev in (None, "", "(start)"):
+            if state.previous is None:
                 open_low = True
             else:
-                lows.append(kind.from_text(prev))
-            highs.append(kind.from_text(meta["new_watermark"]))
+                lows.append(state.previous)
+            # up to the frontier it left, not the bound it read to: rows above the frontier were
+            # copied by later slices (in later windows, perhaps), and must not land twice
+            highs.append(state.new if state.frontier is None else min(state.new, state.frontier))
         if not result.has_more:
             break
         cursor = result.cursor
@@ -162,7 +157,7 @@ def recorded_ranges(instance: dg.DagsterInstance, key: dg.AssetKey, partition: s
 
 
 def _text(kind: WatermarkKind, value: Any) -> str:
-    return "(start)" if value is None else kind.to_text(value)
+    return OPEN if value is None else kind.to_text(value)
 
 
 def _is_refresh(context: dg.AssetExecutionContext, config: CopyConfig) -> bool:
@@ -181,18 +176,19 @@ def _copy_windows(context, table: LandingTable, source, info, store, keys, refre
         )
     finally:
         progress.flush()  # after a failure too: what was landed before it
+    # the frontier moves only past rows this run copied (state.next_frontier), and only if the
+    # run's windows join it: the first one starts at or below it, or no row lies between it and
+    # the first window (a run planned from the oldest row to copy)
+    top = _top(copies)
     new_frontier, low = frontier, (planned[0].lo if planned else frontier)
-    if horizon.value is not None and windows and (frontier is None or windows[-1].end > frontier):
+    if top is not None and horizon.value is not None:
         first = windows[0]
-        # the frontier moves if the run's windows join it: the first one starts at or below it, or
-        # no row lies between it and the first window (a run planned from the oldest row to copy)
         joined = first.open_start or (frontier is not None and first.start <= frontier)
         if joined or not source.has_rows(info, frontier, first.start):
-            reached = min(horizon.value, windows[-1].end)
-            new_frontier = reached if frontier is None else max(frontier, reached)
+            new_frontier = next_frontier(info.kind, frontier, top, horizon.value)
             if not refresh:
                 low = frontier
-    high = max((c.hi for c in copies), default=None) if refresh else new_frontier
+    high = max((c.hi for c in copies), default=None)
     return copies, low, high, new_frontier, ("refresh" if refresh else "incremental")
 
 
@@ -206,8 +202,10 @@ def _copy_capture_windows(context, table: LandingTable, source, info, store, key
             hi = horizon.value
             if hi is None or (frontier is not None and hi <= frontier):
                 continue
-            copies.append(_land(context, table, source, info, store, PlannedSlice(key, frontier, hi), replace=False))
-            low, high, new_frontier = frontier, hi, hi
+            copy = _land(context, table, source, info, store, PlannedSlice(key, frontier, hi), replace=False)
+            copies.append(copy)
+            low, high = frontier, hi
+            new_frontier = next_frontier(info.kind, frontier, copy.max_watermark, hi)
         else:
             mode = "replay"
             recorded = recorded_ranges(context.instance, table.key, key, info.kind)
@@ -217,6 +215,11 @@ def _copy_capture_windows(context, table: LandingTable, source, info, store, key
             copies.append(_land(context, table, source, info, store, PlannedSlice(key, *recorded), replace=True))
             low, high = recorded
     return copies, low, high, new_frontier, mode
+
+
+def _top(copies: list[SliceCopy]) -> Any:
+    """The highest watermark value the copies hold (None: no row)."""
+    return max((c.max_watermark for c in copies if c.max_watermark is not None), default=None)
 
 
 def _current_window(context, table: LandingTable) -> str:
@@ -342,19 +345,15 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             mode = "initial"
         files = [f.uri for c in copies for f in c.files]
         rows = sum(c.rows for c in copies)
-        top = max((c.max_watermark for c in copies if c.max_watermark is not None), default=None)
+        top = _top(copies)
         highest = max((v for v in (top, recorded.highest) if v is not None), default=None)
+        state = WatermarkState(
+            kind=kind, frontier=new_frontier, previous=low, new=high, max_copied=top, highest=highest,
+            horizon=horizon.value, horizon_note=horizon.note, held_back=horizon.held_back, run_mode=mode,
+        )
         metadata = {
-            "previous_watermark": _text(kind, low),
-            "new_watermark": "" if high is None else kind.to_text(high),
-            "frontier": "" if new_frontier is None else kind.to_text(new_frontier),
-            "max_watermark_copied": "" if top is None else kind.to_text(top),
-            "highest_watermark": "" if highest is None else kind.to_text(highest),
+            **state.to_metadata(),
             "dagster/row_count": dg.MetadataValue.int(rows),
-            "run_mode": mode,
-            "watermark_kind": kind.name,
-            "horizon": "" if horizon.value is None else kind.to_text(horizon.value),
-            "horizon_note": horizon.note,
             "file_count": len(files),
             "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
             "landing": store.describe(),

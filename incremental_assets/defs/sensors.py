@@ -11,7 +11,8 @@ import dagster as dg
 
 from ..config import ProjectConfig
 from ..sources import Source, TimestampKind
-from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, Recorded, recorded_state
+from ..state import WatermarkState
+from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, recorded_state
 from .partitions import key_for_time, window
 
 IN_FLIGHT = [
@@ -53,7 +54,7 @@ class Plan:
     warning: str = ""  # something the user must hear about, request or not
 
 
-def backwards_note(table: LandingTable, source: Source, info, recorded: Recorded) -> str:
+def backwards_note(table: LandingTable, source: Source, info, recorded: WatermarkState) -> str:
     """A watermark that went backwards: said out loud, since rows written below the frontier are
     not copied by a watermark copy (a table restored, ids restarted, values rewritten lower)."""
     if recorded.highest is None:

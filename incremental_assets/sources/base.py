@@ -143,6 +143,8 @@ class Horizon:
 
     value: Any
     note: str = ""
+    #: open transactions keep it below the database's clock or MAX (None: no bound at all)
+    held_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,12 +212,20 @@ class EngineDialect:
             return pa.timestamp(t.unit, tz="UTC")
         return t
 
+    def fractional_digits(self, sa_type: sa.types.TypeEngine) -> int:
+        """The fractional second digits a timestamp column holds (its declared precision, else 6)."""
+        if type(sa_type).__name__.upper() == "SMALLDATETIME":
+            return 0
+        precision = getattr(sa_type, "precision", None)
+        return min(precision, 6) if isinstance(precision, int) else 6
+
     def watermark_kind(self, column: sa.Column, column_timezone: str) -> WatermarkKind | None:
         t = column.type
         if type(t).__name__.upper() in {"ROWVERSION", "TIMESTAMP"} and not isinstance(t, sa.DateTime):
             return RowversionKind()
         if isinstance(t, sa.DateTime) or type(t).__name__.upper() == "DATETIMEOFFSET":
-            return TimestampKind(timezone_aware=self.is_timezone_aware(t), column_timezone=column_timezone)
+            return TimestampKind(timezone_aware=self.is_timezone_aware(t), column_timezone=column_timezone,
+                                 fractional_digits=self.fractional_digits(t))
         if isinstance(t, sa.Integer) or (isinstance(t, sa.Numeric) and t.scale == 0):
             return IntegerKind()
         return None
@@ -487,14 +497,14 @@ class Source:
             with self.connect() as conn:
                 now = self.dialect.db_now(conn)  # first: whatever starts after this is later than it
                 holds = self.dialect.timestamp_holds(conn)
-            horizon, note = now, "database clock"
+            horizon, note, held = now, "database clock", False
             unknown = [who for who, start in holds if start is None]
             if unknown:
-                return Horizon(None, f"held back: {unknown[0]} open since an unknown time")
+                return Horizon(None, f"held back: {unknown[0]} open since an unknown time", held_back=True)
             if holds:
                 who, oldest = min(holds, key=lambda s: s[1])
                 if oldest < horizon:
-                    horizon, note = oldest, f"held back by {who} open since {oldest.isoformat()}"
+                    horizon, note, held = oldest, f"held back by {who} open since {oldest.isoformat()}", True
             margin = self.dialect.clock_margin
             if margin:
                 horizon -= margin
@@ -502,7 +512,7 @@ class Source:
             horizon = horizon.replace(microsecond=0) - lag
             if lag:
                 note += f", minus lag {lag}"
-            return Horizon(horizon, note)
+            return Horizon(horizon, note, held_back=held)
         return self._integer_horizon(info)
 
     def _integer_horizon(self, info: TableInfo) -> Horizon:
@@ -519,7 +529,8 @@ class Source:
                 if time.monotonic() > deadline:
                     who = ", ".join(w for w, _ in blocking[:3])
                     return Horizon(
-                        None, f"held back: transaction(s) {who} open since before MAX({info.watermark_column}) was read"
+                        None, f"held back: transaction(s) {who} open since before MAX({info.watermark_column}) was read",
+                        held_back=True,
                     )
                 time.sleep(0.2)
         if top is None:

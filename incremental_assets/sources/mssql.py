@@ -45,6 +45,11 @@ class MSSQLDialect(EngineDialect):
     # shows in the DMVs; rowversion watermarks (MIN_ACTIVE_ROWVERSION) have no such gap
     clock_margin = dt.timedelta(seconds=1)
 
+    def fractional_digits(self, sa_type) -> int:
+        if type(sa_type).__name__.upper() == "DATETIME":
+            return 3  # datetime: steps of 1/300 s, so a millisecond is finer than any
+        return super().fractional_digits(sa_type)
+
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         return conn.execute(NOW).scalar().replace(tzinfo=UTC)
 

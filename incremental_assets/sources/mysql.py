@@ -51,6 +51,9 @@ class MySQLDialect(EngineDialect):
     def is_timezone_aware(self, sa_type: sa.types.TypeEngine) -> bool:
         return isinstance(sa_type, sa.TIMESTAMP) or super().is_timezone_aware(sa_type)
 
+    def fractional_digits(self, sa_type) -> int:
+        return min(getattr(sa_type, "fsp", None) or 0, 6)  # DATETIME(fsp); plain DATETIME: seconds
+
     def bind_timestamp(self, kind: TimestampKind, value: dt.datetime):
         # the session is UTC: aware bounds are sent as UTC wall-clock text
         return sa.literal(kind.to_column_value(value).replace(tzinfo=None), type_=sa.DateTime())

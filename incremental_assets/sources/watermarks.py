@@ -20,6 +20,12 @@ class WatermarkKind:
 
     name: str = ""
 
+    @property
+    def step(self) -> Any:
+        """The smallest step between two values of the column: ``top + step`` is the lowest value
+        above ``top`` that a later row can hold (a finer step than the column's is still exact)."""
+        return 1
+
     def to_text(self, value: Any) -> str:
         raise NotImplementedError
 
@@ -45,6 +51,14 @@ class TimestampKind(WatermarkKind):
     timezone_aware: bool = False
     column_timezone: str = "UTC"
     name: str = "timestamp"
+    #: the fractional second digits the column holds (0 for whole seconds, at most 6)
+    fractional_digits: int = 6
+
+    @property
+    def step(self) -> dt.timedelta:
+        # the column's own step: a bound finer than the column is compared right by the engines,
+        # except in MariaDB's MIN/MAX index shortcut, which rounds it to the column first
+        return dt.timedelta(microseconds=10 ** (6 - max(0, min(6, self.fractional_digits))))
 
     @property
     def zone(self) -> dt.tzinfo:
