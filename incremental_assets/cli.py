@@ -197,7 +197,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
                         print(f"{name}: WARNING: {warning}", file=sys.stderr)
             request = plan.request
             if request is None:
-                if runs == 0:
+                if plan.waiting:
+                    print(f"{name}: not copied yet: {plan.skip_reason}")
+                elif runs == 0:
                     print(f"{name}: up to date")
                 break
             runs += 1

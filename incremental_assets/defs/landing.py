@@ -89,12 +89,15 @@ class LandingTable:
         """What to tell the user when no index leads with the watermark column ("" when one does,
         or the table is copied by change tracking)."""
         tc = self.config
-        if self.tracks_changes or self.describe(source).watermark_indexed:
+        if self.tracks_changes:
+            return ""
+        info = self.describe(source)
+        if info.watermark_indexed:
             return ""
         return (
             f"no index leads with {tc.watermark_column!r} on {tc.table!r}: every incremental read scans the table "
             f"(a run of several windows reads them in one sorted scan). Create one, e.g. "
-            f"CREATE INDEX ON {tc.table} ({tc.watermark_column})"
+            f"{source.create_index_sql(info)}"
         )
 
     @property

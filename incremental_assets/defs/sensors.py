@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from ..config import ProjectConfig
-from ..sources import Source, TimestampKind
+from ..sources import Horizon, Source, TimestampKind
 from ..state import WatermarkState
 from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, recorded_state
 from .partitions import key_for_time, window
@@ -52,6 +52,7 @@ class Plan:
     request: CopyRequest | None
     skip_reason: str = ""  # why nothing is requested
     warning: str = ""  # something the user must hear about, request or not
+    waiting: bool = False  # rows are there, but held back (skip_reason says by what)
 
 
 def backwards_note(table: LandingTable, source: Source, info, recorded: WatermarkState) -> str:
@@ -79,8 +80,14 @@ def plan_copy(table: LandingTable, source: Source, instance: dg.DagsterInstance)
     info = table.describe(source)
     recorded = recorded_state(instance, table.key, info.kind)
     warning = backwards_note(table, source, info, recorded)
-    request = _request(table, source, info, recorded.frontier)
-    return Plan(request, "" if request else f"no new rows in {table.config.table}", warning)
+    request, horizon = _request(table, source, info, recorded.frontier)
+    if request is not None:
+        return Plan(request, "", warning)
+    if horizon is not None and horizon.held_back and source.has_rows(info, recorded.frontier, None):
+        # rows are there, but open transactions keep the safe horizon below them
+        return Plan(None, f"rows of {table.config.table} wait behind the safe horizon: {horizon.note}", warning,
+                    waiting=True)
+    return Plan(None, f"no new rows in {table.config.table}", warning)
 
 
 def _plan_changes(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
@@ -123,35 +130,37 @@ def retention_warning(instance: dg.DagsterInstance, table: LandingTable, retenti
             "past it the next copy must re-initialise with a full copy")
 
 
-def _request(table: LandingTable, source: Source, info, frontier) -> CopyRequest | None:
+def _request(table: LandingTable, source: Source, info, frontier) -> tuple[CopyRequest | None, Horizon | None]:
+    """The run to request (None: nothing to copy now), and the safe horizon it was planned with."""
     kind = info.kind
     pdef = table.partitions_def
     current = pdef.get_last_partition_key()
     name = table.config.name
     if isinstance(kind, TimestampKind):
-        horizon = source.safe_horizon(info, lag=table.config.lag).value
+        safe = source.safe_horizon(info, lag=table.config.lag)
+        horizon = safe.value
         if horizon is None:
-            return None
+            return None, safe
         _, current_end = window(pdef, current)
         hi = min(horizon, current_end)
         if frontier is not None and frontier >= hi:
-            return None
+            return None, safe
         # the run spans the windows from the oldest to the newest row to copy, not from the
         # configured start (or the frontier) to now: each empty window at either end would cost
         # a planned event and a materialization, ~30 ms on SQLite storage (the run checks that
         # no row is left below its first window before it moves the frontier)
         lowest, highest = source.watermark_range(info, frontier, hi)
         if lowest is None:
-            return None
+            return None, safe
         first, last = key_for_time(pdef, lowest), key_for_time(pdef, highest)
         if info.watermark_indexed:  # without an index, each empty window asked about is a scan
             last = _stretch_end(pdef, source, info, first, last, hi)
         reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
-        return CopyRequest(name, first, last, reason)
+        return CopyRequest(name, first, last, reason), safe
     if not source.has_rows(info, frontier, None):
-        return None
+        return None, None
     reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
-    return CopyRequest(name, current, current, reason)
+    return CopyRequest(name, current, current, reason), None
 
 
 #: empty windows in a row after which a run stops: each window of a run costs Dagster a planned

@@ -663,5 +663,13 @@ class Source:
         with self.connect() as conn:
             return int(conn.execute(query).scalar())
 
+    def create_index_sql(self, info: TableInfo) -> str:
+        """The statement that creates an index on the watermark column, every name quoted by the
+        engine's own rules (for the user to run; nothing here runs it)."""
+        column = info.table.c[info.watermark_column]
+        name = f"ix_{info.table.name}_{info.watermark_column}"[:60]
+        dialect = self.engine.dialect if self.engine is not None else None
+        return str(sa.schema.CreateIndex(sa.Index(name, column)).compile(dialect=dialect)).strip()
+
     def select_nulls(self, info: TableInfo) -> sa.Select:
         return sa.select(*self._result_columns(info)).where(info.table.c[info.watermark_column].is_(None))
