@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 
 from ..config import ConfigError, ProjectConfig, TableConfig
-from ..landing import LandingError
+from ..landing import LandingError, LandingStore
 from ..copying import (
     PlannedSlice,
     SliceCopy,
@@ -25,7 +25,9 @@ from ..copying import (
     remove_orphans,
     slice_stem,
 )
-from ..sources import IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind
+from ..sources import (
+    Horizon, IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind,
+)
 from ..state import OPEN, WatermarkState, next_frontier
 from .partitions import partitions_def_for, window
 from .resources import source_resource_key
@@ -167,15 +169,53 @@ def _is_refresh(context: dg.AssetExecutionContext, config: CopyConfig) -> bool:
     return config.refresh or BACKFILL_TAG in context.run.tags
 
 
-def _copy_windows(context, table: LandingTable, source, info, store, keys, refresh, horizon, frontier):
+@dataclass(frozen=True)
+class CopyRun:
+    """One run of ``landing/<table>``: what each of its steps needs."""
+
+    context: dg.AssetExecutionContext
+    table: LandingTable
+    source: Source
+    info: TableInfo
+    store: LandingStore
+    refresh: bool
+    horizon: Horizon
+    frontier: Any  # where the table's latest record says the next copy starts
+
+    @property
+    def name(self) -> str:
+        return self.table.config.name
+
+    def land(self, planned: PlannedSlice, *, replace: bool) -> SliceCopy:
+        copy = copy_slice(
+            self.source, self.info, self.store, table=self.name, slice_=planned,
+            batch_size=self.table.config.batch_size, max_rows_per_file=_max_rows(self.context), replace=replace,
+        )
+        _log_copy(self.context, self.table, self.info, copy)
+        return copy
+
+
+@dataclass(frozen=True)
+class Copied:
+    """What a run copied: its slices, the range ``[low, high)`` it read, where the next starts."""
+
+    copies: list[SliceCopy]
+    low: Any
+    high: Any
+    frontier: Any
+    mode: str
+
+
+def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
     """Timestamp watermark: windows over the watermark's own time."""
-    windows = table.windows(keys)
-    planned = plan_window_slices(windows, frontier, horizon.value, refresh=refresh)
-    progress = _CopyProgress(context, table, info)
+    windows = run.table.windows(keys)
+    frontier, horizon = run.frontier, run.horizon.value
+    planned = plan_window_slices(windows, frontier, horizon, refresh=run.refresh)
+    progress = _CopyProgress(run.context, run.table, run.info)
     try:
         copies = copy_window_slices(
-            source, info, store, planned, table=table.config.name, batch_size=table.config.batch_size,
-            max_rows_per_file=_max_rows(context), replace=refresh, landed=progress.landed,
+            run.source, run.info, run.store, planned, table=run.name, batch_size=run.table.config.batch_size,
+            max_rows_per_file=_max_rows(run.context), replace=run.refresh, landed=progress.landed,
         )
     finally:
         progress.flush()  # after a failure too: what was landed before it
@@ -184,40 +224,41 @@ def _copy_windows(context, table: LandingTable, source, info, store, keys, refre
     # the first window (a run planned from the oldest row to copy)
     top = _top(copies)
     new_frontier, low = frontier, (planned[0].lo if planned else frontier)
-    if top is not None and horizon.value is not None:
+    if top is not None and horizon is not None:
         first = windows[0]
         joined = first.open_start or (frontier is not None and first.start <= frontier)
-        if joined or not source.has_rows(info, frontier, first.start):
-            new_frontier = next_frontier(info.kind, frontier, top, horizon.value)
-            if not refresh:
+        if joined or not run.source.has_rows(run.info, frontier, first.start):
+            new_frontier = next_frontier(run.info.kind, frontier, top, horizon)
+            if not run.refresh:
                 low = frontier
     high = max((c.hi for c in copies), default=None)
-    return copies, low, high, new_frontier, ("refresh" if refresh else "incremental")
+    return Copied(copies, low, high, new_frontier, "refresh" if run.refresh else "incremental")
 
 
-def _copy_capture_windows(context, table: LandingTable, source, info, store, keys, refresh, horizon, frontier):
+def _copy_capture_windows(run: CopyRun, keys: list[str]) -> Copied:
     """Integer / rowversion watermark: windows over capture time; new slices go to the current one."""
-    current = _current_window(context, table)
+    current = _current_window(run.context, run.table)
+    frontier = run.frontier
     copies: list[SliceCopy] = []
     low, high, new_frontier, mode = frontier, frontier, frontier, "incremental"
     for key in keys:
-        if key == current and not refresh:
-            hi = horizon.value
+        if key == current and not run.refresh:
+            hi = run.horizon.value
             if hi is None or (frontier is not None and hi <= frontier):
                 continue
-            copy = _land(context, table, source, info, store, PlannedSlice(key, frontier, hi), replace=False)
+            copy = run.land(PlannedSlice(key, frontier, hi), replace=False)
             copies.append(copy)
             low, high = frontier, hi
-            new_frontier = next_frontier(info.kind, frontier, copy.max_watermark, hi)
+            new_frontier = next_frontier(run.info.kind, frontier, copy.max_watermark, hi)
         else:
             mode = "replay"
-            recorded = recorded_ranges(context.instance, table.key, key, info.kind)
+            recorded = recorded_ranges(run.context.instance, run.table.key, key, run.info.kind)
             if recorded is None:
-                context.log.warning(f"{table.config.name}: window {key} has no recorded slices to replay")
+                run.context.log.warning(f"{run.name}: window {key} has no recorded slices to replay")
                 continue
-            copies.append(_land(context, table, source, info, store, PlannedSlice(key, *recorded), replace=True))
+            copies.append(run.land(PlannedSlice(key, *recorded), replace=True))
             low, high = recorded
-    return copies, low, high, new_frontier, mode
+    return Copied(copies, low, high, new_frontier, mode)
 
 
 def _top(copies: list[SliceCopy]) -> Any:
@@ -231,15 +272,6 @@ def _current_window(context, table: LandingTable) -> str:
     if TABLE_TAG in context.run.tags and len(context.partition_keys) == 1:
         return context.partition_keys[0]
     return table.partitions_def.get_last_partition_key()
-
-
-def _land(context, table: LandingTable, source, info, store, planned: PlannedSlice, replace: bool) -> SliceCopy:
-    copy = copy_slice(
-        source, info, store, table=table.config.name, slice_=planned,
-        batch_size=table.config.batch_size, max_rows_per_file=_max_rows(context), replace=replace,
-    )
-    _log_copy(context, table, info, copy)
-    return copy
 
 
 def _log_copy(context, table: LandingTable, info, copy: SliceCopy) -> None:
@@ -343,7 +375,9 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             context.log.warning(f"{tc.name}: no safe upper bound yet ({horizon.note}); nothing copied this time")
         copier = _copy_windows if isinstance(kind, TimestampKind) else _copy_capture_windows
         keys = list(context.partition_keys)
-        copies, low, high, new_frontier, mode = copier(context, table, source, info, store, keys, refresh, horizon, frontier)
+        run = CopyRun(context, table, source, info, store, refresh, horizon, frontier)
+        copied = copier(run, keys)
+        copies, mode = copied.copies, copied.mode
         if frontier is None and mode == "incremental" and copies:
             mode = "initial"
         files = [f.uri for c in copies for f in c.files]
@@ -351,7 +385,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         top = _top(copies)
         highest = max((v for v in (top, recorded.highest) if v is not None), default=None)
         state = WatermarkState(
-            kind=kind, frontier=new_frontier, previous=low, new=high, max_copied=top, highest=highest,
+            kind=kind, frontier=copied.frontier, previous=copied.low, new=copied.high, max_copied=top, highest=highest,
             horizon=horizon.value, horizon_note=horizon.note, held_back=horizon.held_back, run_mode=mode,
         )
         metadata = {
