@@ -327,6 +327,35 @@ def cmd_disable_tracking(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    from .config import config_path, parse_config
+    from .discovery import state_path, with_discovered_tables
+
+    path = config_path()
+    if not path.exists():
+        raise ConfigError(f"configuration file {path} does not exist (set --config or {CONFIG_ENV})")
+    config = parse_config(path.read_text(), path)
+    if not any(src.discover for src in config.sources.values()):
+        print(f"{path}: no source has a 'discover' key: nothing to discover")
+        return 0
+    skipped: list[tuple[str, str, str]] = []
+    merged = with_discovered_tables(config, refresh=True, skipped=skipped)
+    explicit = {t.name for t in config.tables}
+    for source_name in sorted(n for n, src in config.sources.items() if src.discover):
+        found = [t for t in merged.tables if t.source == source_name and t.name not in explicit]
+        mine = [(table, reason) for source, table, reason in skipped if source == source_name]
+        print(f"source {source_name}: {len(found)} table(s) found, {len(mine)} skipped")
+        for t in found:
+            how = f"watermark {t.watermark_column}" if t.mode == "watermark" else "change tracking"
+            key = f", key {list(t.primary_key)}" if t.primary_key else ""
+            print(f"  {t.table:<40} -> landing/{t.name} ({how}{key})")
+        for table, reason in mine:
+            print(f"  {table:<40} SKIPPED: {reason}")
+    print(f"written to {state_path(path)}; reload the definitions to see new tables as assets "
+          "(the UI's Reload, or restart dagster dev and the code server)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="incremental-assets", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help=f"configuration file (default: ${CONFIG_ENV}, else the embedded demo)")
@@ -341,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     status.add_argument("--table", action="append", help="only this table (repeatable)")
     status.set_defaults(func=cmd_status)
+    discover = sub.add_parser("discover", help="find the tables of sources configured with 'discover' and list them")
+    discover.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    discover.set_defaults(func=cmd_discover)
     for name, func, text in (
         ("enable-change-tracking", cmd_enable_tracking,
          "install change tracking (change table + triggers) for a table with mode: change_tracking"),

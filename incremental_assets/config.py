@@ -54,11 +54,36 @@ class _Model(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
+class DiscoverConfig(_Model):
+    """Tables found in the source by pattern (see incremental_assets/discovery.py)."""
+
+    #: glob patterns on ``table`` (the default schema) or ``schema.table``
+    include: list[str] = pydantic.Field(["*"], min_length=1)
+    exclude: list[str] = []
+    mode: Literal["watermark", "change_tracking"] = "watermark"
+    #: watermark: the first of these columns (any case) whose type can be a watermark
+    watermark_columns: list[str] = ["updated_at", "last_update", "last_modified", "modified_at", "LastModifytime"]
+    #: keys every discovered table takes, as in a ``tables:`` entry (partitions, lag_seconds, ...)
+    defaults: dict[str, Any] = {}
+
+    @pydantic.field_validator("defaults")
+    @classmethod
+    def _defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        own = sorted(set(value) & {"name", "source", "table", "mode", "watermark_column"})
+        if own:
+            raise ValueError(f"keys {own} are set per discovered table, not as defaults")
+        unknown = sorted(set(value) - set(TableConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown table key(s) {unknown}")
+        return value
+
+
 class SourceConfig(_Model):
     url: str
     retries: int = pydantic.Field(3, ge=0, le=20)
     retry_delay_seconds: float = pydantic.Field(1.0, ge=0)
     horizon_wait_seconds: float = pydantic.Field(30.0, ge=0)
+    discover: DiscoverConfig | None = None
 
 
 class LandingConfig(_Model):
@@ -163,7 +188,7 @@ class SensorConfig(_Model):
 class ProjectConfig(_Model):
     sources: dict[str, SourceConfig]
     landing: LandingConfig = LandingConfig()
-    tables: list[TableConfig]
+    tables: list[TableConfig] = []
     replica: ReplicaConfig | None = None
     sensors: SensorConfig = SensorConfig()
     run_retries: RunRetryConfig = RunRetryConfig()
@@ -172,6 +197,8 @@ class ProjectConfig(_Model):
 
     @pydantic.model_validator(mode="after")
     def _references(self) -> ProjectConfig:
+        if not self.tables and not any(s.discover for s in self.sources.values()):
+            raise ValueError("key 'tables': list the tables to copy, or give a source a 'discover' key")
         seen: set[str] = set()
         for i, table in enumerate(self.tables):
             if table.source not in self.sources:
@@ -270,4 +297,9 @@ def load_config(explicit: str | Path | None = None) -> ProjectConfig:
         os.environ.setdefault(DEMO_DIR_ENV, str(PROJECT_DIR / ".demo"))
     if not path.exists():
         raise ConfigError(f"configuration file {path} does not exist (set --config or {CONFIG_ENV})")
-    return parse_config(path.read_text(), path)
+    config = parse_config(path.read_text(), path)
+    if any(source.discover for source in config.sources.values()):
+        from .discovery import with_discovered_tables  # reads the catalog only when its file is missing
+
+        config = with_discovered_tables(config)
+    return config
