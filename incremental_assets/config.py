@@ -183,6 +183,8 @@ class RunRetryConfig(_Model):
 class SensorConfig(_Model):
     enabled: bool = True
     interval_seconds: int = pydantic.Field(30, ge=5)
+    #: tables copied (and merged) by one run; a source's tables with new rows make several runs
+    max_tables_per_run: int = pydantic.Field(50, ge=1, le=1000)
 
 
 class ProjectConfig(_Model):

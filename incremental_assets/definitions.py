@@ -11,7 +11,7 @@ from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_
 from .defs.landing import build_landing_asset, landing_tables
 from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables
 from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key
-from .defs.sensors import build_landing_sensor
+from .defs.automation import build_source_sensor, copy_jobs
 
 
 # single-run backfills are what keeps an initial load one run; Dagster still labels them beta
@@ -27,14 +27,25 @@ def _secret_or_template(value: str):
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
     tables = landing_tables(config)
     assets, sensors = [], []
+    by_name: dict[str, list[dg.AssetsDefinition]] = {}
     for table in tables:
         asset = build_landing_asset(table, config)
         assets.append(asset)
-        sensors.append(build_landing_sensor(table, asset, config))
+        by_name[table.config.name] = [asset]
+    replicated: dict[str, dg.AssetKey] = {}
     for table in replica_tables(config, tables):
         asset = build_replica_asset(table, config)
         assets.append(asset)
+        by_name[table.landing.config.name].append(asset)
+        replicated[table.landing.config.name] = table.key
         sensors.append(build_replica_sensor(table, asset, config))
+    jobs = []
+    for source in config.sources:  # one sensor per source, not per table (defs/automation.py)
+        mine = [t for t in tables if t.config.source == source]
+        if mine:
+            by_table = copy_jobs(source, mine, replicated)
+            jobs.extend({job.name: job for job in by_table.values()}.values())
+            sensors.append(build_source_sensor(source, mine, by_table, replicated, config))
     resources: dict[str, object] = {
         source_resource_key(name): SourceResource(
             name=name,
@@ -64,12 +75,16 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
             retries=config.replica.retries,
             retry_delay_seconds=config.replica.retry_delay_seconds,
         )
-    jobs, schedules = [], []
+    schedules = []
     if config.path == DEMO_CONFIG:
         from .defs.demo import demo_activity
 
-        jobs, schedules = demo_activity()
-    return dg.Definitions(assets=assets, sensors=sensors, resources=resources, jobs=jobs, schedules=schedules)
+        demo_jobs, schedules = demo_activity()
+        jobs += demo_jobs
+    # a run copies (and merges) a batch of tables, a step each, in its own process: a process per
+    # step would cost more than most incremental copies (see defs/automation.py)
+    return dg.Definitions(assets=assets, sensors=sensors, resources=resources, jobs=jobs, schedules=schedules,
+                          executor=dg.in_process_executor)
 
 
 def load_project(config_file=None) -> tuple[ProjectConfig, dg.Definitions]:

@@ -285,7 +285,7 @@ def test_sensor_requests_initial_load_then_only_new_windows(sqlite_db, tmp_path,
     from incremental_assets.definitions import load_definitions
 
     defs = load_definitions(config)
-    sensor = defs.resolve_sensor_def("landing_data_source_table_sensor")
+    sensor = defs.resolve_sensor_def("incremental_copy_src_sensor")
     with dg.DagsterInstance.get() as instance:
         def tick():
             with dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs) as ctx:
@@ -299,6 +299,7 @@ def test_sensor_requests_initial_load_then_only_new_windows(sqlite_db, tmp_path,
         assert request.tags["dagster/asset_partition_range_start"] == "2017-09-01"
         assert request.tags["dagster/asset_partition_range_end"] == "2017-09-05"
         assert request.partition_key is None
+        assert list(request.asset_selection) == [dg.AssetKey(["landing", "data_source_table"])]
         asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
         assert dg.materialize([asset], instance=instance, tags=request.tags).success
         assert "no new rows" in tick()

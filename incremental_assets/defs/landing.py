@@ -33,6 +33,8 @@ from .partitions import partitions_def_for, window
 from .resources import source_resource_key
 
 TABLE_TAG = "incremental_assets/table"
+#: runs requested by a source's sensor or by sync (see defs/automation.py)
+SOURCE_TAG = "incremental_assets/source"
 BACKFILL_TAG = "dagster/backfill"
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
@@ -40,6 +42,8 @@ MAX_FILES_SHOWN = 50
 
 
 DESCRIBE_TTL_SECONDS = 10.0
+#: how long a sensor's planning reuses a reflection (the runs reflect again before they copy)
+PLAN_TTL_SECONDS = 600.0
 _DESCRIBED: dict[tuple, tuple[float, TableInfo]] = {}
 
 
@@ -65,13 +69,14 @@ class LandingTable:
     def pool(self) -> str:
         return f"incremental_assets/{self.config.name}"
 
-    def describe(self, source: Source) -> TableInfo:
-        """The table as reflected now; reused for a few seconds, so a sensor tick or a sync that
-        plans and then copies reflects once (a schema change is still seen within seconds)."""
+    def describe(self, source: Source, *, max_age: float = DESCRIBE_TTL_SECONDS) -> TableInfo:
+        """The table as reflected at most ``max_age`` seconds ago: a sync that plans and then
+        copies reflects once, and a copy sees a schema change within seconds. Sensors, which only
+        probe the watermark column, pass a longer age (:data:`PLAN_TTL_SECONDS`)."""
         tc = self.config
         key = (source.url, tc.table, tc.watermark_column, tuple(tc.columns or ()), tc.watermark_timezone, tuple(tc.primary_key))
         cached = _DESCRIBED.get(key)
-        if cached and time.monotonic() - cached[0] < DESCRIBE_TTL_SECONDS:
+        if cached and time.monotonic() - cached[0] < max_age:
             return cached[1]
         info = self._reflect(source)
         _DESCRIBED[key] = (time.monotonic(), info)
@@ -269,7 +274,7 @@ def _top(copies: list[SliceCopy]) -> Any:
 def _current_window(context, table: LandingTable) -> str:
     """The capture-time window new slices go to: the latest one, or the one a sensor (or sync)
     requested, so a run requested just before midnight and started after it still appends."""
-    if TABLE_TAG in context.run.tags and len(context.partition_keys) == 1:
+    if (TABLE_TAG in context.run.tags or SOURCE_TAG in context.run.tags) and len(context.partition_keys) == 1:
         return context.partition_keys[0]
     return table.partitions_def.get_last_partition_key()
 

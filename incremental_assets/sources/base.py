@@ -146,6 +146,12 @@ class Horizon:
     #: open transactions keep it below the database's clock or MAX (None: no bound at all)
     held_back: bool = False
 
+    def minus(self, lag: dt.timedelta) -> Horizon:
+        """The same horizon for a table whose values are stamped by clocks ``lag`` behind."""
+        if not lag or self.value is None:
+            return self
+        return Horizon(self.value - lag, f"{self.note}, minus lag {lag}", self.held_back)
+
 
 @dataclass(frozen=True)
 class RunRead:
@@ -494,26 +500,32 @@ class Source:
             with self.connect() as conn:
                 return Horizon(self.dialect.rowversion_horizon(conn), "MIN_ACTIVE_ROWVERSION()")
         if isinstance(kind, TimestampKind):
-            with self.connect() as conn:
-                now = self.dialect.db_now(conn)  # first: whatever starts after this is later than it
-                holds = self.dialect.timestamp_holds(conn)
-            horizon, note, held = now, "database clock", False
-            unknown = [who for who, start in holds if start is None]
-            if unknown:
-                return Horizon(None, f"held back: {unknown[0]} open since an unknown time", held_back=True)
-            if holds:
-                who, oldest = min(holds, key=lambda s: s[1])
-                if oldest < horizon:
-                    horizon, note, held = oldest, f"held back by {who} open since {oldest.isoformat()}", True
-            margin = self.dialect.clock_margin
-            if margin:
-                horizon -= margin
-                note += f", minus margin {margin}"
-            horizon = horizon.replace(microsecond=0) - lag
-            if lag:
-                note += f", minus lag {lag}"
-            return Horizon(horizon, note, held_back=held)
+            return self.timestamp_horizon(lag=lag)
         return self._integer_horizon(info)
+
+    def timestamp_horizon(self, *, lag: dt.timedelta = dt.timedelta(0)) -> Horizon:
+        """The safe horizon of every timestamp watermark of this source (see :meth:`safe_horizon`):
+        it depends on the database's clock and open transactions, not on the table, so one
+        reading serves all of a source's tables (each subtracting its own ``lag``)."""
+        with self.connect() as conn:
+            now = self.dialect.db_now(conn)  # first: whatever starts after this is later than it
+            holds = self.dialect.timestamp_holds(conn)
+        horizon, note, held = now, "database clock", False
+        unknown = [who for who, start in holds if start is None]
+        if unknown:
+            return Horizon(None, f"held back: {unknown[0]} open since an unknown time", held_back=True)
+        if holds:
+            who, oldest = min(holds, key=lambda s: s[1])
+            if oldest < horizon:
+                horizon, note, held = oldest, f"held back by {who} open since {oldest.isoformat()}", True
+        margin = self.dialect.clock_margin
+        if margin:
+            horizon -= margin
+            note += f", minus margin {margin}"
+        horizon = horizon.replace(microsecond=0) - lag
+        if lag:
+            note += f", minus lag {lag}"
+        return Horizon(horizon, note, held_back=held)
 
     def _integer_horizon(self, info: TableInfo) -> Horizon:
         col = info.table.c[info.watermark_column]
@@ -652,6 +664,31 @@ class Source:
         with self.connect() as conn:
             values = [v for query in queries for v in conn.execute(query).one()]
         return tuple(None if v is None else info.kind.from_db(v) for v in values)
+
+    #: tables asked about per statement by :meth:`ranges` (two scalar subqueries each)
+    TABLES_PER_PROBE = 50
+
+    def ranges(self, probes: Sequence[tuple[TableInfo, Any, Any]]) -> list[tuple[Any, Any]]:
+        """:meth:`watermark_range` of many tables at once: for each ``(info, lo, hi)``, the lowest
+        and highest watermark in ``[lo, hi)``, ``TABLES_PER_PROBE`` tables per statement over one
+        connection (with an index on each watermark, two index probes per table), so a sensor
+        asks about hundreds of tables in a few round trips."""
+        out: list[tuple[Any, Any]] = []
+        with self.connect() as conn:
+            for start in range(0, len(probes), self.TABLES_PER_PROBE):
+                chunk = probes[start:start + self.TABLES_PER_PROBE]
+                columns = []
+                for k, (info, lo, hi) in enumerate(chunk):
+                    col = self.dialect.result_column(info.table.c[info.watermark_column])
+                    where = self.range_filter(info, lo, hi)
+                    columns.append(sa.select(sa.func.min(col)).where(*where).scalar_subquery().label(f"l{k}"))
+                    columns.append(sa.select(sa.func.max(col)).where(*where).scalar_subquery().label(f"h{k}"))
+                row = conn.execute(sa.select(*columns)).one()
+                for k, (info, _, _) in enumerate(chunk):
+                    low, high = row[2 * k], row[2 * k + 1]
+                    out.append((None if low is None else info.kind.from_db(low),
+                                None if high is None else info.kind.from_db(high)))
+        return out
 
     def max_watermark(self, info: TableInfo, lo: Any = None, hi: Any = None) -> Any:
         """The highest watermark in ``[lo, hi)`` (the whole table by default); NULLs are ignored."""

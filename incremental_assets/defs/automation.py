@@ -1,0 +1,270 @@
+"""One sensor per source: every table of a source probed in one evaluation, copies batched into runs.
+
+A tick reads the tables' recorded states from the instance in one call, takes the source's safe
+horizon once (it depends on the database, not on the table), and asks the source about every
+table's rows ahead of its frontier over one connection, fifty tables per statement
+(:meth:`Source.ranges`). Tables with rows to copy are grouped by the windows their runs span, and
+each group is requested as runs of at most ``sensors.max_tables_per_run`` tables that land and
+merge them (``landing/<table>`` then ``replica/<table>``, one step each, in the run's own process):
+a run per table and per change would cost a process each, which does not reach a database's
+hundreds of tables. A table with a copy in flight is left for a later tick. The same planning
+serves ``incremental-assets sync``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dagster as dg
+
+from ..config import ProjectConfig
+from ..sources import Horizon, Source, SourceError, TimestampKind
+from ..state import WatermarkState
+from .landing import PLAN_TTL_SECONDS, RANGE_END_TAG, RANGE_START_TAG, SOURCE_TAG, LandingTable
+from .partitions import key_for_time, window
+from .sensors import CopyRequest, Plan, _plan_changes, _stretch_end
+
+
+
+def _recorded(instance: dg.DagsterInstance, tables: Sequence[LandingTable]) -> dict[str, dict | None]:
+    """Each table's latest landing metadata, in one read of the instance."""
+    out: dict[str, dict | None] = {t.config.name: None for t in tables}
+    by_key = {t.key: t.config.name for t in tables}
+    for record in instance.get_asset_records(list(by_key)):
+        entry = record.asset_entry
+        event = entry.last_materialization
+        if event is None or event.asset_materialization is None or entry.asset_key not in by_key:
+            continue
+        out[by_key[entry.asset_key]] = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return out
+
+
+def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.DagsterInstance) -> dict[str, Plan]:
+    """The plan of each table of one source (as :func:`sensors.plan_copy` makes it for one),
+    with a few statements for all of them."""
+    plans: dict[str, Plan] = {}
+    metadata = _recorded(instance, tables)
+    watermarked = [t for t in tables if not t.tracks_changes]
+    for table in tables:
+        if table.tracks_changes:
+            try:
+                plans[table.config.name] = _plan_changes(table, source, instance)
+            except SourceError as exc:
+                plans[table.config.name] = Plan(None, f"cannot plan {table.config.table}: {exc}", str(exc))
+    if not watermarked:
+        return plans
+    infos = {}
+    for table in list(watermarked):
+        try:
+            infos[table.config.name] = table.describe(source, max_age=PLAN_TTL_SECONDS)
+        except SourceError as exc:  # this table's problem: the others go on
+            plans[table.config.name] = Plan(None, f"cannot plan {table.config.table}: {exc}", str(exc))
+            watermarked.remove(table)
+    if not watermarked:
+        return plans
+    states = {t.config.name: WatermarkState.from_metadata(metadata[t.config.name], infos[t.config.name].kind)
+              for t in watermarked}
+    base: Horizon | None = None
+    if any(isinstance(i.kind, TimestampKind) for i in infos.values()):
+        base = source.timestamp_horizon()
+    probes, asks = [], []  # what to ask the source, and for which table and purpose
+    horizons: dict[str, Horizon] = {}
+    upper: dict[str, object] = {}  # each timestamp table's bound: min(its horizon, the current window's end)
+    for table in watermarked:
+        name, info, state = table.config.name, infos[table.config.name], states[table.config.name]
+        if state.highest is not None:  # a watermark that went backwards is said out loud
+            probes.append((info, None, None))
+            asks.append((name, "max"))
+        if isinstance(info.kind, TimestampKind):
+            horizon = horizons[name] = base.minus(table.config.lag)
+            if horizon.value is None:
+                continue
+            _, current_end = window(table.partitions_def, table.partitions_def.get_last_partition_key())
+            hi = upper[name] = min(horizon.value, current_end)
+            if state.frontier is not None and state.frontier >= hi:
+                continue
+            probes.append((info, state.frontier, hi))
+        else:
+            probes.append((info, state.frontier, None))
+        asks.append((name, "ahead"))
+    answers: dict[tuple[str, str], tuple] = dict(zip(asks, source.ranges(probes)))
+    for table in watermarked:
+        name, info, state = table.config.name, infos[name], states[name]
+        warning = _backwards(table, info, state, answers.get((name, "max")))
+        lowest, highest = answers.get((name, "ahead"), (None, None))
+        if lowest is None:
+            horizon = horizons.get(name)
+            if horizon is not None and horizon.held_back:
+                # rows may be there, held back behind open transactions: say so (one probe)
+                if source.ranges([(info, state.frontier, None)])[0][0] is not None:
+                    plans[name] = Plan(None, f"rows of {table.config.table} wait behind the safe horizon: "
+                                             f"{horizon.note}", warning, waiting=True)
+                    continue
+            plans[name] = Plan(None, f"no new rows in {table.config.table}", warning)
+            continue
+        reason = "initial load" if state.frontier is None else f"new rows at or after {info.kind.to_text(state.frontier)}"
+        pdef = table.partitions_def
+        if isinstance(info.kind, TimestampKind):
+            first, last = key_for_time(pdef, lowest), key_for_time(pdef, highest)
+            if info.watermark_indexed and first != last:
+                last = _stretch_end(pdef, source, info, first, last, upper[name])
+        else:
+            first = last = pdef.get_last_partition_key()
+        plans[name] = Plan(CopyRequest(name, first, last, reason), "", warning)
+    return plans
+
+
+def _backwards(table: LandingTable, info, state: WatermarkState, answer) -> str:
+    if state.highest is None or answer is None:
+        return ""
+    top = answer[1]
+    if top is not None and top >= state.highest:
+        return ""
+    kind = info.kind
+    seen = "no rows" if top is None else f"MAX({info.watermark_column}) = {kind.to_text(top)}"
+    return (
+        f"watermark went backwards on {table.config.table!r}: the source has {seen}, below "
+        f"{kind.to_text(state.highest)} already copied; rows written below the recorded frontier "
+        f"{kind.to_text(state.frontier)} are not copied. If the table was reset, reset landing/{table.config.name} "
+        "(wipe its materializations) to copy it again"
+    )
+
+
+@dataclass
+class Batch:
+    """One run: the tables of a source whose copies span the same windows."""
+
+    source: str
+    first_key: str
+    last_key: str
+    tables: list[LandingTable] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def partition_key(self) -> str | None:
+        return self.first_key if self.first_key == self.last_key else None
+
+    @property
+    def tags(self) -> dict[str, str]:
+        tags = {SOURCE_TAG: self.source}
+        if self.partition_key is None:
+            tags.update({RANGE_START_TAG: self.first_key, RANGE_END_TAG: self.last_key})
+        return tags
+
+    def describe(self) -> str:
+        return self.first_key if self.partition_key else f"{self.first_key}...{self.last_key}"
+
+
+def batches(source: str, tables: Sequence[LandingTable], plans: dict[str, Plan], *, max_tables: int) -> list[Batch]:
+    """The runs for the tables with a request: tables that share partitions and windows go
+    together, at most ``max_tables`` a run."""
+    groups: dict[tuple, Batch] = {}
+    out: list[Batch] = []
+    for table in tables:
+        plan = plans.get(table.config.name)
+        if plan is None or plan.request is None:
+            continue
+        request = plan.request
+        group = (table.partitions_def, request.first_key, request.last_key)
+        batch = groups.get(group)
+        if batch is None or len(batch.tables) >= max_tables:
+            batch = groups[group] = Batch(source, request.first_key, request.last_key)
+            out.append(batch)
+        batch.tables.append(table)
+        batch.reasons.append(request.reason)
+    return out
+
+
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def tables_in_flight(instance: dg.DagsterInstance, source: str, tables: Sequence[LandingTable]) -> set[str]:
+    """The tables of ``source`` that a queued or running run copies or merges."""
+    names = {t.key: t.config.name for t in tables}
+    names.update({dg.AssetKey(["replica", t.config.name]): t.config.name for t in tables})
+    busy: set[str] = set()
+    for record in instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={SOURCE_TAG: source})):
+        selection = record.dagster_run.asset_selection or ()
+        busy.update(names[k] for k in selection if k in names)
+    return busy
+
+
+def run_request(batch: Batch, replicated: dict[str, dg.AssetKey], jobs: dict[str, str]) -> dg.RunRequest:
+    """The run of ``batch``: its job (one per source and partitions), landing and replica keys."""
+    keys = [t.key for t in batch.tables]
+    keys += [replicated[t.config.name] for t in batch.tables if t.config.name in replicated]
+    return dg.RunRequest(job_name=jobs[batch.tables[0].config.name], asset_selection=keys,
+                         partition_key=batch.partition_key, tags=batch.tags)
+
+
+def copy_jobs(source: str, tables: Sequence[LandingTable], replicated: dict[str, dg.AssetKey]) -> dict[str, dg.UnresolvedAssetJobDefinition]:
+    """The jobs that copy a source's tables: one per partitions definition its tables use (a run
+    spans one set of windows), named ``copy_<source>`` (with the granularity and start when the
+    tables use several). Each runs its steps in the run's own process."""
+    groups: dict[object, list[LandingTable]] = {}
+    for table in tables:
+        groups.setdefault(table.partitions_def, []).append(table)
+    jobs: dict[str, dg.UnresolvedAssetJobDefinition] = {}
+    base = "copy_" + "".join(ch if ch.isalnum() else "_" for ch in source)
+    for mine in groups.values():
+        name = base
+        if len(groups) > 1:
+            p = mine[0].config.partitions
+            name += f"_{p.granularity}_{str(p.start)[:10].replace('-', '')}"
+        keys = [t.key for t in mine] + [replicated[t.config.name] for t in mine if t.config.name in replicated]
+        job = dg.define_asset_job(
+            name, selection=keys, executor_def=dg.in_process_executor,
+            description=f"Copies tables of source `{source}` (and merges them into the replica), a step per table.",
+        )
+        for table in mine:
+            jobs[table.config.name] = job
+    return jobs
+
+
+def sensor_name(source: str) -> str:
+    return "incremental_copy_" + "".join(ch if ch.isalnum() else "_" for ch in source) + "_sensor"
+
+
+def build_source_sensor(source: str, tables: list[LandingTable], jobs: dict[str, dg.UnresolvedAssetJobDefinition],
+                        replicated: dict[str, dg.AssetKey], config: ProjectConfig) -> dg.SensorDefinition:
+    """The sensor of one source (see the module's docstring); ``jobs``: each table's job."""
+    source_key = tables[0].source_key
+    job_names = {name: job.name for name, job in jobs.items()}
+
+    @dg.sensor(
+        name=sensor_name(source),
+        jobs=list({job.name: job for job in jobs.values()}.values()),
+        minimum_interval_seconds=config.sensors.interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
+        required_resource_keys={source_key},
+        description=f"Probes the {len(tables)} table(s) of source `{source}` and requests runs that copy the ones "
+                    "with new rows (and merge them into the replica), a batch of tables per run.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext):
+        busy = tables_in_flight(context.instance, source, tables)
+        todo = [t for t in tables if t.config.name not in busy]
+        plans = plan_tables(todo, getattr(context.resources, source_key).get(), context.instance)
+        for name, plan in plans.items():
+            if plan.warning:
+                context.log.warning(f"{name}: {plan.warning}")
+        runs = batches(source, todo, plans, max_tables=config.sensors.max_tables_per_run)
+        for batch in runs:
+            context.log.info(f"requesting [{batch.describe()}] for {len(batch.tables)} table(s): "
+                             + ", ".join(t.config.name for t in batch.tables[:20])
+                             + (" ..." if len(batch.tables) > 20 else ""))
+        if not runs:
+            waiting = [f"{n}: {p.skip_reason}" for n, p in plans.items() if p.waiting]
+            reason = "; ".join(waiting[:5]) or f"no new rows in the {len(todo)} table(s) of source {source!r}"
+            if busy:
+                reason += f" ({len(busy)} table(s) with a copy in flight)"
+            return dg.SkipReason(reason)
+        return dg.SensorResult(run_requests=[run_request(b, replicated, job_names) for b in runs])
+
+    return _sensor
