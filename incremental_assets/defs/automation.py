@@ -78,6 +78,9 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
             asks.append((name, "max"))
         if isinstance(info.kind, TimestampKind):
             horizon = horizons[name] = base.minus(table.config.lag)
+            if horizon.held_back:  # rows above it wait behind open transactions: to be said
+                probes.append((info, state.frontier, None))
+                asks.append((name, "any"))
             if horizon.value is None:
                 continue
             _, current_end = window(table.partitions_def, table.partitions_def.get_last_partition_key())
@@ -95,12 +98,10 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
         lowest, highest = answers.get((name, "ahead"), (None, None))
         if lowest is None:
             horizon = horizons.get(name)
-            if horizon is not None and horizon.held_back:
-                # rows may be there, held back behind open transactions: say so (one probe)
-                if source.ranges([(info, state.frontier, None)])[0][0] is not None:
-                    plans[name] = Plan(None, f"rows of {table.config.table} wait behind the safe horizon: "
-                                             f"{horizon.note}", warning, waiting=True)
-                    continue
+            if horizon is not None and answers.get((name, "any"), (None, None))[0] is not None:
+                plans[name] = Plan(None, f"rows of {table.config.table} wait behind the safe horizon: "
+                                         f"{horizon.note}", warning, waiting=True)
+                continue
             plans[name] = Plan(None, f"no new rows in {table.config.table}", warning)
             continue
         reason = "initial load" if state.frontier is None else f"new rows at or after {info.kind.to_text(state.frontier)}"
