@@ -183,10 +183,17 @@ def _full_scans(cursor, engine: str, sql: str, names: set[str]) -> list[str]:
     return found
 
 
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-side", "mariadb"])
+def plan_db(request):
+    """``postgresql-side``: every step staged beside the transaction (the threshold lowered to 1)."""
+    return request.param.endswith("-side"), request.getfixturevalue(ENGINE_FIXTURES[request.param.split("-")[0]])
+
+
 @pytest.mark.parametrize("soft_delete", [False, True, None])
-def test_each_merge_statement_finds_stored_rows_by_key(db, soft_delete):
+def test_each_merge_statement_finds_stored_rows_by_key(plan_db, soft_delete):
     """A 20,000-row replica with 5,000 tombstones; 60 staged changes. No statement of the merge may
     read the replica or its tombstones whole (a full scan, or one per staged row)."""
+    side, db = plan_db
     engine = db.engine.dialect.name
     replica = Replica(db.url, retries=0)
     ops = soft_delete is not None
@@ -212,7 +219,8 @@ def test_each_merge_statement_finds_stored_rows_by_key(db, soft_delete):
     checked, scans = [], []
 
     def explain(conn, cursor, statement, parameters, context, executemany):
-        if executemany or "ia_stage" not in statement or statement.lstrip().upper().startswith(("CREATE", "DROP", "ALTER")):
+        staged = "ia_stage" in statement or '"ia_side_' in statement
+        if executemany or not staged or statement.lstrip().upper().startswith(("CREATE", "DROP", "ALTER")):
             return
         if re.match(r"\s*INSERT INTO \S*ia_stage", statement):
             return  # loading the staging table
@@ -220,9 +228,12 @@ def test_each_merge_statement_finds_stored_rows_by_key(db, soft_delete):
         scans.extend(f"{found}: {statement}" for found in _full_scans(cursor, engine, statement, names))
 
     event.listen(replica.engine, "before_cursor_execute", explain)
+    if side:
+        replica.dialect.side_staging_min_rows = 1
     result = replica.merge("items", pa.concat_tables(change), ["id"], version_column="version", **kwargs)
     assert (result.inserted, result.updated, result.skipped_older) == (20, 20, 10)
     assert result.deleted == (10 if ops else 0)
     assert len(checked) >= (4 if ops else 2)  # the count, the deletes, the upsert, the tombstones
+    assert not side or all("ia_side_" in c for c in checked)
     assert [s[:200] for s in scans] == []
     replica.dispose()
