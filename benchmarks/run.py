@@ -429,7 +429,7 @@ def _merge_changes(args, engine: str) -> dict:
 
     from incremental_assets.replica import Replica
 
-    data = _changes_slice(CHANGES_STORED, CHANGES_EACH)
+    data = _changes_slice(CHANGES_STORED, args.changes_each)
     schema = data.drop_columns(["op"]).schema
     name = f"bench_changes_{os.getpid()}"
     folder = Path(tempfile.mkdtemp(prefix="bench-changes-", dir=args.workdir))
@@ -457,7 +457,7 @@ def _merge_changes(args, engine: str) -> dict:
 def merge_changes_cases(args) -> list[str]:
     """The replica section: deletes and updates into a big table on each engine (a key lookup per
     staged row: the time must not grow with the table)."""
-    title = (f"Replica merges, {CHANGES_EACH:,} deletes + {CHANGES_EACH:,} updates (change tracking) into "
+    title = (f"Replica merges, {args.changes_each:,} deletes + {args.changes_each:,} updates (change tracking) into "
              f"{CHANGES_STORED:,} stored rows (ratio: time / PostgreSQL's time)")
     found = {}
     for label, child in (("PostgreSQL", "changes_postgresql"), ("MariaDB (PyMySQL)", "changes_mysql"),
@@ -526,7 +526,8 @@ def common_args(args) -> list[str]:
     return ["--host", args.host, "--port", str(args.port), "--user", args.user, "--database", args.database,
             "--batch-size", str(args.batch_size), "--mariadb-host", args.mariadb_host,
             "--mariadb-port", str(args.mariadb_port), "--mariadb-user", args.mariadb_user,
-            "--mariadb-database", args.mariadb_database, "--mariadb-rows", str(args.mariadb_rows)]
+            "--mariadb-database", args.mariadb_database, "--mariadb-rows", str(args.mariadb_rows),
+            "--changes-each", str(args.changes_each)]
 
 
 # Starts the command from a small process of its own and reports the command's wall time, peak RSS
@@ -728,6 +729,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-half", action="store_true", help="skip the memory-flatness run at half the rows")
     parser.add_argument("--skip-changes", action="store_true", help="skip the replica merges of deletes and updates")
     parser.add_argument("--only-changes", action="store_true", help="run only the replica merges of deletes and updates")
+    parser.add_argument("--changes-each", type=int, default=CHANGES_EACH,
+                        help=f"deletes, and as many updates, merged into the replica's {CHANGES_STORED:,} rows (default {CHANGES_EACH})")
     parser.add_argument("--mariadb-host", default="127.0.0.1")
     parser.add_argument("--mariadb-port", type=int, default=3306)
     parser.add_argument("--mariadb-user", default="root")
