@@ -580,7 +580,9 @@ class ReplicaDialect:
             )
         if plan.deletes:
             statements.append(
-                self.upsert_sql(plan.tombstones, self.tombstone_source_sql(plan), plan.tomb_columns, plan.key, plan.version, plan.q)
+                self.upsert_sql(
+                    plan.tombstones, self.tombstone_source_sql(plan), plan.tomb_columns, plan.key, plan.version, plan.q
+                )
             )
         return statements
 
@@ -596,7 +598,10 @@ def on_conflict_upsert(
     v = q(version)
     sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in columns if c not in key)
     if not sets:  # every column is in the key (which then holds the version): nothing to update
-        return f"INSERT INTO {target} AS t ({', '.join(q(c) for c in columns)}) {source} ON CONFLICT ({', '.join(q(k) for k in key)}) DO NOTHING"
+        return (
+            f"INSERT INTO {target} AS t ({', '.join(q(c) for c in columns)}) {source} "
+            f"ON CONFLICT ({', '.join(q(k) for k in key)}) DO NOTHING"
+        )
     where = f"t.{v} IS NULL OR (excluded.{v} IS NOT NULL AND excluded.{v} >= t.{v})"
     if and_where:
         where = f"({where}) AND {and_where}"

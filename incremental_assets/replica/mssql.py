@@ -211,7 +211,9 @@ class MSSQLReplica(ReplicaDialect):
             ],
             insert_when=f" AND {plan.is_upsert()}",
         )
-        tombstones = self.upsert_sql(plan.tombstones, self.tombstone_source_sql(plan), plan.tomb_columns, plan.key, plan.version, q)
+        tombstones = self.upsert_sql(
+            plan.tombstones, self.tombstone_source_sql(plan), plan.tomb_columns, plan.key, plan.version, q
+        )
         return [main, tombstones]
 
     def soft_delete_sql(self, plan: MergePlan) -> str:
