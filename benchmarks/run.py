@@ -380,12 +380,110 @@ def _merge(args, table: str, case: str) -> dict:
             "note": f"{result.inserted} inserted, {result.updated} updated; {slice_.num_rows / seconds:,.0f} rows/s"}
 
 
+CHANGES_STORED = 1_000_000
+CHANGES_EACH = 10_000
+
+
+def _changes_slice(stored: int, each: int):
+    """What a change-tracked slice holds: ``each`` deletes and ``each`` updates of stored rows,
+    spread over the table (every k-th id), at version 2."""
+    import datetime
+
+    import pyarrow as pa
+
+    step = max(1, stored // (2 * each))
+    ids = list(range(1, stored + 1, step))[: 2 * each]
+    n = len(ids)
+    return pa.table({
+        "id": pa.array(ids, pa.int64()),
+        "qty": pa.array([i % 1000 + 1 for i in ids], pa.int32()),
+        "amount": pa.array([None] * n, pa.decimal128(12, 2)),
+        "note": pa.array([f"changed {i}" for i in ids], pa.string()),
+        "modified": pa.array([datetime.datetime(2025, 1, 1)] * n, pa.timestamp("us")),
+        "version": pa.array([2] * n, pa.int64()),
+        "op": pa.array(["D" if k % 2 else "U" for k in range(n)], pa.string()),
+    })
+
+
+def _fill_sql(engine: str, table: str, rows: int) -> list[str]:
+    """Server-side SQL that fills the replica table with ``rows`` rows at version 1 (untimed)."""
+    cols = "id, qty, amount, note, modified, version"
+    if engine == "postgresql":
+        return [f"INSERT INTO {table} ({cols}) SELECT g, g % 1000, (g % 100000) / 100.0, 'note ' || g, "
+                f"timestamp '2024-01-01' + g * interval '1 second', 1 FROM generate_series(1, {rows}) g",
+                f"ANALYZE {table}"]
+    if engine == "mysql":
+        return [f"INSERT INTO {table} ({cols}) SELECT seq, seq % 1000, (seq % 100000) / 100.0, concat('note ', seq), "
+                f"timestamp '2024-01-01 00:00:00' + interval seq second, 1 FROM seq_1_to_{rows}",
+                f"ANALYZE TABLE {table}"]
+    return [f"WITH RECURSIVE g(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM g WHERE x < {rows}) "
+            f"INSERT INTO {table} ({cols}) SELECT x, x % 1000, printf('%.2f', (x % 100000) / 100.0), 'note ' || x, "
+            f"strftime('%Y-%m-%d %H:%M:%f', '2024-01-01', '+' || x || ' seconds'), 1 FROM g",
+            f"ANALYZE {table}"]
+
+
+def _merge_changes(args, engine: str) -> dict:
+    """A change-tracked merge of CHANGES_EACH deletes + CHANGES_EACH updates into a replica table of
+    CHANGES_STORED rows (filled untimed, server-side, and analyzed), on one engine."""
+    import sqlalchemy as sa
+
+    from incremental_assets.replica import Replica
+
+    data = _changes_slice(CHANGES_STORED, args.changes_each)
+    schema = data.drop_columns(["op"]).schema
+    name = f"bench_changes_{os.getpid()}"
+    folder = Path(tempfile.mkdtemp(prefix="bench-changes-", dir=args.workdir))
+    urls = {"postgresql": sa_url(args, args.database), "mysql": mariadb_url(args),
+            "sqlite": f"sqlite:///{folder / 'replica.db'}"}
+    replica = Replica(urls[engine])
+    try:
+        replica.ensure_table(name, schema, ["id"], version_column="version")
+        with replica.engine.begin() as conn:
+            for sql in _fill_sql(engine, replica._qualified(name), CHANGES_STORED):
+                conn.exec_driver_sql(sql, execution_options={"no_parameters": True})
+        t0 = time.perf_counter()
+        result = replica.merge(name, data, ["id"], version_column="version", operation_column="op")
+        seconds = time.perf_counter() - t0
+    finally:
+        with replica.engine.begin() as conn:
+            for t in (name, name + "__deleted"):
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {replica._qualified(t)}")
+        replica.dispose()
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"seconds": seconds, "rows": data.num_rows,
+            "note": f"{result.deleted} deleted, {result.updated} updated; into {CHANGES_STORED:,} stored rows"}
+
+
+def merge_changes_cases(args) -> list[str]:
+    """The replica section: deletes and updates into a big table on each engine (a key lookup per
+    staged row: the time must not grow with the table)."""
+    title = (f"Replica merges, {args.changes_each:,} deletes + {args.changes_each:,} updates (change tracking) into "
+             f"{CHANGES_STORED:,} stored rows (ratio: time / PostgreSQL's time)")
+    found = {}
+    for label, child in (("PostgreSQL", "changes_postgresql"), ("MariaDB (PyMySQL)", "changes_mysql"),
+                         ("SQLite", "changes_sqlite")):
+        found[label] = best([run_child(args, child, "-") for _ in range(args.repeat)])
+        r = found[label]
+        print(f"  merge changes, {label}: " + (f"{r['seconds']:.2f}s" if "error" not in r else f"FAILED {r['error']}"), flush=True)
+    pg = found["PostgreSQL"]
+    pg_s = pg["seconds"] if "error" not in pg else None
+    lines = [title, "", "| engine | time s | process s | rows | rows/s | peak RSS MB | ratio | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [fmt_row(label, r, pg_s, None) for label, r in found.items()]
+    maria = found["MariaDB (PyMySQL)"]
+    if pg_s and "error" not in maria:
+        ok = maria["seconds"] <= 2 * pg_s
+        lines += ["", f"- {'met' if ok else 'MISSED'}: MariaDB within 2x of PostgreSQL ({maria['seconds'] / pg_s:.2f}x)"]
+    return lines
+
+
 CHILDREN = {"copy": child_copy, "adbc": child_adbc, "pandas": child_pandas, "connectorx": child_connectorx,
             "engine": child_engine, "mariadb_client": child_mariadb_client,
             "mariadb_pymysql": lambda args, table, out: child_engine(args, table, out, mariadb_url(args, "pymysql")),
             "mariadb_mysqlclient": lambda args, table, out: child_engine(args, table, out, mariadb_url(args, "mysqldb")),
             "mariadb_connectorx": child_mariadb_connectorx,
-            **{case: (lambda args, table, out, case=case: _merge(args, table, case)) for case in MERGE_CASES}}
+            **{case: (lambda args, table, out, case=case: _merge(args, table, case)) for case in MERGE_CASES},
+            **{f"changes_{e}": (lambda args, table, out, e=e: _merge_changes(args, e)) for e in ("postgresql", "mysql", "sqlite")}}
 
 
 # Folders of finished cases are removed when the run ends, not as each case ends: on ext4, files
@@ -428,7 +526,8 @@ def common_args(args) -> list[str]:
     return ["--host", args.host, "--port", str(args.port), "--user", args.user, "--database", args.database,
             "--batch-size", str(args.batch_size), "--mariadb-host", args.mariadb_host,
             "--mariadb-port", str(args.mariadb_port), "--mariadb-user", args.mariadb_user,
-            "--mariadb-database", args.mariadb_database, "--mariadb-rows", str(args.mariadb_rows)]
+            "--mariadb-database", args.mariadb_database, "--mariadb-rows", str(args.mariadb_rows),
+            "--changes-each", str(args.changes_each)]
 
 
 # Starts the command from a small process of its own and reports the command's wall time, peak RSS
@@ -628,6 +727,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="where temp folders go (default: the system's)")
     parser.add_argument("--output", default=str(HERE / "results" / "latest.md"))
     parser.add_argument("--skip-half", action="store_true", help="skip the memory-flatness run at half the rows")
+    parser.add_argument("--skip-changes", action="store_true", help="skip the replica merges of deletes and updates")
+    parser.add_argument("--only-changes", action="store_true", help="run only the replica merges of deletes and updates")
+    parser.add_argument("--changes-each", type=int, default=CHANGES_EACH,
+                        help=f"deletes, and as many updates, merged into the replica's {CHANGES_STORED:,} rows (default {CHANGES_EACH})")
     parser.add_argument("--mariadb-host", default="127.0.0.1")
     parser.add_argument("--mariadb-port", type=int, default=3306)
     parser.add_argument("--mariadb-user", default="root")
@@ -643,6 +746,17 @@ def main(argv=None) -> int:
 
     if args.child:
         print(json.dumps(CHILDREN[args.child](args, args.child_table, Path(args.child_out or "."))))
+        return 0
+
+    if args.only_changes:
+        import psycopg
+
+        with psycopg.connect(pg_conninfo(args, "postgres"), autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (args.database,)).fetchone():
+                conn.execute(f'CREATE DATABASE "{args.database}"')
+        text = "\n".join(merge_changes_cases(args)) + "\n"
+        print()
+        print(text)
         return 0
 
     print(f"building bench_orders_{args.rows} ({args.rows:,} rows) in database {args.database!r}...", flush=True)
@@ -790,6 +904,7 @@ def main(argv=None) -> int:
         _drop(args, half_table)
 
     maria = mariadb_cases(args)
+    changes = merge_changes_cases(args) if not args.skip_changes else []
 
     copy = results["COPY binary -> /dev/null (psycopg)"]
     copy_s = copy["seconds"] if copy and "error" not in copy else None
@@ -835,7 +950,7 @@ def main(argv=None) -> int:
         checks.append((f"replica merge >= 300k rows/s ({n:,} new keys between {n:,} stored ones)", rate >= 300_000, f"{rate:,.0f} rows/s"))
     for label, ok, value in checks:
         lines.append(f"- {'met' if ok else 'MISSED'}: {label} ({value})")
-    lines += ["", *maria]
+    lines += ["", *maria, "", *changes]
     text = "\n".join(lines) + "\n"
     print()
     print(text)

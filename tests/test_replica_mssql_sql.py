@@ -30,6 +30,8 @@ CUSTOMERS = pa.schema(
 )
 # the version guard: the staged row (s) may overwrite the stored one (t), NULL versions being oldest
 GUARD = "(t.[LastModifytime] IS NULL OR (s.[LastModifytime] IS NOT NULL AND s.[LastModifytime] >= t.[LastModifytime]))"
+# a stored row equal to the staged one (NULL equal to NULL) is not rewritten
+CHANGED = "EXISTS (SELECT s.[Name], s.[LastModifytime] EXCEPT SELECT t.[Name], t.[LastModifytime])"
 NOT_TOMBSTONED = (
     "(d.[PersonID] IS NULL OR (s.[LastModifytime] IS NOT NULL AND s.[LastModifytime] >= d.[LastModifytime]))"
 )
@@ -87,12 +89,14 @@ def test_merge_with_deletes_is_staging_then_one_merge_with_holdlock(replica):
     statements = replica.merge_sql(
         "customer_table", CUSTOMERS, ["PersonID"], version_column="LastModifytime", operation_column="SYS_CHANGE_OPERATION"
     )
-    create, insert, count, merge, tombstones, drop = statements
-    # staging: the target's own column types and collations (SELECT INTO), plus the operation flag
+    create, keyed, insert, count, merge, tombstones, drop = statements
+    # staging: the target's own column types and collations (SELECT INTO), plus the operation flag,
+    # clustered on the key
     assert create == (
         "SELECT TOP (0) [PersonID], [Name], [LastModifytime], CAST(0 AS SMALLINT) AS [__ia_op] "
         "INTO [#ia_stage] FROM [dbo].[customer_table]"
     )
+    assert keyed == "ALTER TABLE [#ia_stage] ADD PRIMARY KEY CLUSTERED ([PersonID])"
     assert insert == "INSERT INTO [#ia_stage] ([PersonID], [Name], [LastModifytime], [__ia_op]) VALUES (?, ?, ?, ?)"
     assert merge == (
         "MERGE INTO [dbo].[customer_table] WITH (HOLDLOCK) AS t "
@@ -101,7 +105,7 @@ def test_merge_with_deletes_is_staging_then_one_merge_with_holdlock(replica):
         f"WHERE s.[__ia_op] = 1 OR {NOT_TOMBSTONED}) AS s "
         "ON t.[PersonID] = s.[PersonID] "
         f"WHEN MATCHED AND s.[__ia_op] = 1 AND {GUARD} THEN DELETE "
-        f"WHEN MATCHED AND s.[__ia_op] = 0 AND {GUARD} "
+        f"WHEN MATCHED AND s.[__ia_op] = 0 AND {GUARD} AND {CHANGED} "
         "THEN UPDATE SET t.[Name] = s.[Name], t.[LastModifytime] = s.[LastModifytime] "
         "WHEN NOT MATCHED BY TARGET AND s.[__ia_op] = 0 "
         "THEN INSERT ([PersonID], [Name], [LastModifytime]) VALUES (s.[PersonID], s.[Name], s.[LastModifytime]);"
@@ -110,7 +114,8 @@ def test_merge_with_deletes_is_staging_then_one_merge_with_holdlock(replica):
         "MERGE INTO [dbo].[customer_table__deleted] WITH (HOLDLOCK) AS t "
         "USING (SELECT s.[PersonID], s.[LastModifytime] FROM [#ia_stage] AS s WHERE s.[__ia_op] = 1) AS s "
         "ON t.[PersonID] = s.[PersonID] "
-        f"WHEN MATCHED AND {GUARD} THEN UPDATE SET t.[LastModifytime] = s.[LastModifytime] "
+        f"WHEN MATCHED AND {GUARD} AND EXISTS (SELECT s.[LastModifytime] EXCEPT SELECT t.[LastModifytime]) "
+        "THEN UPDATE SET t.[LastModifytime] = s.[LastModifytime] "
         "WHEN NOT MATCHED BY TARGET THEN INSERT ([PersonID], [LastModifytime]) VALUES (s.[PersonID], s.[LastModifytime]);"
     )
     assert drop == "DROP TABLE [#ia_stage]"
@@ -119,6 +124,9 @@ def test_merge_with_deletes_is_staging_then_one_merge_with_holdlock(replica):
         "FROM [#ia_stage] AS s LEFT JOIN [dbo].[customer_table] AS t ON t.[PersonID] = s.[PersonID] "
         "LEFT JOIN [dbo].[customer_table__deleted] AS d ON d.[PersonID] = s.[PersonID]"
     )
+    # updated and unchanged are told apart by the same comparison
+    assert f"AND t.[PersonID] IS NOT NULL AND {GUARD} AND {CHANGED} THEN 1" in count
+    assert f"AND t.[PersonID] IS NOT NULL AND {GUARD} AND NOT {CHANGED} THEN 1" in count
     assert "SYS_CHANGE_OPERATION" not in " ".join(statements)
 
 
@@ -129,7 +137,7 @@ def test_merge_without_operations_is_an_upsert_guarded_by_tombstones(replica):
         "USING (SELECT s.[PersonID], s.[Name], s.[LastModifytime] FROM [#ia_stage] AS s "
         f"LEFT JOIN [dbo].[customer_table__deleted] AS d ON d.[PersonID] = s.[PersonID] WHERE {NOT_TOMBSTONED}) AS s "
         "ON t.[PersonID] = s.[PersonID] "
-        f"WHEN MATCHED AND {GUARD} THEN UPDATE SET t.[Name] = s.[Name], t.[LastModifytime] = s.[LastModifytime] "
+        f"WHEN MATCHED AND {GUARD} AND {CHANGED} THEN UPDATE SET t.[Name] = s.[Name], t.[LastModifytime] = s.[LastModifytime] "
         "WHEN NOT MATCHED BY TARGET "
         "THEN INSERT ([PersonID], [Name], [LastModifytime]) VALUES (s.[PersonID], s.[Name], s.[LastModifytime]);"
     )
@@ -140,7 +148,9 @@ def test_soft_delete_updates_the_flag_and_version_then_merges_the_upserts(replic
         "customer_table", CUSTOMERS, ["PersonID"], version_column="LastModifytime",
         operation_column="SYS_CHANGE_OPERATION", soft_delete=True,
     )
-    soft, merge = statements[3], statements[4]
+    count, soft, merge = statements[3], statements[4], statements[5]
+    # a delete of a row flagged already is not counted
+    assert "AND EXISTS (SELECT s.[_deleted] EXCEPT SELECT t.[_deleted]) THEN 1" in count
     assert soft == (
         "UPDATE t SET t.[LastModifytime] = s.[LastModifytime], t.[_deleted] = s.[_deleted] "
         "FROM [dbo].[customer_table] AS t INNER JOIN [#ia_stage] AS s ON t.[PersonID] = s.[PersonID] "

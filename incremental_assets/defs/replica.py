@@ -116,7 +116,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         )
         if added:
             context.log.warning(f"replica table {table.target!r}: added column(s) {added} (schema drift)")
-        totals = {"inserted": 0, "updated": 0, "deleted": 0, "skipped_older": 0}
+        totals = {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0, "skipped_older": 0}
         files_merged = 0
         for partition in context.partition_keys:
             previous = latest_metadata(context.instance, table.key, partition)
@@ -146,6 +146,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                 "files_merged": files_merged,
                 "rows_inserted": totals["inserted"],
                 "rows_updated": totals["updated"],
+                "rows_unchanged": totals["unchanged"],
                 "rows_deleted": totals["deleted"],
                 "rows_skipped_older": totals["skipped_older"],
                 "added_columns": dg.MetadataValue.json(added),

@@ -79,12 +79,20 @@ class UnstorableValue(ValueError):
 
 @dataclass
 class MergeResult:
-    """What one merge did. Rows whose version equals the stored one count as updated (PostgreSQL leaves
-    a stored row that is already identical, byte for byte, untouched)."""
+    """What one merge did, counted against the replica as it was before the merge.
+
+    ``updated`` counts stored rows that the merge changed: the staged version is newer than or
+    equal to the stored one and some column differs (NULL equals NULL). A stored row whose values
+    all equal the staged ones is ``unchanged`` (a replayed slice: merging a file twice reports 0
+    updated the second time) and is not rewritten. ``deleted`` counts rows removed, or flagged
+    ``_deleted`` that were not flagged already.
+    """
 
     inserted: int = 0
     updated: int = 0
     deleted: int = 0
+    #: staged rows equal to the stored row of their key (same version and values): nothing to write
+    unchanged: int = 0
     #: rows ignored because the replica already had a newer version of the key (or a newer tombstone)
     skipped_older: int = 0
     seconds: float = 0.0
@@ -233,10 +241,22 @@ class MergePlan:
     #: of the upsert, which would otherwise lock and rewrite them for nothing)
     new_only: bool = False
     filter_older: bool = False
+    #: the name (unquoted) of the staging table's unique index, where it is named
+    staging_index: str = ""
 
     @property
     def staging_columns(self) -> list[str]:
         return self.columns + ([OP] if self.deletes else [])
+
+    @property
+    def tomb_columns(self) -> list[str]:
+        """The tombstone table's columns: the key, then the version (unless the key holds it)."""
+        return self.key + ([] if self.version in self.key else [self.version])
+
+    @property
+    def data_columns(self) -> list[str]:
+        """The columns an update may change (not the key)."""
+        return [c for c in self.columns if c not in self.key]
 
     def on(self, left: str, right: str) -> str:
         return " AND ".join(f"{left}.{self.q(k)} = {right}.{self.q(k)}" for k in self.key)
@@ -361,8 +381,12 @@ class ReplicaDialect:
         return cols
 
     def create_staging_sql(self, plan: MergePlan) -> list[str]:
-        """An empty temporary table shaped like the target, plus OP."""
-        return [f"CREATE TEMPORARY TABLE {plan.staging} AS SELECT {self.staging_select_list(plan)} FROM {plan.target} WHERE 1 = 0"]
+        """An empty temporary table shaped like the target, plus OP, unique on the key (a staged
+        key is found by an index lookup whichever way a plan joins it)."""
+        return [
+            f"CREATE TEMPORARY TABLE {plan.staging} AS SELECT {self.staging_select_list(plan)} FROM {plan.target} WHERE 1 = 0",
+            f"CREATE UNIQUE INDEX {plan.q(plan.staging_index)} ON {plan.staging} ({', '.join(plan.q(k) for k in plan.key)})",
+        ]
 
     def clear_staging_sql(self, plan: MergePlan) -> str:
         return f"DELETE FROM {plan.staging}"
@@ -419,24 +443,44 @@ class ReplicaDialect:
     def unlock(self, conn: sa.Connection, name: str) -> None:
         """Release a lock that outlives transactions (called after commit or rollback)."""
 
+    def before_step(self, conn: sa.Connection, plan: MergePlan, rows: int, execute) -> None:
+        """Called once a step's ``rows`` are staged, before its count and merge statements."""
+
+    def distinct_sql(self, pairs: list[tuple[str, str]]) -> str:
+        """Two-valued: some ``(new, old)`` pair differs, NULL being equal to NULL."""
+        if not pairs:
+            return "1 = 0"
+        return "(" + " OR ".join(f"{a} IS DISTINCT FROM {b}" for a, b in pairs) + ")"
+
+    def changed_sql(self, plan: MergePlan, new: str = "s", old: str = "t") -> str:
+        """The staged row ``new`` differs from the stored row ``old`` of its key in some column."""
+        return self.distinct_sql([(f"{new}.{plan.q(c)}", f"{old}.{plan.q(c)}") for c in plan.data_columns])
+
     def count_sql(self, plan: MergePlan) -> str:
-        """One row, read before any change: rows staged, inserted, updated, deleted, skipped as older,
-        and upserts whose key is in the target (updated or older)."""
+        """One row, read before any change: rows staged, inserted, updated (newer or equal and
+        different), unchanged (equal in every column), deleted, skipped as older, and upserts whose
+        key is in the target (updated, unchanged or older)."""
         q, s = plan.q, "s"
         k0 = q(plan.key[0])
         exists, fresh = f"t.{k0} IS NOT NULL", plan.not_tombstoned(s)
         guard = plan.newer_or_equal(s, "t")
+        changed = self.changed_sql(plan)
         older_t = f"(t.{k0} IS NOT NULL AND NOT {guard})"
         older_d = f"(t.{k0} IS NULL AND NOT {fresh})"
         up = plan.is_upsert() + " AND " if plan.deletes else ""
         parts = [
             "COUNT(*)",
             f"SUM(CASE WHEN {up}{fresh} AND t.{k0} IS NULL THEN 1 ELSE 0 END)",
-            f"SUM(CASE WHEN {up}{fresh} AND {exists} AND {guard} THEN 1 ELSE 0 END)",
+            f"SUM(CASE WHEN {up}{fresh} AND {exists} AND {guard} AND {changed} THEN 1 ELSE 0 END)",
+            f"SUM(CASE WHEN {up}{fresh} AND {exists} AND {guard} AND NOT {changed} THEN 1 ELSE 0 END)",
         ]
         if plan.deletes:
+            # a soft delete of a row flagged already changes nothing: not counted
+            flagged = ""
+            if plan.soft_delete and plan.flag:
+                flagged = " AND " + self.distinct_sql([(f"s.{q(DELETED)}", f"t.{q(DELETED)}")])
             parts += [
-                f"SUM(CASE WHEN {plan.is_delete()} AND {exists} AND {guard} THEN 1 ELSE 0 END)",
+                f"SUM(CASE WHEN {plan.is_delete()} AND {exists} AND {guard}{flagged} THEN 1 ELSE 0 END)",
                 f"SUM(CASE WHEN ({plan.is_upsert()} AND (NOT {fresh} OR {older_t})) "
                 f"OR ({plan.is_delete()} AND ({older_t} OR {older_d})) THEN 1 ELSE 0 END)",
             ]
@@ -450,13 +494,16 @@ class ReplicaDialect:
         )
 
     def upsert_source_sql(self, plan: MergePlan) -> str:
-        """The staged inserts/updates not older than a tombstone of their key."""
+        """The staged inserts/updates not older than a tombstone of their key (with
+        ``filter_older``: and new, or newer than the stored row and different from it)."""
         cols = ", ".join(f"s.{plan.q(c)}" for c in plan.columns)
         where = (plan.is_upsert() + " AND " if plan.deletes else "") + plan.not_tombstoned("s")
         joins = f"LEFT JOIN {plan.tombstones} AS d ON {plan.on('d', 's')}"
         if plan.filter_older:
             joins += f" LEFT JOIN {plan.target} AS t ON {plan.on('t', 's')}"
-            where += f" AND (t.{plan.q(plan.key[0])} IS NULL OR {plan.newer_or_equal('s', 't')})"
+            where += (
+                f" AND (t.{plan.q(plan.key[0])} IS NULL OR ({plan.newer_or_equal('s', 't')} AND {self.changed_sql(plan)}))"
+            )
         return f"SELECT {cols} FROM {plan.staging} AS s {joins} WHERE {where}"
 
     def is_empty_sql(self, plan: MergePlan) -> str:
@@ -487,27 +534,36 @@ class ReplicaDialect:
         return f"INSERT INTO {plan.target} ({cols}) SELECT {cols} FROM {plan.staging}"
 
     def tombstone_source_sql(self, plan: MergePlan) -> str:
-        cols = ", ".join(f"s.{plan.q(c)}" for c in plan.key + [plan.version])
+        cols = ", ".join(f"s.{plan.q(c)}" for c in plan.tomb_columns)
         return f"SELECT {cols} FROM {plan.staging} AS s WHERE {plan.is_delete()}"
 
     def upsert_sql(self, target: str, source: str, columns: list[str], key: list[str], version: str, q) -> str:
         """Insert the rows of SELECT ``source`` into ``target``; update a key only from a version >= the stored one."""
         raise NotImplementedError
 
-    # the target is named, not aliased, in these two: the staging table is named too (its name is
-    # unique), so no alias can shadow a target called "s"
-    def delete_sql(self, plan: MergePlan) -> str:
-        T, S = plan.target, plan.staging
+    def deleted_keys_sql(self, plan: MergePlan) -> str:
+        """The keys a staged delete removes: the staged rows drive, each finds its stored row by key
+        (``CROSS JOIN`` keeps SQLite from scanning the target for each staged row)."""
+        keys = ", ".join(f"s.{plan.q(k)}" for k in plan.key)
         return (
-            f"DELETE FROM {T} WHERE EXISTS (SELECT 1 FROM {S} WHERE {plan.on(S, T)} "
-            f"AND {plan.is_delete(S)} AND {plan.newer_or_equal(S, T)})"
+            f"SELECT {keys} FROM {plan.staging} AS s CROSS JOIN {plan.target} AS t "
+            f"WHERE {plan.on('t', 's')} AND {plan.is_delete()} AND {plan.newer_or_equal('s', 't')}"
         )
+
+    # the target is named, not aliased, in these two; the staging table is named (its name is unique)
+    # where the target is in scope, so no alias can shadow a target called "s"; each statement finds
+    # a stored row by its key for each staged delete, and never reads the target for every row
+    def delete_sql(self, plan: MergePlan) -> str:
+        keys = ", ".join(plan.q(k) for k in plan.key)
+        return f"DELETE FROM {plan.target} WHERE ({keys}) IN ({self.deleted_keys_sql(plan)})"
 
     def soft_delete_sql(self, plan: MergePlan) -> str:
         T, S, q = plan.target, plan.staging, plan.q
+        keys = ", ".join(q(k) for k in plan.key)
         return (
-            f"UPDATE {T} SET {q(plan.version)} = {S}.{q(plan.version)}, {q(DELETED)} = {S}.{q(DELETED)} "
-            f"FROM {S} WHERE {plan.on(T, S)} AND {plan.is_delete(S)} AND {plan.newer_or_equal(S, T)}"
+            f"UPDATE {T} SET ({q(plan.version)}, {q(DELETED)}) = "
+            f"(SELECT {S}.{q(plan.version)}, {S}.{q(DELETED)} FROM {S} WHERE {plan.on(S, T)}) "
+            f"WHERE ({keys}) IN ({self.deleted_keys_sql(plan)})"
         )
 
     def merge_statements(self, plan: MergePlan) -> list[str]:
@@ -525,7 +581,7 @@ class ReplicaDialect:
         if plan.deletes:
             statements.append(
                 self.upsert_sql(
-                    plan.tombstones, self.tombstone_source_sql(plan), plan.key + [plan.version], plan.key, plan.version, plan.q
+                    plan.tombstones, self.tombstone_source_sql(plan), plan.tomb_columns, plan.key, plan.version, plan.q
                 )
             )
         return statements
@@ -541,6 +597,11 @@ def on_conflict_upsert(
     """
     v = q(version)
     sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in columns if c not in key)
+    if not sets:  # every column is in the key (which then holds the version): nothing to update
+        return (
+            f"INSERT INTO {target} AS t ({', '.join(q(c) for c in columns)}) {source} "
+            f"ON CONFLICT ({', '.join(q(k) for k in key)}) DO NOTHING"
+        )
     where = f"t.{v} IS NULL OR (excluded.{v} IS NOT NULL AND excluded.{v} >= t.{v})"
     if and_where:
         where = f"({where}) AND {and_where}"
@@ -633,6 +694,13 @@ class _Layout:
     schema: pa.Schema
     key: list[str]
     version: str
+
+
+def _tomb_columns(columns: list[tuple[str, str, bool]], layout: _Layout) -> list[tuple[str, str, bool]]:
+    """The tombstone table's columns: the key's, then the version's (unless the key holds it)."""
+    return [c for c in columns if c[0] in layout.key] + [
+        c for c in columns if c[0] == layout.version and c[0] not in layout.key
+    ]
 
 
 # -- checksums ------------------------------------------------------------------------------------
@@ -939,8 +1007,6 @@ class Replica:
                 raise self._error(f"key column is not in the data; it has {names}", table, k)
         if version_column not in names:
             raise self._error(f"version column is not in the data; it has {names}", table, version_column)
-        if version_column in key:
-            raise self._error("the version column cannot be part of the merge key", table, version_column)
         if operation_column is not None and operation_column in key + [version_column]:
             raise self._error("the operation column cannot be a key or the version column", table, operation_column)
         fields = []
@@ -986,7 +1052,7 @@ class Replica:
 
     def _create_sql(self, table: str, layout: _Layout) -> list[str]:
         columns = self._column_types(layout)
-        tomb_cols = [c for c in columns if c[0] in layout.key] + [c for c in columns if c[0] == layout.version]
+        tomb_cols = _tomb_columns(columns, layout)
         return [
             self.dialect.create_table_sql(self._qualified(table), columns, layout.key, self._q),
             self._tombstone_sql(table, tomb_cols, layout.key),
@@ -1079,7 +1145,7 @@ class Replica:
 
     def _ensure_tombstones(self, conn: sa.Connection, table: str, layout: _Layout, columns) -> None:
         name = table + TOMBSTONE_SUFFIX
-        tomb_cols = [c for c in columns if c[0] in layout.key] + [c for c in columns if c[0] == layout.version]
+        tomb_cols = _tomb_columns(columns, layout)
         shape = self.dialect.reflect(conn, self.schema, name)
         if shape is None:
             self._execute(conn, self._tombstone_sql(table, tomb_cols, layout.key))
@@ -1102,6 +1168,7 @@ class Replica:
             target=self._qualified(table),
             tombstones=self._qualified(table + TOMBSTONE_SUFFIX),
             staging=self._q(staging),
+            staging_index=staging.lstrip("#") + "_key",
             columns=columns,
             key=layout.key,
             version=layout.version,
@@ -1198,13 +1265,16 @@ class Replica:
                     self.dialect.load_staging(conn, plan, staged, self._execute)
                     staging_loaded = True
                 step = plan if side_table is None else dataclasses.replace(plan, staging=side_table)
+                self.dialect.before_step(conn, step, staged.num_rows, self._execute)
                 counts = self._execute(conn, self.dialect.count_sql(step)).one()
-                _, inserted, updated, deleted, skipped, matched = (int(v or 0) for v in counts)
+                _, inserted, updated, unchanged, deleted, skipped, matched = (int(v or 0) for v in counts)
+                # older or unchanged rows among the stored keys: leave them out of the upsert
                 step_plan = dataclasses.replace(step, new_only=matched == 0, filter_older=matched > updated)
                 for sql in self.dialect.merge_statements(step_plan):
                     self._execute(conn, sql)
                 result.inserted += inserted
                 result.updated += updated
+                result.unchanged += unchanged
                 result.deleted += deleted
                 result.skipped_older += skipped
             for sql in [] if side is None else side.drop_sql():
@@ -1212,8 +1282,9 @@ class Replica:
             self._execute(conn, self.dialect.drop_staging_sql(plan))
         result.seconds = time.perf_counter() - started
         log.info(
-            "replica %s: merged into %r: %d inserted, %d updated, %d deleted, %d skipped as older in %.2fs",
-            self.redacted_url, table, result.inserted, result.updated, result.deleted, result.skipped_older, result.seconds,
+            "replica %s: merged into %r: %d inserted, %d updated, %d unchanged, %d deleted, %d skipped as older in %.2fs",
+            self.redacted_url, table, result.inserted, result.updated, result.unchanged, result.deleted,
+            result.skipped_older, result.seconds,
         )
         return result
 
@@ -1322,12 +1393,16 @@ class Replica:
                 stale = sa.and_(stale, target.c["_deleted"].is_(sa.false()))
             same_key = sa.and_(*(tombs.c[k] == target.c[k] for k in key))
             conn.execute(sa.delete(tombs).where(sa.exists().where(same_key, stale)))
-            conn.execute(
-                sa.insert(tombs).from_select(
-                    [*key, version_column],
-                    sa.select(*(target.c[k] for k in key), sa.bindparam("v2", version, type_=v.type)).where(stale),
+            if version_column in key:  # the version is the key's: each tombstone keeps its row's
+                tomb_select = sa.select(*(target.c[k] for k in key)).where(stale)
+                conn.execute(sa.insert(tombs).from_select(list(key), tomb_select))
+            else:
+                conn.execute(
+                    sa.insert(tombs).from_select(
+                        [*key, version_column],
+                        sa.select(*(target.c[k] for k in key), sa.bindparam("v2", version, type_=v.type)).where(stale),
+                    )
                 )
-            )
             if soft_delete:
                 result = conn.execute(sa.update(target).where(stale).values({"_deleted": True}))
             else:

@@ -94,7 +94,10 @@ class MSSQLReplica(ReplicaDialect):
 
     # -- staging ------------------------------------------------------------------------------
     def create_staging_sql(self, plan: MergePlan) -> list[str]:
-        return [f"SELECT TOP (0) {self.staging_select_list(plan)} INTO {plan.staging} FROM {plan.target}"]
+        return [
+            f"SELECT TOP (0) {self.staging_select_list(plan)} INTO {plan.staging} FROM {plan.target}",
+            f"ALTER TABLE {plan.staging} ADD PRIMARY KEY CLUSTERED ({', '.join(plan.q(k) for k in plan.key)})",
+        ]
 
     def clear_staging_sql(self, plan: MergePlan) -> str:
         return f"TRUNCATE TABLE {plan.staging}"
@@ -172,8 +175,21 @@ class MSSQLReplica(ReplicaDialect):
     def _sets(columns: list[str], key: list[str], q) -> str:
         return ", ".join(f"t.{q(c)} = s.{q(c)}" for c in columns if c not in key)
 
+    def distinct_sql(self, pairs):
+        # EXISTS ... EXCEPT: NULL-safe on every version (IS DISTINCT FROM needs SQL Server 2022)
+        if not pairs:
+            return "1 = 0"
+        return f"EXISTS (SELECT {', '.join(a for a, _ in pairs)} EXCEPT SELECT {', '.join(b for _, b in pairs)})"
+
+    def _changed(self, columns: list[str], key: list[str], q) -> str:
+        """The staged row differs from the stored one: an equal row is not rewritten."""
+        return self.distinct_sql([(f"s.{q(c)}", f"t.{q(c)}") for c in columns if c not in key])
+
     def upsert_sql(self, target, source, columns, key, version, q):
-        update = f"WHEN MATCHED AND {self._guard(version, q)} THEN UPDATE SET {self._sets(columns, key, q)}"
+        if not [c for c in columns if c not in key]:  # every column is in the key: insert only
+            return self._merge(target, source, columns, key, version, q, matched=[])
+        guard = f"{self._guard(version, q)} AND {self._changed(columns, key, q)}"
+        update = f"WHEN MATCHED AND {guard} THEN UPDATE SET {self._sets(columns, key, q)}"
         return self._merge(target, source, columns, key, version, q, matched=[update])
 
     def merge_statements(self, plan: MergePlan) -> list[str]:
@@ -190,12 +206,13 @@ class MSSQLReplica(ReplicaDialect):
             plan.target, source, plan.columns, plan.key, plan.version, q,
             matched=[
                 f"WHEN MATCHED AND {plan.is_delete()} AND {guard} THEN DELETE",
-                f"WHEN MATCHED AND {plan.is_upsert()} AND {guard} THEN UPDATE SET {self._sets(plan.columns, plan.key, q)}",
+                f"WHEN MATCHED AND {plan.is_upsert()} AND {guard} AND {self._changed(plan.columns, plan.key, q)} "
+                f"THEN UPDATE SET {self._sets(plan.columns, plan.key, q)}",
             ],
             insert_when=f" AND {plan.is_upsert()}",
         )
         tombstones = self.upsert_sql(
-            plan.tombstones, self.tombstone_source_sql(plan), plan.key + [plan.version], plan.key, plan.version, q
+            plan.tombstones, self.tombstone_source_sql(plan), plan.tomb_columns, plan.key, plan.version, q
         )
         return [main, tombstones]
 

@@ -97,8 +97,13 @@ class MySQLReplica(ReplicaDialect):
 
     # -- staging ------------------------------------------------------------------------------
     def create_staging_sql(self, plan: MergePlan) -> list[str]:
-        # a temporary table survives a rollback here: drop a leftover of a failed merge first
-        return [self.drop_staging_sql(plan), *super().create_staging_sql(plan)]
+        # a temporary table survives a rollback here: drop a leftover of a failed merge first;
+        # the key is declared in the CREATE (an ALTER TABLE would commit the merge's transaction)
+        return [
+            self.drop_staging_sql(plan),
+            f"CREATE TEMPORARY TABLE {plan.staging} (PRIMARY KEY ({', '.join(plan.q(k) for k in plan.key)})) "
+            f"AS SELECT {self.staging_select_list(plan)} FROM {plan.target} WHERE 1 = 0",
+        ]
 
     def drop_staging_sql(self, plan: MergePlan) -> str:
         return f"DROP TEMPORARY TABLE IF EXISTS {plan.staging}"
@@ -132,17 +137,34 @@ class MySQLReplica(ReplicaDialect):
     def upsert_sql(self, target, source, columns, key, version, q):
         v = q(version)
         guard = f"({target}.{v} IS NULL OR (VALUES({v}) IS NOT NULL AND VALUES({v}) >= {target}.{v}))"
-        ordered = [c for c in columns if c not in key and c != version] + [version]  # version last
+        ordered = [c for c in columns if c not in key and c != version] + ([] if version in key else [version])  # version last
+        if not ordered:  # every column is in the key: nothing to update
+            ordered = [key[0]]
+            guard = "FALSE"
         sets = ", ".join(f"{q(c)} = IF({guard}, VALUES({q(c)}), {target}.{q(c)})" for c in ordered)
         return (
             f"INSERT INTO {target} ({', '.join(q(c) for c in columns)}) SELECT * FROM ({source}) AS ia_upsert_source "
             f"ON DUPLICATE KEY UPDATE {sets}"
         )
 
+    def distinct_sql(self, pairs: list[tuple[str, str]]) -> str:
+        if not pairs:
+            return "1 = 0"
+        return "(" + " OR ".join(f"NOT ({a} <=> {b})" for a, b in pairs) + ")"
+
+    # multi-table statements, staged rows first (STRAIGHT_JOIN): each staged delete finds its row by
+    # key. MariaDB has no semi-join for a single-table DELETE ... WHERE EXISTS: it would read the
+    # whole target and run the subquery for each of its rows
+    def delete_sql(self, plan: MergePlan) -> str:
+        return (
+            f"DELETE t FROM {plan.staging} AS s STRAIGHT_JOIN {plan.target} AS t ON {plan.on('t', 's')} "
+            f"WHERE {plan.is_delete()} AND {plan.newer_or_equal('s', 't')}"
+        )
+
     def soft_delete_sql(self, plan: MergePlan) -> str:
         q = plan.q
         return (
-            f"UPDATE {plan.target} AS t INNER JOIN {plan.staging} AS s ON {plan.on('t', 's')} "
+            f"UPDATE {plan.staging} AS s STRAIGHT_JOIN {plan.target} AS t ON {plan.on('t', 's')} "
             f"SET t.{q(plan.version)} = s.{q(plan.version)}, t.{q(DELETED)} = s.{q(DELETED)} "
             f"WHERE {plan.is_delete()} AND {plan.newer_or_equal('s', 't')}"
         )

@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import sqlalchemy as sa
 
 from ..sources.base import scrub
-from .base import PARAM, MergePlan, ReplicaDialect, on_conflict_upsert, register, utc_wall_clock
+from .base import DELETED, PARAM, MergePlan, ReplicaDialect, on_conflict_upsert, register, utc_wall_clock
 
 log = logging.getLogger("incremental_assets")
 _CSV = pacsv.WriteOptions(include_header=False, quoting_style="needed")
@@ -302,8 +302,25 @@ class PostgreSQLReplica(ReplicaDialect):
     def create_staging_sql(self, plan: MergePlan) -> list[str]:
         return [
             f"CREATE TEMPORARY TABLE {plan.staging} ON COMMIT DROP AS "
-            f"SELECT {self.staging_select_list(plan)} FROM {plan.target} WHERE 1 = 0"
+            f"SELECT {self.staging_select_list(plan)} FROM {plan.target} WHERE 1 = 0",
+            f"ALTER TABLE {plan.staging} ADD PRIMARY KEY ({', '.join(plan.q(k) for k in plan.key)})",
         ]
+
+    # both tables aliased: the staging may be a subquery (side staging with decimals), which
+    # PostgreSQL before 16 accepts in FROM only with an alias
+    def delete_sql(self, plan: MergePlan) -> str:
+        return (
+            f"DELETE FROM {plan.target} AS t USING {plan.staging} AS s "
+            f"WHERE {plan.on('t', 's')} AND {plan.is_delete()} AND {plan.newer_or_equal('s', 't')}"
+        )
+
+    def soft_delete_sql(self, plan: MergePlan) -> str:
+        q = plan.q
+        return (
+            f"UPDATE {plan.target} AS t SET {q(plan.version)} = s.{q(plan.version)}, {q(DELETED)} = s.{q(DELETED)} "
+            f"FROM {plan.staging} AS s "
+            f"WHERE {plan.on('t', 's')} AND {plan.is_delete()} AND {plan.newer_or_equal('s', 't')}"
+        )
 
     def clear_staging_sql(self, plan: MergePlan) -> str:
         return f"TRUNCATE {plan.staging}"
@@ -316,6 +333,20 @@ class PostgreSQLReplica(ReplicaDialect):
         # joins costs more than it saves (0.3-0.5 s per statement at a million rows)
         conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'", execution_options={"no_parameters": True})
         conn.exec_driver_sql("SET LOCAL jit = off", execution_options={"no_parameters": True})
+
+    #: a step with fewer staged rows than the target's (estimated) rows divided by this is merged
+    #: with nested loops only: a key lookup in the target and its tombstones per staged row. The
+    #: planner's costs (random_page_cost 4) would otherwise read a cached table of a million rows
+    #: whole, by a hash join, to merge ten thousand. Bigger steps are left to the planner.
+    lookup_ratio = 4
+
+    def before_step(self, conn: sa.Connection, plan: MergePlan, rows: int, execute) -> None:
+        stored = execute(conn, f"SELECT reltuples FROM pg_class WHERE oid = to_regclass({PARAM})", (plan.target,)).scalar()
+        # never analyzed (-1): lookups, which cost in proportion to the step whatever the table's size
+        lookups = stored is None or stored < 0 or rows * self.lookup_ratio < stored
+        setting = "off" if lookups else "on"
+        for name in ("enable_hashjoin", "enable_mergejoin"):
+            conn.exec_driver_sql(f"SET LOCAL {name} = {setting}", execution_options={"no_parameters": True})
 
     @contextmanager
     def side_staging(self, replica, table: str) -> Iterator[_SideStaging | None]:
@@ -396,6 +427,8 @@ class PostgreSQLReplica(ReplicaDialect):
         # time of such a merge). ``*=`` compares binary images, so values that are equal but
         # differ (1.0 and 1.00, '1 day' and '24 hours', 0 and -0) are still written.
         data = [c for c in columns if c not in key]
+        if not data:
+            return on_conflict_upsert(target, source, columns, key, version, q)
         stored = ", ".join(f"t.{q(c)}" for c in data)
         new = ", ".join(f"excluded.{q(c)}" for c in data)
         # cast to record: a bare ROW() *= ROW() would be compared column by column, and no column

@@ -118,5 +118,10 @@ class SQLiteReplica(ReplicaDialect):
             return duration_micros(array).to_pylist()
         return array.to_pylist()
 
+    def distinct_sql(self, pairs):
+        if not pairs:
+            return "1 = 0"
+        return "(" + " OR ".join(f"{a} IS NOT {b}" for a, b in pairs) + ")"
+
     def upsert_sql(self, target, source, columns, key, version, q):
         return on_conflict_upsert(target, source, columns, key, version, q)
