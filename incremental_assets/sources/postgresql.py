@@ -33,7 +33,7 @@ an array declared with more dimensions (``integer[][]``) as JSON text (``array_t
 value of more than one dimension in a column declared with one fails the read naming the column
 (ADBC would flatten it); an enum as its label; ``interval`` as ISO 8601 text with every field
 (``P0Y1M2DT3H4M5.000006S``: exact, months and days kept apart, read back by PostgreSQL);
-``tsvector``, ranges, composite and unknown types as the server's text, named in the log.
+``json``/``jsonb`` as the server's text (``2.50`` stays ``2.50``); ``tsvector``, ranges, composite and unknown types as the server's text, named in the log.
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ class PostgreSQLDialect(EngineDialect):
             return interval_iso(column)
         if isinstance(t, sa.ARRAY) and (t.dimensions or 1) > 1:
             return sa.cast(sa.func.array_to_json(column), sa.Text)
-        if text_fallback(column.type, arrow_type(column.type)):
+        if isinstance(t, sa.JSON) or text_fallback(column.type, arrow_type(column.type)):
+            # json/jsonb too: the driver would parse it, and the text written back would differ
             return sa.cast(column, sa.Text)
         return column
 
