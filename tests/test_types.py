@@ -112,8 +112,10 @@ def test_postgresql_types_land_exactly_on_both_paths(pg_db, sources, caplog, fas
     assert {k: rows[2][k] for k in ROW_3_EDGES} == ROW_3_EDGES
     # the fast path was taken (or not) as asked, and every text fallback is named in the log
     assert ("reading through SQLAlchemy rows" in caplog.text) == (not fast)
-    for column in ("grid", "fulltext", "span", "during", "duo"):
-        assert f"column {column!r}" in caplog.text and "lands as text" in caplog.text
+    for column, landed_as in (("grid", "JSON text"), ("fulltext", "text"), ("span", "ISO 8601 text"),
+                              ("during", "text"), ("duo", "text")):
+        assert f"column {column!r} " in caplog.text
+        assert f"lands as {landed_as}" in caplog.text.split(f"column {column!r} ")[1].splitlines()[0]
     for exact in ("special_features", "release_year", "rental_rate", "rating", "code", "doc"):
         assert f"column {exact!r}" not in caplog.text
 
@@ -199,11 +201,15 @@ def _check_replica(pg_db, replica: sa.Engine) -> None:
 
 
 @pytest.mark.usefixtures("dagster_home")
-def test_lists_as_json_text_in_csv_and_a_sqlite_replica(pg_db, tmp_path, capsys):
-    """Without array columns (SQLite here; MariaDB and SQL Server alike) a list is stored as JSON
-    text; CSV lands it as JSON text too, and reads it back as the list."""
+@pytest.mark.parametrize("replica_kind", ["sqlite", "mariadb"])
+def test_lists_as_json_text_in_csv_and_a_replica_without_arrays(pg_db, tmp_path, capsys, request, replica_kind):
+    """Without array columns (SQLite, MariaDB; SQL Server alike) a list is stored as JSON text;
+    CSV lands it as JSON text too, and reads it back as the list."""
     pg_db.run(*PG_SCHEMA)
-    replica_url = f"sqlite:///{tmp_path / 'replica.db'}"
+    if replica_kind == "sqlite":
+        replica_url = f"sqlite:///{tmp_path / 'replica.db'}"
+    else:
+        replica_url = request.getfixturevalue("mariadb_db").url
     config = write_config(tmp_path, pg_db.url, [{**TABLE, "primary_key": ["film_id"]}], fmt="csv", replica={"url": replica_url})
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
     assert code == 0, err

@@ -456,10 +456,11 @@ class Source:
                 sa_type.asdecimal = False
         schema = pa.schema([pa.field(c, self.dialect.arrow_type(sa_table.c[c].type)) for c in selected])
         for f in schema:
-            if text_fallback(sa_table.c[f.name].type, f.type):
+            fallback = text_fallback(sa_table.c[f.name].type, f.type)
+            if fallback:
                 log.info(
-                    "source %r, table %s: column %r (%s) lands as text (%s): no exact Arrow type for it",
-                    self.name, ref, f.name, _type_name(sa_table.c[f.name].type), f.type,
+                    "source %r, table %s: column %r (%s) lands as %s: no exact Arrow type for it",
+                    self.name, ref, f.name, _type_name(sa_table.c[f.name].type), fallback,
                 )
         info = TableInfo(ref=ref, table=sa_table, columns=selected, schema=schema, primary_key=keys)
         if watermark_column is not None:

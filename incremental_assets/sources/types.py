@@ -75,18 +75,24 @@ def base_type(sa_type: sa.types.TypeEngine) -> sa.types.TypeEngine:
 _TEXT_NAMES = {"UUID", "JSON", "JSONB", "SET", "ENUM", "CITEXT", "XML"}
 
 
-def text_fallback(sa_type: sa.types.TypeEngine, arrow_t: pa.DataType) -> bool:
-    """Whether a column of ``sa_type`` that lands as ``arrow_t`` lands as the text of a value
-    that is not text at the source (a range, a tsvector, a composite, a multi-dimensional
-    array...): such columns are named in the log when a table is described."""
+def text_fallback(sa_type: sa.types.TypeEngine, arrow_t: pa.DataType) -> str | None:
+    """How a column of ``sa_type`` that lands as ``arrow_t`` lands as the text of a value that is
+    not text at the source (a range, a tsvector, a composite, a multi-dimensional array...), or
+    None: such columns are named in the log when a table is described."""
     sa_type = base_type(sa_type)
-    if isinstance(sa_type, sa.ARRAY) and pa.types.is_list(arrow_t):
-        return text_fallback(sa_type.item_type, arrow_t.value_type)
+    if isinstance(sa_type, sa.ARRAY):
+        if pa.types.is_list(arrow_t):
+            return text_fallback(sa_type.item_type, arrow_t.value_type)
+        return "JSON text (an array of more than one dimension)"
     if not pa.types.is_string(arrow_t):
-        return False
+        return None
     if isinstance(sa_type, (sa.String, sa.JSON, sa.Uuid)) or type(sa_type).__name__.upper() in _TEXT_NAMES:
-        return False
-    return not isinstance(sa_type, sa.Numeric)  # unconstrained NUMERIC: its exact decimal text
+        return None
+    if isinstance(sa_type, sa.Numeric):
+        return None  # unconstrained NUMERIC: its exact decimal text
+    if type(sa_type).__name__.upper() == "INTERVAL":
+        return "ISO 8601 text"
+    return "text"
 
 
 def is_timezone_aware(sa_type: sa.types.TypeEngine) -> bool:
