@@ -311,3 +311,21 @@ def test_uuid_and_enum_keys_are_plain_text(pg_db, sources):
 def _read_tasks(source, info, fast):
     source.dialect.fast_path = fast
     return source.read_slice(info, None, None)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["adbc", "generic"])
+def test_a_domain_over_timestamptz_is_a_watermark(pg_db, sources, fast):
+    """A watermark column of a domain type works as its base type: bounds, horizon and values."""
+    pg_db.run(
+        "CREATE DOMAIN stamp AS timestamptz NOT NULL",
+        "CREATE TABLE events (id int PRIMARY KEY, tags text[], at stamp)",
+        "INSERT INTO events VALUES (1, '{a}', '2024-05-01 10:00:00+00'), (2, '{b,c}', '2024-05-02 10:00:00+00'), "
+        "(3, NULL, '2024-05-03 10:00:00+00')",
+    )
+    source = sources(pg_db)
+    source.dialect.fast_path = fast
+    info = source.describe_table("events", watermark_column="at")
+    assert info.schema.field("at").type == pa.timestamp("us", tz="UTC")
+    got = pa.Table.from_batches(list(source.read_slice(
+        info, dt.datetime(2024, 5, 2, tzinfo=UTC), dt.datetime(2024, 5, 3, 10, tzinfo=UTC))), schema=info.schema)
+    assert got.to_pylist() == [{"id": 2, "tags": ["b", "c"], "at": dt.datetime(2024, 5, 2, 10, tzinfo=UTC)}]
