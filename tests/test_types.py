@@ -329,3 +329,22 @@ def test_a_domain_over_timestamptz_is_a_watermark(pg_db, sources, fast):
     got = pa.Table.from_batches(list(source.read_slice(
         info, dt.datetime(2024, 5, 2, tzinfo=UTC), dt.datetime(2024, 5, 3, 10, tzinfo=UTC))), schema=info.schema)
     assert got.to_pylist() == [{"id": 2, "tags": ["b", "c"], "at": dt.datetime(2024, 5, 2, 10, tzinfo=UTC)}]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["adbc", "generic"])
+def test_arrays_of_uuid_json_and_ranges(pg_db, sources, fast):
+    """Elements keep the text they would have as columns: uuid text, json as the server's text,
+    a range as the server's text."""
+    pg_db.run(
+        "CREATE TABLE things (id int, ids uuid[], docs jsonb[], spans int4range[], at timestamptz)",
+        "INSERT INTO things VALUES (1, ARRAY['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid, NULL], "
+        "ARRAY['{\"a\": 2.50}'::jsonb], ARRAY['[1,5)'::int4range, NULL], '2024-01-01')",
+    )
+    source = sources(pg_db)
+    source.dialect.fast_path = fast
+    info = source.describe_table("things", watermark_column="at")
+    got = pa.Table.from_batches(list(source.read_slice(info, None, None)), schema=info.schema)
+    assert [(f.name, f.type) for f in got.schema][1:4] == [(c, pa.list_(pa.string())) for c in ("ids", "docs", "spans")]
+    row = got.to_pylist()[0]
+    assert row["ids"] == ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", None]
+    assert row["docs"] == ['{"a": 2.50}'] and row["spans"] == ["[1,5)", None]

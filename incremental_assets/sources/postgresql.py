@@ -112,7 +112,8 @@ class PostgreSQLDialect(EngineDialect):
     def refine_table(self, conn: sa.Connection, table: sa.Table) -> None:
         """A domain over ``numeric(p,s)`` keeps its precision and scale (reflection drops them),
         and an array column its declared dimensions."""
-        relation = conn.dialect.identifier_preparer.format_table(table)
+        quote = _compile_dialect().identifier_preparer.quote_identifier  # quotes, never doubles '%'
+        relation = ".".join(quote(p) for p in (table.schema, table.name) if p)
         for name, ndims, base in conn.execute(REFINE, {"relation": relation}):
             if name not in table.c:
                 continue
@@ -130,6 +131,11 @@ class PostgreSQLDialect(EngineDialect):
             return interval_iso(column)
         if isinstance(t, sa.ARRAY) and (t.dimensions or 1) > 1:
             return sa.cast(sa.func.array_to_json(column), sa.Text)
+        if isinstance(t, sa.ARRAY):
+            item = base_type(t.item_type)
+            if isinstance(item, sa.JSON) or text_fallback(item, arrow_type(item)):
+                return sa.cast(column, sa.ARRAY(sa.Text))  # each element as the server's text
+            return column
         if isinstance(t, sa.JSON) or text_fallback(column.type, arrow_type(column.type)):
             # json/jsonb too: the driver would parse it, and the text written back would differ
             return sa.cast(column, sa.Text)
@@ -307,7 +313,7 @@ class PostgreSQLDialect(EngineDialect):
 REFINE = sa.text(
     "SELECT a.attname, a.attndims, CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END "
     "FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid "
-    "WHERE a.attrelid = CAST(:relation AS regclass) AND a.attnum > 0 AND NOT a.attisdropped"
+    "WHERE a.attrelid = to_regclass(:relation) AND a.attnum > 0 AND NOT a.attisdropped"
 )
 _NUMERIC = re.compile(r"numeric\((\d+)(?:,(\d+))?\)")
 
