@@ -259,7 +259,9 @@ MARIADB_VALUES = [
 ]
 
 
-def test_mariadb_types_land_exactly(mariadb_db, sources):
+@pytest.mark.parametrize("driver", ["mariadb_db", "mariadb_mysqlclient_db"], ids=["pymysql", "mysqlclient"])
+def test_mariadb_types_land_exactly(request, sources, driver):
+    mariadb_db = request.getfixturevalue(driver)
     mariadb_db.run(MARIADB_TABLE, MARIADB_ROWS)
     source = sources(mariadb_db)
     info = source.describe_table("gadgets", watermark_column="updated")

@@ -79,8 +79,8 @@ class MySQLDialect(EngineDialect):
         if column.info.get(SPATIAL_INFO):
             return sa.func.ST_AsBinary(column, type_=sa.LargeBinary)
         if isinstance(column.type, (sa.JSON, mysql.SET)):
-            # the server's text: SQLAlchemy would parse JSON, and make a SET a Python set
-            return sa.type_coerce(column, sa.String())
+            # the server's text: SQLAlchemy would parse JSON, and drivers make a SET a Python set
+            return sa.cast(column, sa.String())
         return column
 
     def bind_timestamp(self, kind: TimestampKind, value: dt.datetime):
