@@ -350,3 +350,22 @@ def test_arrays_of_uuid_json_and_ranges(pg_db, sources, fast):
     row = got.to_pylist()[0]
     assert row["ids"] == ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", None]
     assert row["docs"] == ['{"a": 2.50}'] and row["spans"] == ["[1,5)", None]
+
+
+@pytest.mark.parametrize(
+    ("url", "array_sql", "text_sql"),
+    [
+        ("postgresql+psycopg://u@h/db", '"special_features" text[]', '"grid" text'),
+        ("mssql+pyodbc://u@h/db?driver=ODBC+Driver+18+for+SQL+Server", "[special_features] NVARCHAR(MAX)", "[grid] NVARCHAR(MAX)"),
+        ("sqlite:///unused.db", '"special_features" TEXT', '"grid" TEXT'),
+    ],
+    ids=["postgresql", "mssql", "sqlite"],
+)
+def test_replica_tables_for_lists(url, array_sql, text_sql):
+    """The DDL a replica creates for a list column: an array on PostgreSQL, text (JSON) elsewhere."""
+    from incremental_assets.replica import Replica
+
+    schema = pa.schema([("film_id", pa.int64()), ("special_features", pa.list_(pa.string())), ("grid", pa.string()),
+                        ("last_update", pa.timestamp("us", tz="UTC"))])
+    table, _ = Replica.offline(url).create_table_sql("film", schema, ["film_id"], version_column="last_update")
+    assert array_sql in table and text_sql in table
