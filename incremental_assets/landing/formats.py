@@ -333,18 +333,25 @@ def _json_native(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)
 
 
+def list_parts(col: pa.Array) -> tuple[list[int], pa.Array]:
+    """A list array's offsets (from 0) and the elements they point into: those of this array only,
+    also for a slice (whose ``values`` are the elements of the whole array)."""
+    offsets = col.offsets.to_pylist()
+    start = offsets[0]
+    return [o - start for o in offsets], col.values.slice(start, offsets[-1] - start)
+
+
 def list_json_text(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
     """A list column as JSON text per value (NULL stays NULL, NULL elements are ``null``): the
     CSV form of a list, and how replicas without array columns store one."""
     if isinstance(col, pa.ChunkedArray):
         return pa.chunked_array([list_json_text(c) for c in col.chunks], pa.string())
-    values = col.values  # the unsliced elements: the offsets point into them
+    offsets, values = list_parts(col)
     if _json_native(values.type):
         items = values.to_pylist()
     else:
         text = _csv_column(values)
         items = (text if pa.types.is_string(text.type) else text.cast(pa.string())).to_pylist()
-    offsets = col.offsets.to_pylist()
     valid = col.is_valid().to_pylist()
     out = [
         json.dumps(items[offsets[i]:offsets[i + 1]], ensure_ascii=False, separators=(",", ":")) if valid[i] else None

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import sqlalchemy as sa
 
+from ..landing.formats import list_parts
 from ..sources.base import scrub
 from .base import PARAM, MergePlan, ReplicaDialect, on_conflict_upsert, register, utc_wall_clock
 
@@ -56,9 +57,9 @@ def _copy_ready(array: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
 def _array_literal(array: pa.ListArray) -> pa.Array:
     """Lists as PostgreSQL array literals (``{"Trailers",NULL}``): every element in double quotes
     (backslash and quote escaped), as its COPY text; NULL elements unquoted."""
-    ready = _copy_ready(pa.chunked_array([array.values]))  # the unsliced elements: offsets point into them
+    offsets, values = list_parts(array)
+    ready = _copy_ready(pa.chunked_array([values], values.type))
     items = (ready if pa.types.is_string(ready.type) else pc.cast(ready, pa.string())).to_pylist()
-    offsets = array.offsets.to_pylist()
     valid = array.is_valid().to_pylist()
 
     def element(e):

@@ -33,7 +33,8 @@ an array declared with more dimensions (``integer[][]``) as JSON text (``array_t
 value of more than one dimension in a column declared with one fails the read naming the column
 (ADBC would flatten it); an enum as its label; ``interval`` as ISO 8601 text with every field
 (``P0Y1M2DT3H4M5.000006S``: exact, months and days kept apart, read back by PostgreSQL);
-``json``/``jsonb`` as the server's text (``2.50`` stays ``2.50``); ``tsvector``, ranges, composite and unknown types as the server's text, named in the log.
+``json``/``jsonb`` as the server's text (``2.50`` stays ``2.50``); ``tsvector``, ranges,
+composite and unknown types as the server's text, named in the log.
 """
 
 from __future__ import annotations
@@ -937,8 +938,11 @@ def _list_converter(item: Callable[[pa.Array], pa.Array], tt: pa.DataType) -> Ca
     """A list column: its elements converted as a column of their own, the lists kept."""
 
     def convert(a: pa.Array) -> pa.Array:
-        values = item(a.values)  # every element of the unsliced array: the offsets point into it
-        return pa.ListArray.from_arrays(a.offsets, values, type=tt, mask=a.is_null() if a.null_count else None)
+        offsets = a.offsets  # of a slice: they point into the elements of the whole array
+        start = offsets[0].as_py()
+        values = item(a.values.slice(start, offsets[-1].as_py() - start))
+        offsets = pc.subtract(offsets, pa.scalar(start, pa.int32())) if start else offsets
+        return pa.ListArray.from_arrays(offsets, values, type=tt, mask=a.is_null() if a.null_count else None)
 
     return convert
 
