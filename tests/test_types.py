@@ -111,6 +111,9 @@ def test_postgresql_types_land_exactly_on_both_paths(pg_db, sources, caplog, fas
     assert rows[0] == ROW_1  # json as the server's text: json as written, jsonb normalised
     assert all(v is None for k, v in rows[1].items() if k not in ("film_id", "last_update"))
     assert {k: rows[2][k] for k in ROW_3_EDGES} == ROW_3_EDGES
+    # batches of one row: lists cut out of a bigger batch keep their own elements
+    one_by_one = pa.Table.from_batches(list(source.read_slice(info, None, None, batch_size=1)), schema=info.schema)
+    assert one_by_one.sort_by("film_id").to_pylist() == rows
     # the fast path was taken (or not) as asked, and every text fallback is named in the log
     assert ("reading through SQLAlchemy rows" in caplog.text) == (not fast)
     for column, landed_as in (("grid", "JSON text"), ("fulltext", "text"), ("span", "ISO 8601 text"),
