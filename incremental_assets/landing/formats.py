@@ -10,12 +10,15 @@ decimals, binary stays binary). CSV is Azure Data Factory-compatible delimited t
 UTF-8, header row, ',' delimiter, '"' quote (doubled inside values), NULL as an empty
 unquoted field (an empty string is written as ""), timestamps in ISO 8601
 (``2024-01-31T10:00:00.123456``; time-zone-aware values in UTC with a ``Z`` suffix),
-binary as base64.
+binary as base64, lists (arrays) as JSON text (``["Trailers",null]``: numbers and booleans as
+JSON's, every other element as its CSV text in a JSON string, e.g. ``["1.50"]`` for decimals).
+Parquet keeps lists as lists.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 from abc import ABC, abstractmethod
 from typing import Any, BinaryIO, Union
@@ -316,9 +319,56 @@ def _is_binary(t: pa.DataType) -> bool:
 def _csv_output_type(t: pa.DataType) -> pa.DataType:
     if pa.types.is_dictionary(t):
         t = t.value_type
-    if pa.types.is_timestamp(t) or _is_binary(t):
+    if pa.types.is_timestamp(t) or _is_binary(t) or _is_list(t):
         return pa.string()
     return t
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _json_native(t: pa.DataType) -> bool:
+    """Element types whose values JSON holds as they are (the rest travel as their CSV text)."""
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t)
+
+
+def list_parts(col: pa.Array) -> tuple[list[int], pa.Array]:
+    """A list array's offsets (from 0) and the elements they point into: those of this array only,
+    also for a slice (whose ``values`` are the elements of the whole array)."""
+    offsets = col.offsets.to_pylist()
+    start = offsets[0]
+    return [o - start for o in offsets], col.values.slice(start, offsets[-1] - start)
+
+
+def list_json_text(col: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A list column as JSON text per value (NULL stays NULL, NULL elements are ``null``): the
+    CSV form of a list, and how replicas without array columns store one."""
+    if isinstance(col, pa.ChunkedArray):
+        return pa.chunked_array([list_json_text(c) for c in col.chunks], pa.string())
+    offsets, values = list_parts(col)
+    if _json_native(values.type):
+        items = values.to_pylist()
+    else:
+        text = _csv_column(values)
+        items = (text if pa.types.is_string(text.type) else text.cast(pa.string())).to_pylist()
+    valid = col.is_valid().to_pylist()
+    out = [
+        json.dumps(items[offsets[i]:offsets[i + 1]], ensure_ascii=False, separators=(",", ":")) if valid[i] else None
+        for i in range(len(col))
+    ]
+    return pa.array(out, pa.string())
+
+
+def list_from_json_text(col: pa.Array, t: pa.DataType) -> pa.Array:
+    """The inverse of :func:`list_json_text` for a list type ``t``."""
+    parsed = [None if v is None else json.loads(v) for v in col.to_pylist()]
+    if _json_native(t.value_type):
+        return pa.array(parsed, type=t)
+    if _is_binary(t.value_type):
+        parsed = [None if v is None else [None if e is None else base64.b64decode(e) for e in v] for v in parsed]
+        return pa.array(parsed, type=t)
+    return pa.array(parsed, type=pa.list_(pa.string())).cast(t)
 
 
 def _csv_column(col: pa.Array) -> pa.Array:
@@ -333,6 +383,8 @@ def _csv_column(col: pa.Array) -> pa.Array:
             text = pc.replace_substring(text, " ", "T", max_replacements=1)
             return pc.binary_join_element_wise(text, pa.scalar("Z"), "")
         return pc.replace_substring(col.cast(pa.string()), " ", "T", max_replacements=1)
+    if _is_list(t):
+        return list_json_text(col)
     if _is_binary(t):
         # rare in landed tables; no columnar base64 kernel exists
         return pa.array(
@@ -359,7 +411,7 @@ def csv_column_types(schema: pa.Schema) -> dict[str, pa.DataType]:
     types = {}
     for f in schema:
         t = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
-        types[f.name] = pa.string() if _is_binary(t) else t
+        types[f.name] = pa.string() if _is_binary(t) or _is_list(t) else t
     return types
 
 
@@ -413,6 +465,8 @@ def _read_csv(source: Any, schema: pa.Schema | None) -> pa.Table:
                 ],
                 type=t,
             )
+        elif _is_list(t):
+            col = pa.chunked_array([list_from_json_text(chunk, t) for chunk in col.chunks], type=t)
         elif not col.type.equals(t):
             col = col.cast(t)
         columns.append(col)

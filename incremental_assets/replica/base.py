@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from ..landing.formats import list_json_text
 from ..sources.base import redact_url, scrub
 
 log = logging.getLogger("incremental_assets")
@@ -107,13 +108,14 @@ class MergeResult:
 class SqlType:
     """A column type as stored in a replica, reduced to what decides which Arrow values it holds."""
 
-    family: str  # bool int float decimal text binary date timestamp time interval any other
+    family: str  # bool int float decimal text binary date timestamp time interval array any other
     bits: int | None = None  # int / float width
     unsigned: bool = False
     precision: int | None = None  # decimal; None: unconstrained
     scale: int | None = None
     tz: bool | None = None  # timestamp: True instants, False wall clock, None not recorded (UTC by convention)
     text: str = ""  # as the database shows it, for messages
+    item: SqlType | None = None  # array: its elements' type
 
     def __str__(self) -> str:
         return self.text or self.family
@@ -160,6 +162,8 @@ def fits(arrow_type: pa.DataType, st: SqlType) -> bool:
         return f == "time"
     if pa.types.is_duration(t):
         return f == "interval" or (f == "int" and not st.unsigned and (st.bits or 64) >= 64)
+    if pa.types.is_list(t):
+        return f == "array" and st.item is not None and fits(t.value_type, st.item)
     return False
 
 
@@ -184,6 +188,8 @@ def storable(t: pa.DataType) -> pa.DataType:
         return pa.float32()
     if pa.types.is_decimal32(t) or pa.types.is_decimal64(t):
         return pa.decimal128(t.precision, t.scale)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return pa.list_(storable(t.value_type))
     return t
 
 
@@ -288,6 +294,8 @@ class ReplicaDialect:
     op_column_sql = "CAST(0 AS SMALLINT)"
     #: the usual driver's paramstyle, for SQL built offline when that driver cannot be imported
     driver_paramstyle = "pyformat"
+    #: whether lists are stored in array columns (else as JSON text, see ``list_json_text``)
+    array_columns = False
 
     def configure_engine(self, engine: sa.Engine) -> None:
         """Install engine event hooks (transactions, session settings)."""
@@ -307,6 +315,8 @@ class ReplicaDialect:
         """A reflected SQLAlchemy type as a :class:`SqlType`."""
         name = type(sa_type).__name__.upper()
         text = _type_text(sa_type)
+        if isinstance(sa_type, sa.ARRAY):
+            return SqlType("array", text=text, item=self.sql_type(sa_type.item_type))
         if isinstance(sa_type, sa.Boolean):
             return SqlType("bool", text=text)
         if isinstance(sa_type, sa.Integer):
@@ -1015,7 +1025,11 @@ class Replica:
                 continue
             self._check_name(f.name, "column", table)
             t = storable(f.type)
-            if pa.types.is_nested(t) or pa.types.is_union(t) or pa.types.is_map(t):
+            if pa.types.is_list(t) and (not self.dialect.array_columns or pa.types.is_nested(t.value_type)):
+                t = pa.string()  # JSON text (see list_json_text)
+            if pa.types.is_list(t):
+                pass  # an array column
+            elif pa.types.is_nested(t) or pa.types.is_union(t) or pa.types.is_map(t):
                 raise self._error(f"type {f.type} cannot be stored in a replica column", table, f.name)
             fields.append(pa.field(f.name, t))
         layout = _Layout(table, pa.schema(fields), key, version_column)
@@ -1301,6 +1315,8 @@ class Replica:
             column = chunk.column(f.name)
             if pa.types.is_dictionary(column.type):
                 column = pc.cast(column, column.type.value_type)
+            if pa.types.is_string(f.type) and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+                column = list_json_text(column)  # no array columns on this engine
             try:
                 arrays[f.name] = column.cast(f.type) if column.type != f.type else column
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:

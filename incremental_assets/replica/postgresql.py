@@ -9,7 +9,9 @@ go to a temporary table as CSV written by Arrow's C++ writer (no per-row Python)
 3's ``cursor.copy``. Every non-NULL text value is quoted (Arrow's
 "needed" style quotes all strings), so an empty string stays an empty string and an unquoted empty
 field is NULL; numbers, dates and times, whose text is never empty, go unquoted, which leaves the
-server ~10% less to parse. Merges of one table queue on a transaction-scoped advisory lock.
+server ~10% less to parse. Lists land in array columns (``text[]``, ``numeric(6,2)[]``...),
+staged as array literals with every element quoted. Merges of one table queue on a
+transaction-scoped advisory lock.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import sqlalchemy as sa
 
+from ..landing.formats import list_parts
 from ..sources.base import scrub
 from .base import DELETED, PARAM, MergePlan, ReplicaDialect, on_conflict_upsert, register, utc_wall_clock
 
@@ -46,7 +49,26 @@ def _copy_ready(array: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
         return pc.cast(array, pa.string())
     if pa.types.is_timestamp(t):
         return utc_wall_clock(array)  # read in the session's zone, UTC during a merge
+    if pa.types.is_list(t):
+        return pa.chunked_array([_array_literal(chunk) for chunk in array.chunks], pa.string())
     return array
+
+
+def _array_literal(array: pa.ListArray) -> pa.Array:
+    """Lists as PostgreSQL array literals (``{"Trailers",NULL}``): every element in double quotes
+    (backslash and quote escaped), as its COPY text; NULL elements unquoted."""
+    offsets, values = list_parts(array)
+    ready = _copy_ready(pa.chunked_array([values], values.type))
+    items = (ready if pa.types.is_string(ready.type) else pc.cast(ready, pa.string())).to_pylist()
+    valid = array.is_valid().to_pylist()
+
+    def element(e):
+        return "NULL" if e is None else '"' + e.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return pa.array(
+        ["{" + ",".join(map(element, items[offsets[i]:offsets[i + 1]])) + "}" if valid[i] else None for i in range(len(array))],
+        pa.string(),
+    )
 
 
 def _csv(batch: pa.RecordBatch) -> memoryview:
@@ -265,6 +287,7 @@ class _SideStaging:
 @register("postgresql")
 class PostgreSQLReplica(ReplicaDialect):
     flag_column_sql = "boolean NOT NULL DEFAULT false"
+    array_columns = True
     #: steps of at least this many rows are staged by ADBC's binary COPY (None: never); below it,
     #: connecting and committing a table of their own costs more than CSV does
     side_staging_min_rows: int | None = 100_000
@@ -297,6 +320,8 @@ class PostgreSQLReplica(ReplicaDialect):
             return "time without time zone"
         if pa.types.is_duration(t):
             return "interval"
+        if pa.types.is_list(t) and not pa.types.is_nested(t.value_type):
+            return self.column_type(t.value_type) + "[]"
         raise ValueError(f"type {t} has no PostgreSQL mapping")
 
     def create_staging_sql(self, plan: MergePlan) -> list[str]:

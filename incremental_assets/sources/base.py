@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql import quoted_name
 
-from .types import arrow_type, column_converter, is_timezone_aware, rows_to_batch
+from .types import arrow_type, base_type, column_converter, is_timezone_aware, rows_to_batch, text_fallback
 from .watermarks import IntegerKind, RowversionKind, TimestampKind, WatermarkKind
 
 log = logging.getLogger("incremental_assets")
@@ -226,7 +226,7 @@ class EngineDialect:
         return min(precision, 6) if isinstance(precision, int) else 6
 
     def watermark_kind(self, column: sa.Column, column_timezone: str) -> WatermarkKind | None:
-        t = column.type
+        t = base_type(column.type)
         if type(t).__name__.upper() in {"ROWVERSION", "TIMESTAMP"} and not isinstance(t, sa.DateTime):
             return RowversionKind()
         if isinstance(t, sa.DateTime) or type(t).__name__.upper() == "DATETIMEOFFSET":
@@ -235,6 +235,10 @@ class EngineDialect:
         if isinstance(t, sa.Integer) or (isinstance(t, sa.Numeric) and t.scale == 0):
             return IntegerKind()
         return None
+
+    def refine_table(self, conn: sa.Connection, table: sa.Table) -> None:
+        """Complete what reflection left out of ``table``'s column types (a domain's numeric
+        precision, an array's declared dimensions, a geometry column...); nothing by default."""
 
     def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> RunRead | None:
         """How one read of ``select`` (a range of windows in the order of the watermark
@@ -266,6 +270,13 @@ class EngineDialect:
                     blocks, count = [], 0
             if blocks:
                 yield _joined(blocks, schema)
+
+
+def _type_name(sa_type: sa.types.TypeEngine) -> str:
+    try:
+        return str(sa_type)
+    except Exception:  # noqa: BLE001 - a type without a compiler of its own
+        return type(sa_type).__name__
 
 
 def _joined(batches: list[pa.RecordBatch], schema: pa.Schema) -> pa.RecordBatch:
@@ -397,6 +408,7 @@ class Source:
                 ref = TableRef(ref.schema, same[0])
                 sa_table = sa.Table(ref.name, sa.MetaData(), schema=ref.sa_schema, autoload_with=conn)
             indexes = sa.inspect(conn).get_indexes(ref.name, schema=ref.sa_schema)
+            self.dialect.refine_table(conn, sa_table)
         return self.table_info(
             sa_table,
             watermark_column=watermark_column,
@@ -459,6 +471,13 @@ class Source:
                 # Decimal of 10 places; the column lands as float64, the driver's value as it is
                 sa_type.asdecimal = False
         schema = pa.schema([pa.field(c, self.dialect.arrow_type(sa_table.c[c].type)) for c in selected])
+        for f in schema:
+            fallback = text_fallback(sa_table.c[f.name].type, f.type)
+            if fallback:
+                log.info(
+                    "source %r, table %s: column %r (%s) lands as %s: no exact Arrow type for it",
+                    self.name, ref, f.name, _type_name(sa_table.c[f.name].type), fallback,
+                )
         info = TableInfo(ref=ref, table=sa_table, columns=selected, schema=schema, primary_key=keys)
         if watermark_column is not None:
             column = sa_table.c[watermark_column]

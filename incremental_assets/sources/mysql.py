@@ -15,6 +15,11 @@ Two traps make a plain ``SELECT ... FROM innodb_trx`` unsafe, and both are handl
   transaction (e.g. while the statement waits for a metadata lock). Statements running in other
   sessions (``information_schema.processlist``, not cached) hold timestamp horizons back to their
   start, and :attr:`clock_margin` covers the short gap for statements that have just finished.
+
+Types: ``JSON`` and ``SET`` land as the server's text (``'a,c'``), ``ENUM`` as its label,
+``BIT(n)`` as an integer (unsigned 64-bit for ``BIT(64)``), ``YEAR`` as a 16-bit integer, and
+spatial columns (``GEOMETRY``, ``POINT``...) as their standard WKB (``ST_AsBinary``; the SRID is
+not part of it).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 import uuid
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
 from .base import EngineDialect, SourceError, register
 from .watermarks import TimestampKind
@@ -40,6 +46,17 @@ RUNNING_STATEMENTS = sa.text(
 FRESH_WAIT = 3.0
 
 
+#: the spatial types, as information_schema.columns names them
+SPATIAL = {"geometry", "point", "linestring", "polygon", "multipoint", "multilinestring", "multipolygon",
+           "geometrycollection"}
+SPATIAL_COLUMNS = sa.text(
+    "SELECT COLUMN_NAME, DATA_TYPE FROM information_schema.columns "
+    "WHERE TABLE_SCHEMA = COALESCE(:schema, DATABASE()) AND TABLE_NAME = :table"
+)
+#: ``Column.info`` key marking a spatial column (reflected without a type)
+SPATIAL_INFO = "incremental_assets.spatial"
+
+
 @register("mysql", "mariadb")
 class MySQLDialect(EngineDialect):
     engine_kwargs = {"connect_args": {"init_command": "SET time_zone = '+00:00'"}}
@@ -53,6 +70,21 @@ class MySQLDialect(EngineDialect):
 
     def fractional_digits(self, sa_type) -> int:
         return min(getattr(sa_type, "fsp", None) or 0, 6)  # DATETIME(fsp); plain DATETIME: seconds
+
+    def refine_table(self, conn: sa.Connection, table: sa.Table) -> None:
+        """Spatial columns (which reflection leaves without a type) land as WKB binary."""
+        for name, data_type in conn.execute(SPATIAL_COLUMNS, {"schema": table.schema, "table": table.name}):
+            if str(data_type).lower() in SPATIAL and name in table.c:
+                table.c[name].type = sa.LargeBinary()
+                table.c[name].info[SPATIAL_INFO] = str(data_type).upper()
+
+    def result_column(self, column: sa.Column) -> sa.ColumnElement:
+        if column.info.get(SPATIAL_INFO):
+            return sa.func.ST_AsBinary(column, type_=sa.LargeBinary)
+        if isinstance(column.type, (sa.JSON, mysql.SET)):
+            # the server's text: SQLAlchemy would parse JSON, and drivers make a SET a Python set
+            return sa.cast(column, sa.String())
+        return column
 
     def bind_timestamp(self, kind: TimestampKind, value: dt.datetime):
         # the session is UTC: aware bounds are sent as UTC wall-clock text

@@ -16,9 +16,20 @@ import sqlalchemy as sa
 def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
     """The Arrow type that holds every value of ``sa_type`` without loss.
 
-    Unknown types fall back to text, so nothing is ever dropped.
+    Unknown types fall back to text, so nothing is ever dropped (see :func:`text_fallback`).
+    A domain maps as its base type; a one-dimensional array as an Arrow list of its element's
+    type; an array declared with more dimensions as JSON text.
     """
+    sa_type = base_type(sa_type)
     name = type(sa_type).__name__.upper()
+    if isinstance(sa_type, sa.ARRAY):
+        if (sa_type.dimensions or 1) > 1:
+            return pa.string()  # JSON text: nested lists of a fixed depth cannot be promised
+        return pa.list_(arrow_type(sa_type.item_type))
+    if name == "YEAR":
+        return pa.int16()
+    if name == "BIT" and getattr(sa_type, "length", None) is not None:
+        return pa.uint64() if sa_type.length >= 64 else pa.int64()  # MySQL BIT(n): the driver gives ints
     if name in {"ROWVERSION", "TIMESTAMP"} and not isinstance(sa_type, sa.DateTime):
         return pa.binary()
     if isinstance(sa_type, sa.Boolean):
@@ -53,7 +64,39 @@ def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
     return pa.string()
 
 
+def base_type(sa_type: sa.types.TypeEngine) -> sa.types.TypeEngine:
+    """A domain's base type (domains over domains included); any other type as it is."""
+    while isinstance(getattr(sa_type, "data_type", None), sa.types.TypeEngine) and type(sa_type).__name__.upper() == "DOMAIN":
+        sa_type = sa_type.data_type
+    return sa_type
+
+
+#: types whose values are text at the source: landing them as text is exact, not a fallback
+_TEXT_NAMES = {"UUID", "JSON", "JSONB", "SET", "ENUM", "CITEXT", "XML"}
+
+
+def text_fallback(sa_type: sa.types.TypeEngine, arrow_t: pa.DataType) -> str | None:
+    """How a column of ``sa_type`` that lands as ``arrow_t`` lands as the text of a value that is
+    not text at the source (a range, a tsvector, a composite, a multi-dimensional array...), or
+    None: such columns are named in the log when a table is described."""
+    sa_type = base_type(sa_type)
+    if isinstance(sa_type, sa.ARRAY):
+        if pa.types.is_list(arrow_t):
+            return text_fallback(sa_type.item_type, arrow_t.value_type)
+        return "JSON text (an array of more than one dimension)"
+    if not pa.types.is_string(arrow_t):
+        return None
+    if isinstance(sa_type, (sa.String, sa.JSON, sa.Uuid)) or type(sa_type).__name__.upper() in _TEXT_NAMES:
+        return None
+    if isinstance(sa_type, sa.Numeric):
+        return None  # unconstrained NUMERIC: its exact decimal text
+    if type(sa_type).__name__.upper() == "INTERVAL":
+        return "ISO 8601 text"
+    return "text"
+
+
 def is_timezone_aware(sa_type: sa.types.TypeEngine) -> bool:
+    sa_type = base_type(sa_type)
     return bool(getattr(sa_type, "timezone", False)) or type(sa_type).__name__.upper() == "DATETIMEOFFSET"
 
 
@@ -61,12 +104,22 @@ def _to_text(value: Any) -> Any:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, default=str)
+        return json.dumps(value, sort_keys=True, default=_json_default)
+    if isinstance(value, (set, frozenset)):  # MySQL SET, as the server writes it
+        return ",".join(sorted(map(str, value)))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).hex()
     if isinstance(value, uuid.UUID):
         return str(value)
     return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return str(value)  # exact, as text
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    return _to_text(value)
 
 
 def _to_timestamp(value: Any, aware: bool) -> Any:
@@ -92,6 +145,8 @@ def column_converter(arrow_t: pa.DataType):
 
     Returns ``None`` where drivers already hand over acceptable values.
     """
+    if pa.types.is_list(arrow_t):
+        return _list_converter(column_converter(arrow_t.value_type))
     if pa.types.is_string(arrow_t):
         return _to_text
     if pa.types.is_timestamp(arrow_t):
@@ -106,6 +161,22 @@ def column_converter(arrow_t: pa.DataType):
     if pa.types.is_date(arrow_t):
         return lambda v: dt.date.fromisoformat(v) if isinstance(v, str) else (v.date() if isinstance(v, dt.datetime) else v)
     return None
+
+
+def _list_converter(element):
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected an array, got {type(value).__name__}")
+        if any(isinstance(v, (list, tuple)) for v in value):
+            raise ValueError(
+                "holds a multi-dimensional array in a column declared one-dimensional "
+                "(declare its dimensions, e.g. integer[][], to land it as JSON text)"
+            )
+        return value if element is None else [element(v) for v in value]
+
+    return convert
 
 
 @functools.lru_cache(maxsize=None)  # asked once per column of every block
@@ -144,6 +215,9 @@ def rows_to_batch(rows: list, schema: pa.Schema, converters: list) -> pa.RecordB
             kinds = set(map(type, values))
             kinds.discard(_NONE)
             if not kinds <= _taken_as_is(field.type):
-                values = [conv(v) for v in values]
+                try:
+                    values = [conv(v) for v in values]
+                except (ValueError, TypeError) as exc:
+                    raise ValueError(f"column {field.name!r}: {exc}") from None
         arrays.append(pa.array(values, type=field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
