@@ -152,28 +152,53 @@ def _materialize(project, asset, partition_key, tags, log_level):
 
 
 def _merge(project, table, replica, partition_key, tags, log_level) -> bool:
-    """Run the replica merge for the windows a landing run touched; print what it did."""
+    """Run one replica merge (one window, or a range run); print what it did."""
     rt, asset = replica
     result = _materialize(project, asset, partition_key, tags, log_level)
     name = table.config.name
     if not result.success:
         print(f"{name}: FAILED replica merge, run {result.run_id}: {_failure_message(result)}", file=sys.stderr)
         return False
-    events = result.get_asset_materialization_events()
-    meta = {k: v.value for k, v in events[-1].materialization.metadata.items()} if events else {}
+    # one materialization per window, each with its own figures
+    metas = [{k: v.value for k, v in e.materialization.metadata.items()} for e in result.get_asset_materialization_events()]
+
+    def total(key):
+        return sum(m.get(key, 0) for m in metas)
+
     checks = result.get_asset_check_evaluations()
     check = "" if not checks else (" reconciles with the source" if checks[-1].passed else " differs from the source")
     print(
-        f"{name}: merged {meta.get('files_merged', 0)} file(s) into replica {rt.target!r}: "
-        f"{meta.get('rows_inserted', 0)} inserted, {meta.get('rows_updated', 0)} updated, "
-        f"{meta.get('rows_deleted', 0)} deleted, {meta.get('rows_skipped_older', 0)} older skipped;{check}"
+        f"{name}: merged {total('files_merged')} file(s) of {len(metas)} window(s) into replica {rt.target!r}: "
+        f"{total('rows_inserted')} inserted, {total('rows_updated')} updated, "
+        f"{total('rows_deleted')} deleted, {total('rows_skipped_older')} older skipped;{check}"
     )
     return True
 
 
+def _pending_merges(project, replica) -> dict[str, str]:
+    from .defs.replica import pending_windows
+
+    return pending_windows(project.instance, project.resources["landing"].get(), replica[0])
+
+
+def _catch_up(project, table, replica, pending: dict[str, str], log_level) -> bool:
+    """Merge every pending window of a replicated table, whoever landed it and whatever stopped
+    its last merge; False when a merge failed."""
+    from .defs.replica import merge_requests, replica_tag
+    from .defs.sensors import CopyRequest
+
+    rt = replica[0]
+    first = next(iter(pending))
+    print(f"{table.config.name}: replica behind: {len(pending)} window(s) pending merge ({first}: {pending[first]})")
+    for lo, hi in merge_requests(rt, list(pending)):
+        request = CopyRequest(replica_tag(rt), lo, hi, "replica")
+        if not _merge(project, table, replica, request.partition_key, request.tags, log_level):
+            return False
+    return True
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .defs.landing import latest_metadata
-    from .defs.sensors import CopyRequest, plan_copy
+    from .defs.sensors import plan_copy
 
     project = _Project(args.table)
     failed = False
@@ -184,6 +209,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         asset = project.asset(table)
         replica = project.replica_asset(table)
         runs = 0
+        landing_current = False
         while runs < args.max_runs:
             try:
                 plan = plan_copy(table, source, project.instance)
@@ -197,8 +223,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                         print(f"{name}: WARNING: {warning}", file=sys.stderr)
             request = plan.request
             if request is None:
-                if runs == 0:
-                    print(f"{name}: up to date")
+                landing_current = runs == 0
                 break
             runs += 1
             result = _materialize(project, asset, request.partition_key, request.tags, log_level)
@@ -216,21 +241,23 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
                 f"frontier {_fmt(meta.get('frontier'))}, {sum(m.get('file_count', 0) for m in metas)} file(s), run {result.run_id}"
             )
-            if replica and rows and not _merge(project, table, replica, request.partition_key, request.tags, log_level):
-                failed = True
-                break
             if not rows and meta.get("horizon_note", "").startswith("held back"):
                 print(f"{name}: stopping: {meta['horizon_note']}")
                 break
-        if (
-            replica and not failed and latest_metadata(project.instance, table.key) is not None
-            and latest_metadata(project.instance, replica[0].key) is None
-        ):
-            # landed before the replica was configured: merge every landed window once (the range
-            # from the first to the last, not every window since the configured start)
-            landed = sorted(project.instance.get_materialized_partitions(table.key))  # time keys sort in time order
-            everything = CopyRequest(name, landed[0], landed[-1], "replica")
-            failed |= not _merge(project, table, replica, everything.partition_key, everything.tags, log_level)
+        # whatever landed is merged, this sync's runs or not (a failed merge, a window landed
+        # from the UI, a replica configured after landing), even when a landing run failed
+        pending = {}
+        if replica:
+            try:
+                pending = _pending_merges(project, replica)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{name}: FAILED to read what the replica merged: {exc}", file=sys.stderr)
+                failed = True
+                continue
+        if pending:
+            failed |= not _catch_up(project, table, replica, pending, log_level)
+        elif landing_current:
+            print(f"{name}: up to date")
     return 1 if failed else 0
 
 
@@ -259,6 +286,58 @@ def _status_changes(project, table) -> bool:
     return True
 
 
+def _last_merge_failure(project, rt) -> str:
+    """The latest merge run of a replicated table, when it failed: when, and why."""
+    import datetime as dt
+
+    import dagster as dg
+
+    from .defs.landing import TABLE_TAG
+    from .defs.replica import replica_tag
+
+    records = project.instance.get_run_records(dg.RunsFilter(tags={TABLE_TAG: replica_tag(rt)}), limit=1)
+    if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
+        return ""
+    record = records[0]
+    when = record.end_time or record.update_timestamp.timestamp()
+    why = "see the run in the Dagster UI"
+    for entry in project.instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        data = entry.dagster_event.step_failure_data
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            why = data.user_failure_data.description
+            break
+        error = data.error
+        while error is not None and error.cause is not None:
+            error = error.cause
+        if error is not None:
+            why = error.message.strip()
+            break
+    stamp = dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"last merge FAILED at {stamp}, run {record.dagster_run.run_id}: {why}"
+
+
+def _status_replica(project, table) -> bool:
+    """The replica's line of a replicated table: windows pending merge, and the last failure."""
+    replica = project.replica_asset(table)
+    if not replica:
+        return True
+    rt = replica[0]
+    try:
+        pending = _pending_merges(project, replica)
+        failure = _last_merge_failure(project, rt)
+    except Exception as exc:  # noqa: BLE001
+        print(f"  replica {rt.target!r}: FAILED to read what it merged: {exc}")
+        return False
+    if pending:
+        first = next(iter(pending))
+        print(f"  replica {rt.target!r}: {len(pending)} window(s) pending merge (first {first}: {pending[first]})")
+    else:
+        print(f"  replica {rt.target!r}: 0 windows pending merge")
+    if failure:
+        print(f"  {failure}")
+    return True
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .defs.landing import recorded_state
     from .defs.sensors import backwards_note
@@ -270,6 +349,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         name = table.config.name
         if table.tracks_changes:
             failed |= not _status_changes(project, table)
+            failed |= not _status_replica(project, table)
             continue
         try:
             source = project.source(table)
@@ -290,6 +370,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if warning:
             print(f"  WARNING: {warning}")
+        failed |= not _status_replica(project, table)
     return 1 if failed else 0
 
 
@@ -335,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--max-runs", type=int, default=100, help="at most this many runs per table (default 100)")
     sync.add_argument("-v", "--verbose", action="store_true", help="show the runs' logs")
     sync.set_defaults(func=cmd_sync)
-    status = sub.add_parser("status", help="per table, the recorded watermark and how far the source is ahead")
+    status = sub.add_parser("status", help="per table, the recorded watermark, how far the source is ahead, and the replica's windows pending merge")
     status.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     status.add_argument("--table", action="append", help="only this table (repeatable)")
     status.set_defaults(func=cmd_status)

@@ -1,10 +1,12 @@
 """``replica/<table>``: merges the landed files of a partition into a SQL replica table.
 
 Merges are upserts where the last writer wins by the watermark, so merging a file twice, or an
-old file after a newer one, changes nothing: the replica converges whatever the order. A run
-merges the files of its windows written since the previous merge of that window began (with a
-margin for clock differences between the landing store and this machine); a window whose files
-a landing backfill replaced is merged again from its new files.
+old file after a newer one, changes nothing: the replica converges whatever the order. Each
+window's materialization records exactly which landed files it merged (name and version token)
+and the latest landing materialization of the window it saw; a run merges the files of its
+windows that are not in that record, new or rewritten. A window is *pending* while landing has
+materialized it since and its files differ from the record: whatever landed it, and whatever
+stopped the last merge, the sensor and ``sync`` merge it until it is not.
 """
 
 import datetime as dt
@@ -17,11 +19,14 @@ from ..config import ProjectConfig
 from ..landing import LandingError
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
-from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, latest_metadata
+from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable
+from .sensors import _in_flight
 
-#: files written up to this long before the previous merge began are merged again, in case the
-#: landing store's clock is behind this machine's
-CLOCK_MARGIN = dt.timedelta(minutes=10)
+#: metadata of each window's replica materialization: ``{file name: version token}`` of the
+#: window's files when it was merged, and the storage id of the window's latest landing
+#: materialization seen before they were listed
+MERGED_FILES = "merged_files"
+LANDING_EVENT = "landing_storage_id"
 
 @dataclass(frozen=True)
 class ReplicaTable:
@@ -116,38 +121,49 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         )
         if added:
             context.log.warning(f"replica table {table.target!r}: added column(s) {added} (schema drift)")
-        totals = {"inserted": 0, "updated": 0, "deleted": 0, "skipped_older": 0}
+        keys = list(context.partition_keys)
+        # the landing events first, then the files: a window landed meanwhile stays pending
+        landed = landing_events(context.instance, table, keys)
+        recorded = recorded_merges(context.instance, table, keys)
+        totals = dict.fromkeys(FIGURES, 0)
         files_merged = 0
-        for partition in context.partition_keys:
-            previous = latest_metadata(context.instance, table.key, partition)
-            since = None
-            if previous and previous.get("merge_started"):
-                since = dt.datetime.fromisoformat(previous["merge_started"]) - CLOCK_MARGIN
-            for path in store.list_files(tc.name, partition, modified_after=since):
+        for partition in keys:
+            merged = (recorded.get(partition) or {}).get(MERGED_FILES) or {}
+            current = store.file_versions(tc.name, partition)
+            figures = dict.fromkeys(FIGURES, 0)
+            todo = unmerged(current, merged)
+            for path in todo:
                 data = store.read_arrow(path, schema=schema)
                 result = replica.merge(table.target, data, key, version_column=version, operation_column=operation,
                                        soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
-                files_merged += 1
-                for name in totals:
-                    totals[name] += getattr(result, name)
+                for name in FIGURES:
+                    figures[name] += getattr(result, name)
                 if operation and is_full_snapshot(path) and data.num_rows:
                     # rows the snapshot no longer holds were deleted at the source meanwhile
                     snapshot_version = max(data.column(version).to_pylist())
-                    totals["deleted"] += replica.delete_older_than(
+                    figures["deleted"] += replica.delete_older_than(
                         table.target, key, version_column=version, version=snapshot_version, soft_delete=table.soft_delete
                     )
+            files_merged += len(todo)
+            for name in FIGURES:
+                totals[name] += figures[name]
+            # each window's materialization carries its own figures and the files it now holds merged
+            context.add_asset_metadata(
+                {
+                    "files_merged": len(todo),
+                    **{f"rows_{name}": figures[name] for name in FIGURES},
+                    MERGED_FILES: dg.MetadataValue.json({_name(p): v for p, v in current.items()}),
+                    LANDING_EVENT: dg.MetadataValue.int(landed.get(partition, 0)),
+                },
+                partition_key=partition,
+            )
         context.log.info(
-            f"{tc.name}: merged {files_merged} file(s) into {table.target!r}: "
+            f"{tc.name}: merged {files_merged} file(s) of {len(keys)} window(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
         )
         yield dg.MaterializeResult(
             metadata={
                 "merge_started": started_at.isoformat(),
-                "files_merged": files_merged,
-                "rows_inserted": totals["inserted"],
-                "rows_updated": totals["updated"],
-                "rows_deleted": totals["deleted"],
-                "rows_skipped_older": totals["skipped_older"],
                 "added_columns": dg.MetadataValue.json(added),
                 "replica_table": table.target,
                 "replica": replica.redacted_url,
@@ -161,6 +177,73 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
 
 def is_full_snapshot(path: str) -> bool:
     return path.rsplit("/", 1)[-1].split(".", 1)[0].endswith(FULL_SUFFIX)
+
+
+#: a merge's figures, each window's own in its materialization (``rows_<name>``)
+FIGURES = ("inserted", "updated", "deleted", "skipped_older")
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def unmerged(current: dict[str, str], merged: dict[str, str]) -> list[str]:
+    """The paths of ``current`` (path -> version token) that ``merged`` (file name -> version
+    token, a window's record) does not hold as they are now: new files and rewritten ones."""
+    return [path for path, version in current.items() if merged.get(_name(path)) != version]
+
+
+def _latest_ids(instance: dg.DagsterInstance, key: dg.AssetKey, partitions: list[str] | None) -> dict[str, int]:
+    if partitions is not None and not partitions:
+        return {}
+    return dict(instance.get_latest_storage_id_by_partition(
+        key, dg.DagsterEventType.ASSET_MATERIALIZATION, set(partitions) if partitions else None
+    ))
+
+
+def landing_events(instance: dg.DagsterInstance, table: ReplicaTable, partitions: list[str] | None = None) -> dict[str, int]:
+    """Per window (all, or ``partitions``), the storage id of its latest landing materialization."""
+    return _latest_ids(instance, table.landing.key, partitions)
+
+
+def recorded_merges(instance: dg.DagsterInstance, table: ReplicaTable, partitions: list[str] | None = None) -> dict[str, dict]:
+    """Per window (all, or ``partitions``), the metadata of its latest replica materialization."""
+    ids = list(_latest_ids(instance, table.key, partitions).values())
+    out: dict[str, dict] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=table.key, storage_ids=chunk), limit=len(chunk)
+        ).records
+        for record in records:
+            out[record.partition_key] = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+    return out
+
+
+def pending_windows(instance: dg.DagsterInstance, store, table: ReplicaTable) -> dict[str, str]:
+    """The windows the replica has not merged as they are landed now, each with why, in window
+    order. Only windows landing materialized after the replica's record of them are looked at
+    in the store; a window never merged is pending without a look (its merge records it)."""
+    landed = landing_events(instance, table)
+    if not landed:
+        return {}
+    recorded = recorded_merges(instance, table, list(landed))
+    out: dict[str, str] = {}
+    for partition in sorted(landed):  # time window keys sort in time order
+        meta = recorded.get(partition)
+        if meta is None:
+            out[partition] = "landed, never merged"
+            continue
+        if int(meta.get(LANDING_EVENT) or 0) >= landed[partition]:
+            continue
+        merged = meta.get(MERGED_FILES)
+        if merged is None:
+            out[partition] = "merged before the replica recorded its files"
+            continue
+        todo = unmerged(store.file_versions(table.landing.config.name, partition), merged)
+        if todo:
+            out[partition] = f"{len(todo)} landed file(s) not merged"
+    return out
 
 
 def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.AssetCheckResult:
@@ -209,34 +292,50 @@ def _groups(keys: list[str], all_keys: list[str]) -> list[tuple[str, str]]:
 MAX_RUNS_PER_TICK = 20
 
 
+def replica_tag(table: ReplicaTable) -> str:
+    """The value of the table tag on merge runs of ``table`` (sensor and ``sync``)."""
+    return f"replica/{table.landing.config.name}"
+
+
+def merge_requests(table: ReplicaTable, windows: list[str]) -> list[tuple[str, str]]:
+    """The runs that merge ``windows``: one per run of adjacent windows, at most
+    :data:`MAX_RUNS_PER_TICK` (else one run over the whole range: windows in it that are merged
+    already cost a listing, not a merge)."""
+    groups = _groups(windows, table.landing.partitions_def.get_partition_keys())
+    if len(groups) > MAX_RUNS_PER_TICK:
+        groups = [(groups[0][0], groups[-1][1])]
+    return groups
+
+
 def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
-    """Requests a merge of every window landing materializes — new slices and backfilled windows
-    alike. The cursor is the landing event last seen, so no event is missed or raced."""
+    """Requests merges of the pending windows (see :func:`pending_windows`), tick after tick
+    until they are merged: new slices, backfilled windows, windows landed by hand and windows
+    whose merge failed alike. No cursor: what is pending is read from the materializations,
+    so a failed merge is requested again; not while a merge of the table is in flight."""
 
     @dg.sensor(
         name=f"replica_{table.landing.config.name.replace('-', '_')}_sensor",
         target=[asset],
         minimum_interval_seconds=config.sensors.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
-        description=f"Merges into replica table `{table.target}` every window that landing/{table.landing.config.name} materializes.",
+        required_resource_keys={"landing"},
+        description=f"Merges into replica table `{table.target}` every window of landing/{table.landing.config.name} "
+        "whose landed files it has not merged.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
-        seen = int(context.cursor) if context.cursor else 0
-        records = context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=table.landing.key, after_storage_id=seen), limit=10_000, ascending=True
-        ).records
-        if not records:
-            return dg.SkipReason(f"no new landing/{table.landing.config.name} materializations")
-        keys = {r.partition_key for r in records if r.partition_key}
-        groups = _groups(list(keys), table.landing.partitions_def.get_partition_keys())
-        if len(groups) > MAX_RUNS_PER_TICK:
-            groups = [(groups[0][0], groups[-1][1])]
+        if _in_flight(context.instance, replica_tag(table)):
+            return dg.SkipReason(f"a merge of {table.landing.config.name} is already queued or running")
+        pending = pending_windows(context.instance, context.resources.landing.get(), table)
+        if not pending:
+            return dg.SkipReason(f"replica of {table.landing.config.name} is up to date with landing")
         requests = []
-        for first, last in groups:
-            tags = {TABLE_TAG: f"replica/{table.landing.config.name}"}
+        for first, last in merge_requests(table, list(pending)):
+            tags = {TABLE_TAG: replica_tag(table)}
             if first != last:
                 tags.update({RANGE_START_TAG: first, RANGE_END_TAG: last})
             requests.append(dg.RunRequest(asset_selection=[table.key], partition_key=first if first == last else None, tags=tags))
-        return dg.SensorResult(run_requests=requests, cursor=str(max(r.storage_id for r in records)))
+        first = next(iter(pending))
+        context.log.info(f"{table.landing.config.name}: {len(pending)} window(s) pending merge, e.g. {first}: {pending[first]}")
+        return dg.SensorResult(run_requests=requests)
 
     return _sensor
