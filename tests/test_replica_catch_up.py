@@ -148,9 +148,15 @@ def test_sensor_requests_a_failed_window_again(sqlite_db, tmp_path):
     landing, merge = defs.resolve_assets_def(LANDING), defs.resolve_assets_def(REPLICA)
     sensor = defs.resolve_sensor_def("replica_customer_table_sensor")
     with dg.DagsterInstance.get() as instance:
-        def tick():
-            with dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs) as ctx:
-                return sensor.evaluate_tick(ctx).run_requests
+        cursor = None
+
+        def tick():  # as the daemon ticks: each with the cursor the previous one left
+            nonlocal cursor
+            with dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs,
+                                         cursor=cursor) as ctx:
+                data = sensor.evaluate_tick(ctx)
+            cursor = data.cursor or cursor
+            return data.run_requests
 
         def run(request):
             return dg.materialize([merge], instance=instance, partition_key=request.partition_key,

@@ -222,20 +222,31 @@ def recorded_merges(instance: dg.DagsterInstance, table: ReplicaTable, partition
 
 def pending_windows(instance: dg.DagsterInstance, store, table: ReplicaTable) -> dict[str, str]:
     """The windows the replica has not merged as they are landed now, each with why, in window
-    order. Only windows landing materialized after the replica's record of them are looked at
-    in the store; a window never merged is pending without a look (its merge records it)."""
+    order. A window never merged is pending without a look in the store (its merge records it);
+    a merged one is looked at in the store only when landing materialized it after the replica's
+    record."""
+    return check_windows(instance, store, table)[0]
+
+
+def check_windows(instance: dg.DagsterInstance, store, table: ReplicaTable, verified: int = 0) -> tuple[dict[str, str], int]:
+    """:func:`pending_windows`, and the storage id up to which every landing materialization is
+    now known merged (just below the latest landing event of the first pending window, so that a
+    pending window is always read again). ``verified``: such an id from before; windows whose
+    latest landing event is not after it are not read again."""
     landed = landing_events(instance, table)
     if not landed:
-        return {}
-    recorded = recorded_merges(instance, table, list(landed))
+        return {}, verified
+    merged_ids = _latest_ids(instance, table.key, list(landed))
+    recent = [p for p, event in landed.items() if event > verified and p in merged_ids]
+    recorded = recorded_merges(instance, table, recent) if recent else {}
     out: dict[str, str] = {}
     for partition in sorted(landed):  # time window keys sort in time order
-        meta = recorded.get(partition)
-        if meta is None:
+        if partition not in merged_ids:
             out[partition] = "landed, never merged"
             continue
-        if int(meta.get(LANDING_EVENT) or 0) >= landed[partition]:
-            continue
+        meta = recorded.get(partition)
+        if meta is None or int(meta.get(LANDING_EVENT) or 0) >= landed[partition]:
+            continue  # verified before, or merged since its latest landing
         merged = meta.get(MERGED_FILES)
         if merged is None:
             out[partition] = "merged before the replica recorded its files"
@@ -243,7 +254,8 @@ def pending_windows(instance: dg.DagsterInstance, store, table: ReplicaTable) ->
         todo = unmerged(store.file_versions(table.landing.config.name, partition), merged)
         if todo:
             out[partition] = f"{len(todo)} landed file(s) not merged"
-    return out
+    waiting = [landed[p] for p in out]
+    return out, (min(waiting) - 1 if waiting else max(landed.values()))
 
 
 def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.AssetCheckResult:
@@ -310,8 +322,9 @@ def merge_requests(table: ReplicaTable, windows: list[str]) -> list[tuple[str, s
 def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
     """Requests merges of the pending windows (see :func:`pending_windows`), tick after tick
     until they are merged: new slices, backfilled windows, windows landed by hand and windows
-    whose merge failed alike. No cursor: what is pending is read from the materializations,
-    so a failed merge is requested again; not while a merge of the table is in flight."""
+    whose merge failed alike. What is pending is read from the materializations, so a failed
+    merge is requested again; the cursor only marks the landing events found merged already (it
+    stays below every pending window's). Not while a merge of the table is in flight."""
 
     @dg.sensor(
         name=f"replica_{table.landing.config.name.replace('-', '_')}_sensor",
@@ -325,9 +338,12 @@ def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config
     def _sensor(context: dg.SensorEvaluationContext):
         if _in_flight(context.instance, replica_tag(table)):
             return dg.SkipReason(f"a merge of {table.landing.config.name} is already queued or running")
-        pending = pending_windows(context.instance, context.resources.landing.get(), table)
+        # the cursor only saves reading again the windows found merged: never one still pending
+        verified = int(context.cursor) if context.cursor and context.cursor.isdecimal() else 0
+        pending, verified = check_windows(context.instance, context.resources.landing.get(), table, verified)
+        cursor = str(verified)
         if not pending:
-            return dg.SkipReason(f"replica of {table.landing.config.name} is up to date with landing")
+            return dg.SensorResult(skip_reason=f"replica of {table.landing.config.name} is up to date with landing", cursor=cursor)
         requests = []
         for first, last in merge_requests(table, list(pending)):
             tags = {TABLE_TAG: replica_tag(table)}
@@ -336,6 +352,6 @@ def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config
             requests.append(dg.RunRequest(asset_selection=[table.key], partition_key=first if first == last else None, tags=tags))
         first = next(iter(pending))
         context.log.info(f"{table.landing.config.name}: {len(pending)} window(s) pending merge, e.g. {first}: {pending[first]}")
-        return dg.SensorResult(run_requests=requests)
+        return dg.SensorResult(run_requests=requests, cursor=cursor)
 
     return _sensor
