@@ -221,3 +221,31 @@ def test_multi_window_merge_records_each_windows_figures(sqlite_db, tmp_path, ca
             "dagster/asset_partition_range_start": "2017-09-01", "dagster/asset_partition_range_end": "2017-12-01"})
         assert result.success
     assert {k: m["files_merged"] for k, m in merges().items()} == dict.fromkeys(figures, 0)
+
+
+def test_merge_whose_connection_is_killed_is_merged_by_next_sync(sqlite_db, pg_db, tmp_path, capsys):
+    """Issue 24: the replica's session dies in the middle of a merge (here the replica table's
+    trigger ends its own session, as a failover or an administrator would)."""
+    source_table(sqlite_db, (1, "John", "2017-09-01 00:56:00"))
+    config = write_config(tmp_path, sqlite_db.url, [MONTHLY], replica={"url": pg_db.url, "retries": 0},
+                          run_retries={"max_retries": 0})
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    pg_db.run("CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS "
+              "'BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW; END'",
+              "CREATE TRIGGER die BEFORE INSERT OR UPDATE ON customer_table FOR EACH ROW EXECUTE FUNCTION die()")
+    sqlite_db.run("INSERT INTO customer_table VALUES (2, 'Mike', :t)",
+                  params={"t": fresh_time().strftime("%Y-%m-%d %H:%M:%S")})
+    after_horizon()
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 1 and "FAILED replica merge" in err
+    assert replica_rows(pg_db) == [(1, "John")]
+
+    code, out, err = run_cli(capsys, "--config", str(config), "status")
+    assert "1 window(s) pending merge" in out and "last merge FAILED" in out
+
+    pg_db.run("DROP TRIGGER die ON customer_table")
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert "replica behind: 1 window(s) pending merge" in out and "1 inserted" in out
+    assert "customer_table: up to date" in run_cli(capsys, "--config", str(config), "sync")[1]
+    assert replica_rows(pg_db) == [(1, "John"), (2, "Mike")]
