@@ -365,7 +365,7 @@ class LandingStore(ABC):
     @abstractmethod
     def file_versions(self, table: str, partition: str | None = None) -> dict[str, str]:
         """The data files of :meth:`list_files`, each with a token that changes whenever the file
-        is written again (size and modification time locally, the ETag on Azure): what was
+        is written again (size, modification time and inode locally, the ETag on Azure): what was
         merged is told from what was not by comparing tokens, not clocks."""
 
     @abstractmethod

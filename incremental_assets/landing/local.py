@@ -76,7 +76,8 @@ class LocalLandingStore(LandingStore):
                 info = entry.stat()
             except FileNotFoundError:  # replaced or removed meanwhile
                 continue
-            out[path] = f"{info.st_size}-{info.st_mtime_ns}"
+            # a file is published by a rename: a rewrite is a new inode, even within the clock's step
+            out[path] = f"{info.st_size}-{info.st_mtime_ns}-{info.st_ino}"
         return dict(sorted(out.items()))
 
     def _data_files(self, table: str, partition: str | None) -> list[tuple[str, os.DirEntry]]:
