@@ -1,7 +1,9 @@
 """``incremental-assets``: headless commands over the same definitions the UI shows.
 
 ``sync`` does now what the sensors would do, as real Dagster runs recorded in ``$DAGSTER_HOME``
-(so the UI shows them); ``status`` tells how far each table's recorded watermark is behind.
+(so the UI shows them), then merges into the replica every window it has not merged as landed;
+``status`` tells how far each table's recorded watermark is behind, and the replica's windows
+pending merge.
 """
 
 from __future__ import annotations
@@ -127,7 +129,12 @@ def _fmt(value) -> str:
 
 def _failure_message(result) -> str:
     """The step's own failure description, or the innermost error of its chain."""
-    for event in result.all_events:
+    return _step_failure(result.all_events)
+
+
+def _step_failure(events) -> str:
+    """:func:`_failure_message` from a run's events (``DagsterEvent``)."""
+    for event in events:
         if not event.is_step_failure:
             continue
         data = event.step_failure_data
@@ -300,31 +307,22 @@ def _last_merge_failure(project, rt) -> str:
         return ""
     record = records[0]
     when = record.end_time or record.update_timestamp.timestamp()
-    why = "see the run in the Dagster UI"
-    for entry in project.instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
-        data = entry.dagster_event.step_failure_data
-        if data.user_failure_data is not None and data.user_failure_data.description:
-            why = data.user_failure_data.description
-            break
-        error = data.error
-        while error is not None and error.cause is not None:
-            error = error.cause
-        if error is not None:
-            why = error.message.strip()
-            break
+    entries = project.instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    why = _step_failure(e.dagster_event for e in entries if e.dagster_event is not None)
     stamp = dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"last merge FAILED at {stamp}, run {record.dagster_run.run_id}: {why}"
 
 
 def _status_replica(project, table) -> bool:
-    """The replica's line of a replicated table: windows pending merge, and the last failure."""
+    """The replica's lines of a replicated table: windows pending merge and, while some are, the
+    last merge's failure if it failed."""
     replica = project.replica_asset(table)
     if not replica:
         return True
     rt = replica[0]
     try:
         pending = _pending_merges(project, replica)
-        failure = _last_merge_failure(project, rt)
+        failure = _last_merge_failure(project, rt) if pending else ""  # moot once nothing is pending
     except Exception as exc:  # noqa: BLE001
         print(f"  replica {rt.target!r}: FAILED to read what it merged: {exc}")
         return False
