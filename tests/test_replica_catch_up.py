@@ -249,3 +249,37 @@ def test_merge_whose_connection_is_killed_is_merged_by_next_sync(sqlite_db, pg_d
     assert "replica behind: 1 window(s) pending merge" in out and "1 inserted" in out
     assert "customer_table: up to date" in run_cli(capsys, "--config", str(config), "sync")[1]
     assert replica_rows(pg_db) == [(1, "John"), (2, "Mike")]
+
+
+def test_a_window_of_many_slices_records_its_files_since_a_full_list(sqlite_db, tmp_path, capsys, monkeypatch):
+    """Each merge of a window that gathers a slice per copy lists the files merged since the
+    last full list, not every file again; past a few it lists them all again."""
+    from incremental_assets.defs import replica as replica_defs
+
+    monkeypatch.setattr(replica_defs, "FILES_SINCE_BASE", 2)
+    source_table(sqlite_db)
+    config = write_config(tmp_path, sqlite_db.url, [MONTHLY], replica={"url": f"sqlite:///{tmp_path / 'r.db'}"})
+    for person in range(1, 6):
+        sqlite_db.run("INSERT INTO customer_table VALUES (:id, 'p', :t)",
+                      params={"id": person, "t": fresh_time().strftime("%Y-%m-%d %H:%M:%S")})
+        after_horizon()
+        code, out, err = run_cli(capsys, "--config", str(config), "sync")
+        assert code == 0, err
+        assert "merged 1 file(s) of 1 window(s)" in out and "1 inserted" in out
+    with dg.DagsterInstance.get() as instance:
+        records = list(reversed(instance.fetch_materializations(REPLICA, limit=100).records))
+    metas = [{k: v.value for k, v in r.asset_materialization.metadata.items()} for r in records]
+    ids = [r.storage_id for r in records]
+    assert [len(m["merged_files"]) for m in metas] == [1, 1, 2, 4, 1]
+    assert [m.get("merged_files_base") for m in metas] == [None, ids[0], ids[0], None, ids[3]]
+    window = records[0].partition_key
+    landed = sorted(p.name for p in (tmp_path / "landing" / "customer_table" / window).iterdir())
+    from incremental_assets.config import load_config
+    from incremental_assets.defs.landing import landing_tables
+
+    project = load_config(config)
+    (table,) = replica_defs.replica_tables(project, landing_tables(project))
+    with dg.DagsterInstance.get() as instance:
+        state = replica_defs.merged_state(instance, table)
+    assert sorted(state[window].files) == landed and len(landed) == 5
+    assert "customer_table: up to date" in run_cli(capsys, "--config", str(config), "sync")[1]

@@ -23,10 +23,15 @@ from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, Lan
 from .sensors import _in_flight
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
-#: window's files when it was merged, and the storage id of the window's latest landing
-#: materialization seen before they were listed
+#: window's files it holds merged, and the storage id of the window's latest landing
+#: materialization seen before they were listed. A window that gathers many files (a slice per
+#: sensor tick) would repeat its whole list in each merge's record, so a record lists only the
+#: files merged since a full list, ``merged_files_base`` (the storage id of the record holding
+#: it), until they are :data:`FILES_SINCE_BASE`; then it lists every file again.
 MERGED_FILES = "merged_files"
+MERGED_BASE = "merged_files_base"
 LANDING_EVENT = "landing_storage_id"
+FILES_SINCE_BASE = 64
 
 @dataclass(frozen=True)
 class ReplicaTable:
@@ -124,11 +129,12 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         keys = list(context.partition_keys)
         # the landing events first, then the files: a window landed meanwhile stays pending
         landed = landing_events(context.instance, table, keys)
-        recorded = recorded_merges(context.instance, table, keys)
+        recorded = merged_state(context.instance, table, keys)
         totals = dict.fromkeys(FIGURES, 0)
         files_merged = 0
         for partition in keys:
-            merged = (recorded.get(partition) or {}).get(MERGED_FILES) or {}
+            before = recorded.get(partition)
+            merged = before.files if before and before.files is not None else {}
             current = store.file_versions(tc.name, partition)
             figures = dict.fromkeys(FIGURES, 0)
             todo = unmerged(current, merged)
@@ -152,7 +158,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                 {
                     "files_merged": len(todo),
                     **{f"rows_{name}": figures[name] for name in FIGURES},
-                    MERGED_FILES: dg.MetadataValue.json({_name(p): v for p, v in current.items()}),
+                    **_files_record(before, current, todo),
                     LANDING_EVENT: dg.MetadataValue.int(landed.get(partition, 0)),
                 },
                 partition_key=partition,
@@ -206,18 +212,55 @@ def landing_events(instance: dg.DagsterInstance, table: ReplicaTable, partitions
     return _latest_ids(instance, table.landing.key, partitions)
 
 
-def recorded_merges(instance: dg.DagsterInstance, table: ReplicaTable, partitions: list[str] | None = None) -> dict[str, dict]:
-    """Per window (all, or ``partitions``), the metadata of its latest replica materialization."""
-    ids = list(_latest_ids(instance, table.key, partitions).values())
-    out: dict[str, dict] = {}
+@dataclass(frozen=True)
+class Merged:
+    """What a window's latest replica materialization says it merged."""
+
+    storage_id: int
+    landing_event: int  # the window's latest landing materialization it saw
+    files: dict[str, str] | None  # file name -> version token, all it holds merged (None: not recorded)
+    base: int | None  # the storage id of the record with the full list (None: this one)
+    since_base: dict[str, str]  # the files this record lists beside its base's
+
+
+def _metadata_by_id(instance: dg.DagsterInstance, key: dg.AssetKey, ids) -> dict[int, tuple[str | None, dict]]:
+    ids = sorted(set(ids))
+    out = {}
     for i in range(0, len(ids), 500):
         chunk = ids[i:i + 500]
         records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=table.key, storage_ids=chunk), limit=len(chunk)
+            dg.AssetRecordsFilter(asset_key=key, storage_ids=chunk), limit=len(chunk)
         ).records
         for record in records:
-            out[record.partition_key] = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+            out[record.storage_id] = (record.partition_key, {k: v.value for k, v in record.asset_materialization.metadata.items()})
     return out
+
+
+def merged_state(instance: dg.DagsterInstance, table: ReplicaTable, partitions: list[str] | None = None) -> dict[str, Merged]:
+    """Per window (all, or ``partitions``), what its latest replica materialization says it merged."""
+    latest = _metadata_by_id(instance, table.key, _latest_ids(instance, table.key, partitions).values())
+    wanted = {meta.get(MERGED_BASE) for _, meta in latest.values()} - {None} - latest.keys()
+    bases = {**_metadata_by_id(instance, table.key, wanted), **latest} if wanted else latest
+    out = {}
+    for storage_id, (partition, meta) in latest.items():
+        files, base, since = meta.get(MERGED_FILES), meta.get(MERGED_BASE), {}
+        if files is not None and base is not None:
+            full = bases.get(base, (None, {}))[1].get(MERGED_FILES)
+            # a base wiped meanwhile: nothing is known merged (merging again changes nothing)
+            since, files = files, (None if full is None else {**full, **files})
+        out[partition] = Merged(storage_id, int(meta.get(LANDING_EVENT) or 0), files, base, since)
+    return out
+
+
+def _files_record(before: Merged | None, current: dict[str, str], todo: list[str]) -> dict:
+    """The files part of a window's new record: the files merged since the full list of a base
+    record, or a full list of ``current`` when there is no base or too many have gathered."""
+    if before is not None and before.files is not None:
+        since = {**before.since_base, **{_name(p): current[p] for p in todo}}
+        if len(since) <= FILES_SINCE_BASE:
+            return {MERGED_FILES: dg.MetadataValue.json(since),
+                    MERGED_BASE: dg.MetadataValue.int(before.base or before.storage_id)}
+    return {MERGED_FILES: dg.MetadataValue.json({_name(p): v for p, v in current.items()})}
 
 
 def pending_windows(instance: dg.DagsterInstance, store, table: ReplicaTable) -> dict[str, str]:
@@ -238,20 +281,19 @@ def check_windows(instance: dg.DagsterInstance, store, table: ReplicaTable, veri
         return {}, verified
     merged_ids = _latest_ids(instance, table.key, list(landed))
     recent = [p for p, event in landed.items() if event > verified and p in merged_ids]
-    recorded = recorded_merges(instance, table, recent) if recent else {}
+    recorded = merged_state(instance, table, recent) if recent else {}
     out: dict[str, str] = {}
     for partition in sorted(landed):  # time window keys sort in time order
         if partition not in merged_ids:
             out[partition] = "landed, never merged"
             continue
-        meta = recorded.get(partition)
-        if meta is None or int(meta.get(LANDING_EVENT) or 0) >= landed[partition]:
+        merged = recorded.get(partition)
+        if merged is None or merged.landing_event >= landed[partition]:
             continue  # verified before, or merged since its latest landing
-        merged = meta.get(MERGED_FILES)
-        if merged is None:
-            out[partition] = "merged before the replica recorded its files"
+        if merged.files is None:
+            out[partition] = "the files it merged are not recorded"
             continue
-        todo = unmerged(store.file_versions(table.landing.config.name, partition), merged)
+        todo = unmerged(store.file_versions(table.landing.config.name, partition), merged.files)
         if todo:
             out[partition] = f"{len(todo)} landed file(s) not merged"
     waiting = [landed[p] for p in out]
