@@ -137,6 +137,16 @@ def test_window_landed_by_materialize_is_merged_by_next_sync(sqlite_db, tmp_path
     replica.engine.dispose()
 
 
+@dg.op
+def noop():
+    pass
+
+
+@dg.job
+def noop_job():
+    noop()
+
+
 def test_sensor_requests_a_failed_window_again(sqlite_db, tmp_path):
     source_table(sqlite_db, (1, "John", "2017-09-01 00:56:00"))
     replica = Database(f"sqlite:///{tmp_path / 'replica.db'}", sa.create_engine(f"sqlite:///{tmp_path / 'replica.db'}"))
@@ -181,6 +191,10 @@ def test_sensor_requests_a_failed_window_again(sqlite_db, tmp_path):
         (request,) = tick()
         assert request.partition_key == "2017-09-01"
         assert not run(request).success
+        # while a merge of the table is about to start (or queued, or running), nothing more is requested
+        queued = instance.create_run_for_job(noop_job, status=dg.DagsterRunStatus.NOT_STARTED, tags=request.tags)
+        assert tick() == []
+        instance.delete_run(queued.run_id)
         (request,) = tick()
         replica.run(*REFUSE["sqlite"][1])
         assert run(request).success

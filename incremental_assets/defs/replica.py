@@ -20,7 +20,6 @@ from ..landing import LandingError
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
 from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable
-from .sensors import _in_flight
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
 #: window's files it holds merged, and the storage id of the window's latest landing
@@ -361,6 +360,17 @@ def merge_requests(table: ReplicaTable, windows: list[str]) -> list[tuple[str, s
     return groups
 
 
+#: run statuses of a merge that is queued or running
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED]
+
+
+def merge_in_flight(instance: dg.DagsterInstance, table: ReplicaTable) -> bool:
+    """Whether a merge run of ``table`` (tagged by the sensor or ``sync``) is queued or running."""
+    runs = instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={TABLE_TAG: replica_tag(table)}), limit=1)
+    return bool(runs)
+
+
 def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
     """Requests merges of the pending windows (see :func:`pending_windows`), tick after tick
     until they are merged: new slices, backfilled windows, windows landed by hand and windows
@@ -378,7 +388,7 @@ def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config
         "whose landed files it has not merged.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
-        if _in_flight(context.instance, replica_tag(table)):
+        if merge_in_flight(context.instance, table):
             return dg.SkipReason(f"a merge of {table.landing.config.name} is already queued or running")
         # the cursor only saves reading again the windows found merged: never one still pending
         verified = int(context.cursor) if context.cursor and context.cursor.isdecimal() else 0
