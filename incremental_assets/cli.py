@@ -188,15 +188,17 @@ def _pending_merges(project, replica) -> dict[str, str]:
     return pending_windows(project.instance, project.resources["landing"].get(), replica[0])
 
 
-def _catch_up(project, table, replica, pending: dict[str, str], log_level) -> bool:
+def _catch_up(project, table, replica, pending: dict[str, str], log_level, *, announce: bool = True) -> bool:
     """Merge every pending window of a replicated table, whoever landed it and whatever stopped
-    its last merge; False when a merge failed."""
+    its last merge; False when a merge failed. ``announce``: say first that the replica is behind
+    (not after this sync's own copy, whose merge is expected)."""
     from .defs.replica import merge_requests, replica_tag
     from .defs.sensors import CopyRequest
 
     rt = replica[0]
     first = next(iter(pending))
-    print(f"{table.config.name}: replica behind: {len(pending)} window(s) pending merge ({first}: {pending[first]})")
+    if announce:
+        print(f"{table.config.name}: replica behind: {len(pending)} window(s) pending merge ({first}: {pending[first]})")
     for lo, hi in merge_requests(rt, list(pending)):
         request = CopyRequest(replica_tag(rt), lo, hi, "replica")
         if not _merge(project, table, replica, request.partition_key, request.tags, log_level):
@@ -217,6 +219,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         replica = project.replica_asset(table)
         runs = 0
         landing_current = False
+        caught_up: bool | None = None  # the replica's merges in this sync: none yet
         while runs < args.max_runs:
             try:
                 plan = plan_copy(table, source, project.instance)
@@ -248,24 +251,38 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
                 f"frontier {_fmt(meta.get('frontier'))}, {sum(m.get('file_count', 0) for m in metas)} file(s), run {result.run_id}"
             )
+            if replica and rows:  # what this run landed is merged before the next copy
+                caught_up = _merge_pending(project, table, replica, log_level, announce=False)
+                if caught_up is False:
+                    failed = True
+                    break
             if not rows and meta.get("horizon_note", "").startswith("held back"):
                 print(f"{name}: stopping: {meta['horizon_note']}")
                 break
-        # whatever landed is merged, this sync's runs or not (a failed merge, a window landed
-        # from the UI, a replica configured after landing), even when a landing run failed
-        pending = {}
-        if replica:
-            try:
-                pending = _pending_merges(project, replica)
-            except Exception as exc:  # noqa: BLE001
-                print(f"{name}: FAILED to read what the replica merged: {exc}", file=sys.stderr)
+        if replica and caught_up is not False:
+            # whatever landed is merged, by this sync or not (a failed merge, a window landed from
+            # the UI, a replica configured after landing), even when a copy failed
+            caught_up = _merge_pending(project, table, replica, log_level, announce=True)
+            if caught_up is False:
                 failed = True
-                continue
-        if pending:
-            failed |= not _catch_up(project, table, replica, pending, log_level)
-        elif landing_current:
+            elif caught_up is None and landing_current:
+                print(f"{name}: up to date")
+        elif landing_current and not replica:
             print(f"{name}: up to date")
     return 1 if failed else 0
+
+
+def _merge_pending(project, table, replica, log_level, *, announce: bool) -> bool | None:
+    """Merge the pending windows of a replicated table: None when there were none, else whether
+    every merge succeeded."""
+    try:
+        pending = _pending_merges(project, replica)
+    except Exception as exc:  # noqa: BLE001
+        print(f"{table.config.name}: FAILED to read what the replica merged: {exc}", file=sys.stderr)
+        return False
+    if not pending:
+        return None
+    return _catch_up(project, table, replica, pending, log_level, announce=announce)
 
 
 def _status_changes(project, table) -> bool:
