@@ -1,7 +1,9 @@
 """``incremental-assets``: headless commands over the same definitions the UI shows.
 
 ``sync`` does now what the sensors would do, as real Dagster runs recorded in ``$DAGSTER_HOME``
-(so the UI shows them); ``status`` tells how far each table's recorded watermark is behind.
+(so the UI shows them), then merges into the replica every window it has not merged as landed;
+``status`` tells how far each table's recorded watermark is behind, and the replica's windows
+pending merge.
 """
 
 from __future__ import annotations
@@ -127,7 +129,12 @@ def _fmt(value) -> str:
 
 def _failure_message(result) -> str:
     """The step's own failure description, or the innermost error of its chain."""
-    for event in result.all_events:
+    return _step_failure(result.all_events)
+
+
+def _step_failure(events) -> str:
+    """:func:`_failure_message` from a run's events (``DagsterEvent``)."""
+    for event in events:
         if not event.is_step_failure:
             continue
         data = event.step_failure_data
@@ -152,28 +159,55 @@ def _materialize(project, asset, partition_key, tags, log_level):
 
 
 def _merge(project, table, replica, partition_key, tags, log_level) -> bool:
-    """Run the replica merge for the windows a landing run touched; print what it did."""
+    """Run one replica merge (one window, or a range run); print what it did."""
     rt, asset = replica
     result = _materialize(project, asset, partition_key, tags, log_level)
     name = table.config.name
     if not result.success:
         print(f"{name}: FAILED replica merge, run {result.run_id}: {_failure_message(result)}", file=sys.stderr)
         return False
-    events = result.get_asset_materialization_events()
-    meta = {k: v.value for k, v in events[-1].materialization.metadata.items()} if events else {}
+    # one materialization per window, each with its own figures
+    metas = [{k: v.value for k, v in e.materialization.metadata.items()} for e in result.get_asset_materialization_events()]
+
+    def total(key):
+        return sum(m.get(key, 0) for m in metas)
+
     checks = result.get_asset_check_evaluations()
     check = "" if not checks else (" reconciles with the source" if checks[-1].passed else " differs from the source")
     print(
-        f"{name}: merged {meta.get('files_merged', 0)} file(s) into replica {rt.target!r}: "
-        f"{meta.get('rows_inserted', 0)} inserted, {meta.get('rows_updated', 0)} updated, "
-        f"{meta.get('rows_deleted', 0)} deleted, {meta.get('rows_skipped_older', 0)} older skipped;{check}"
+        f"{name}: merged {total('files_merged')} file(s) of {len(metas)} window(s) into replica {rt.target!r}: "
+        f"{total('rows_inserted')} inserted, {total('rows_updated')} updated, "
+        f"{total('rows_deleted')} deleted, {total('rows_skipped_older')} older skipped;{check}"
     )
     return True
 
 
+def _pending_merges(project, replica) -> dict[str, str]:
+    from .defs.replica import pending_windows
+
+    return pending_windows(project.instance, project.resources["landing"].get(), replica[0])
+
+
+def _catch_up(project, table, replica, pending: dict[str, str], log_level, *, announce: bool = True) -> bool:
+    """Merge every pending window of a replicated table, whoever landed it and whatever stopped
+    its last merge; False when a merge failed. ``announce``: say first that the replica is behind
+    (not after this sync's own copy, whose merge is expected)."""
+    from .defs.replica import merge_requests, replica_tag
+    from .defs.sensors import CopyRequest
+
+    rt = replica[0]
+    first = next(iter(pending))
+    if announce:
+        print(f"{table.config.name}: replica behind: {len(pending)} window(s) pending merge ({first}: {pending[first]})")
+    for lo, hi in merge_requests(rt, list(pending)):
+        request = CopyRequest(replica_tag(rt), lo, hi, "replica")
+        if not _merge(project, table, replica, request.partition_key, request.tags, log_level):
+            return False
+    return True
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .defs.landing import latest_metadata
-    from .defs.sensors import CopyRequest, plan_copy
+    from .defs.sensors import plan_copy
 
     project = _Project(args.table)
     failed = False
@@ -184,6 +218,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         asset = project.asset(table)
         replica = project.replica_asset(table)
         runs = 0
+        landing_current = False
+        caught_up: bool | None = None  # the replica's merges in this sync: none yet
         while runs < args.max_runs:
             try:
                 plan = plan_copy(table, source, project.instance)
@@ -199,8 +235,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             if request is None:
                 if plan.waiting:
                     print(f"{name}: not copied yet: {plan.skip_reason}")
-                elif runs == 0:
-                    print(f"{name}: up to date")
+                landing_current = runs == 0 and not plan.waiting
                 break
             runs += 1
             result = _materialize(project, asset, request.partition_key, request.tags, log_level)
@@ -218,22 +253,38 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
                 f"frontier {_fmt(meta.get('frontier'))}, {sum(m.get('file_count', 0) for m in metas)} file(s), run {result.run_id}"
             )
-            if replica and rows and not _merge(project, table, replica, request.partition_key, request.tags, log_level):
-                failed = True
-                break
+            if replica and rows:  # what this run landed is merged before the next copy
+                caught_up = _merge_pending(project, table, replica, log_level, announce=False)
+                if caught_up is False:
+                    failed = True
+                    break
             if not rows and meta.get("held_back"):
                 print(f"{name}: stopping: {meta['horizon_note']}")
                 break
-        if (
-            replica and not failed and latest_metadata(project.instance, table.key) is not None
-            and latest_metadata(project.instance, replica[0].key) is None
-        ):
-            # landed before the replica was configured: merge every landed window once (the range
-            # from the first to the last, not every window since the configured start)
-            landed = sorted(project.instance.get_materialized_partitions(table.key))  # time keys sort in time order
-            everything = CopyRequest(name, landed[0], landed[-1], "replica")
-            failed |= not _merge(project, table, replica, everything.partition_key, everything.tags, log_level)
+        if replica and caught_up is not False:
+            # whatever landed is merged, by this sync or not (a failed merge, a window landed from
+            # the UI, a replica configured after landing), even when a copy failed
+            caught_up = _merge_pending(project, table, replica, log_level, announce=True)
+            if caught_up is False:
+                failed = True
+            elif caught_up is None and landing_current:
+                print(f"{name}: up to date")
+        elif landing_current and not replica:
+            print(f"{name}: up to date")
     return 1 if failed else 0
+
+
+def _merge_pending(project, table, replica, log_level, *, announce: bool) -> bool | None:
+    """Merge the pending windows of a replicated table: None when there were none, else whether
+    every merge succeeded."""
+    try:
+        pending = _pending_merges(project, replica)
+    except Exception as exc:  # noqa: BLE001
+        print(f"{table.config.name}: FAILED to read what the replica merged: {exc}", file=sys.stderr)
+        return False
+    if not pending:
+        return None
+    return _catch_up(project, table, replica, pending, log_level, announce=announce)
 
 
 def _status_changes(project, table) -> bool:
@@ -261,6 +312,49 @@ def _status_changes(project, table) -> bool:
     return True
 
 
+def _last_merge_failure(project, rt) -> str:
+    """The latest merge run of a replicated table, when it failed: when, and why."""
+    import datetime as dt
+
+    import dagster as dg
+
+    from .defs.landing import TABLE_TAG
+    from .defs.replica import replica_tag
+
+    records = project.instance.get_run_records(dg.RunsFilter(tags={TABLE_TAG: replica_tag(rt)}), limit=1)
+    if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
+        return ""
+    record = records[0]
+    when = record.end_time or record.update_timestamp.timestamp()
+    entries = project.instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    why = _step_failure(e.dagster_event for e in entries if e.dagster_event is not None)
+    stamp = dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"last merge FAILED at {stamp}, run {record.dagster_run.run_id}: {why}"
+
+
+def _status_replica(project, table) -> bool:
+    """The replica's lines of a replicated table: windows pending merge and, while some are, the
+    last merge's failure if it failed."""
+    replica = project.replica_asset(table)
+    if not replica:
+        return True
+    rt = replica[0]
+    try:
+        pending = _pending_merges(project, replica)
+        failure = _last_merge_failure(project, rt) if pending else ""  # moot once nothing is pending
+    except Exception as exc:  # noqa: BLE001
+        print(f"  replica {rt.target!r}: FAILED to read what it merged: {exc}")
+        return False
+    if pending:
+        first = next(iter(pending))
+        print(f"  replica {rt.target!r}: {len(pending)} window(s) pending merge (first {first}: {pending[first]})")
+    else:
+        print(f"  replica {rt.target!r}: 0 windows pending merge")
+    if failure:
+        print(f"  {failure}")
+    return True
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .defs.landing import recorded_state
     from .defs.sensors import backwards_note
@@ -272,6 +366,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         name = table.config.name
         if table.tracks_changes:
             failed |= not _status_changes(project, table)
+            failed |= not _status_replica(project, table)
             continue
         try:
             source = project.source(table)
@@ -292,6 +387,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         if warning:
             print(f"  WARNING: {warning}")
+        failed |= not _status_replica(project, table)
     return 1 if failed else 0
 
 
@@ -366,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--max-runs", type=int, default=100, help="at most this many runs per table (default 100)")
     sync.add_argument("-v", "--verbose", action="store_true", help="show the runs' logs")
     sync.set_defaults(func=cmd_sync)
-    status = sub.add_parser("status", help="per table, the recorded watermark and how far the source is ahead")
+    status = sub.add_parser("status", help="per table, the recorded watermark, how far the source is ahead, and the replica's windows pending merge")
     status.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     status.add_argument("--table", action="append", help="only this table (repeatable)")
     status.set_defaults(func=cmd_status)

@@ -178,29 +178,32 @@ def test_sensor_merges_new_slices_and_backfilled_windows(sqlite_db, tmp_path):
     landing = defs.resolve_assets_def(dg.AssetKey(["landing", "customer_table"]))
     sensor = defs.resolve_sensor_def("replica_customer_table_sensor")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    merge = defs.resolve_assets_def(dg.AssetKey(["replica", "customer_table"]))
     with dg.DagsterInstance.get() as instance:
-        cursor = None
-
         def tick():
-            nonlocal cursor
-            with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs) as ctx:
-                data = sensor.evaluate_tick(ctx)
-            cursor = data.cursor or cursor
-            return data.run_requests
+            with dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs) as ctx:
+                return sensor.evaluate_tick(ctx).run_requests
+
+        def run(request):
+            assert dg.materialize([merge], instance=instance, partition_key=request.partition_key, tags=request.tags).success
 
         assert tick() == []  # nothing landed yet
         assert dg.materialize([landing], instance=instance, partition_key="2017-09-01").success
         (request,) = tick()
         assert request.asset_selection == [dg.AssetKey(["replica", "customer_table"])]
         assert request.partition_key == "2017-09-01"
-        assert tick() == []  # each landing materialization is merged once
+        run(request)
+        assert tick() == []  # merged: nothing pending
         # a backfilled (old) window triggers the merge too, not only the latest window
         assert dg.materialize([landing], instance=instance, partition_key="2017-10-01", tags={"dagster/backfill": "b1"}).success
         (request,) = tick()
         assert request.partition_key == "2017-10-01"
+        run(request)
         # a range run (initial load) becomes one merge run over the same range
         assert dg.materialize([landing], instance=instance, tags={"dagster/asset_partition_range_start": "2018-01-01",
                                                                    "dagster/asset_partition_range_end": "2018-03-01"}).success
         (request,) = tick()
         assert request.tags["dagster/asset_partition_range_start"] == "2018-01-01"
         assert request.tags["dagster/asset_partition_range_end"] == "2018-03-01"
+        run(request)
+        assert tick() == []

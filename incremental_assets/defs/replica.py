@@ -1,10 +1,12 @@
 """``replica/<table>``: merges the landed files of a partition into a SQL replica table.
 
 Merges are upserts where the last writer wins by the watermark, so merging a file twice, or an
-old file after a newer one, changes nothing: the replica converges whatever the order. A run
-merges the files of its windows written since the previous merge of that window began (with a
-margin for clock differences between the landing store and this machine); a window whose files
-a landing backfill replaced is merged again from its new files.
+old file after a newer one, changes nothing: the replica converges whatever the order. Each
+window's materialization records exactly which landed files it merged (name and version token)
+and the latest landing materialization of the window it saw; a run merges the files of its
+windows that are not in that record, new or rewritten. A window is *pending* while landing has
+materialized it since and its files differ from the record: whatever landed it, and whatever
+stopped the last merge, the sensor and ``sync`` merge it until it is not.
 """
 
 import datetime as dt
@@ -17,11 +19,18 @@ from ..config import ProjectConfig
 from ..landing import LandingError
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
-from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, latest_metadata
+from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable
 
-#: files written up to this long before the previous merge began are merged again, in case the
-#: landing store's clock is behind this machine's
-CLOCK_MARGIN = dt.timedelta(minutes=10)
+#: metadata of each window's replica materialization: ``{file name: version token}`` of the
+#: window's files it holds merged, and the storage id of the window's latest landing
+#: materialization seen before they were listed. A window that gathers many files (a slice per
+#: sensor tick) would repeat its whole list in each merge's record, so a record lists only the
+#: files merged since a full list, ``merged_files_base`` (the storage id of the record holding
+#: it), until they are :data:`FILES_SINCE_BASE`; then it lists every file again.
+MERGED_FILES = "merged_files"
+MERGED_BASE = "merged_files_base"
+LANDING_EVENT = "landing_storage_id"
+FILES_SINCE_BASE = 64
 
 @dataclass(frozen=True)
 class ReplicaTable:
@@ -116,39 +125,50 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         )
         if added:
             context.log.warning(f"replica table {table.target!r}: added column(s) {added} (schema drift)")
-        totals = {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0, "skipped_older": 0}
+        keys = list(context.partition_keys)
+        # the landing events first, then the files: a window landed meanwhile stays pending
+        landed = landing_events(context.instance, table, keys)
+        recorded = merged_state(context.instance, table, keys)
+        totals = dict.fromkeys(FIGURES, 0)
         files_merged = 0
-        for partition in context.partition_keys:
-            previous = latest_metadata(context.instance, table.key, partition)
-            since = None
-            if previous and previous.get("merge_started"):
-                since = dt.datetime.fromisoformat(previous["merge_started"]) - CLOCK_MARGIN
-            for path in store.list_files(tc.name, partition, modified_after=since):
+        for partition in keys:
+            before = recorded.get(partition)
+            merged = before.files if before and before.files is not None else {}
+            current = store.file_versions(tc.name, partition)
+            figures = dict.fromkeys(FIGURES, 0)
+            todo = unmerged(current, merged)
+            for path in todo:
                 data = store.read_arrow(path, schema=schema)
                 result = replica.merge(table.target, data, key, version_column=version, operation_column=operation,
                                        soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
-                files_merged += 1
-                for name in totals:
-                    totals[name] += getattr(result, name)
+                for name in FIGURES:
+                    figures[name] += getattr(result, name)
                 if operation and is_full_snapshot(path) and data.num_rows:
                     # rows the snapshot no longer holds were deleted at the source meanwhile
                     snapshot_version = max(data.column(version).to_pylist())
-                    totals["deleted"] += replica.delete_older_than(
+                    figures["deleted"] += replica.delete_older_than(
                         table.target, key, version_column=version, version=snapshot_version, soft_delete=table.soft_delete
                     )
+            files_merged += len(todo)
+            for name in FIGURES:
+                totals[name] += figures[name]
+            # each window's materialization carries its own figures and the files it now holds merged
+            context.add_asset_metadata(
+                {
+                    "files_merged": len(todo),
+                    **{f"rows_{name}": figures[name] for name in FIGURES},
+                    **_files_record(before, current, todo),
+                    LANDING_EVENT: dg.MetadataValue.int(landed.get(partition, 0)),
+                },
+                partition_key=partition,
+            )
         context.log.info(
-            f"{tc.name}: merged {files_merged} file(s) into {table.target!r}: "
+            f"{tc.name}: merged {files_merged} file(s) of {len(keys)} window(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
         )
         yield dg.MaterializeResult(
             metadata={
                 "merge_started": started_at.isoformat(),
-                "files_merged": files_merged,
-                "rows_inserted": totals["inserted"],
-                "rows_updated": totals["updated"],
-                "rows_unchanged": totals["unchanged"],
-                "rows_deleted": totals["deleted"],
-                "rows_skipped_older": totals["skipped_older"],
                 "added_columns": dg.MetadataValue.json(added),
                 "replica_table": table.target,
                 "replica": replica.redacted_url,
@@ -162,6 +182,121 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
 
 def is_full_snapshot(path: str) -> bool:
     return path.rsplit("/", 1)[-1].split(".", 1)[0].endswith(FULL_SUFFIX)
+
+
+#: a merge's figures, each window's own in its materialization (``rows_<name>``)
+FIGURES = ("inserted", "updated", "unchanged", "deleted", "skipped_older")
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def unmerged(current: dict[str, str], merged: dict[str, str]) -> list[str]:
+    """The paths of ``current`` (path -> version token) that ``merged`` (file name -> version
+    token, a window's record) does not hold as they are now: new files and rewritten ones."""
+    return [path for path, version in current.items() if merged.get(_name(path)) != version]
+
+
+def _latest_ids(instance: dg.DagsterInstance, key: dg.AssetKey, partitions: list[str] | None) -> dict[str, int]:
+    if partitions is not None and not partitions:
+        return {}
+    return dict(instance.get_latest_storage_id_by_partition(
+        key, dg.DagsterEventType.ASSET_MATERIALIZATION, set(partitions) if partitions else None
+    ))
+
+
+def landing_events(instance: dg.DagsterInstance, table: ReplicaTable, partitions: list[str] | None = None) -> dict[str, int]:
+    """Per window (all, or ``partitions``), the storage id of its latest landing materialization."""
+    return _latest_ids(instance, table.landing.key, partitions)
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What a window's latest replica materialization says it merged."""
+
+    storage_id: int
+    landing_event: int  # the window's latest landing materialization it saw
+    files: dict[str, str] | None  # file name -> version token, all it holds merged (None: not recorded)
+    base: int | None  # the storage id of the record with the full list (None: this one)
+    since_base: dict[str, str]  # the files this record lists beside its base's
+
+
+def _metadata_by_id(instance: dg.DagsterInstance, key: dg.AssetKey, ids) -> dict[int, tuple[str | None, dict]]:
+    ids = sorted(set(ids))
+    out = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, storage_ids=chunk), limit=len(chunk)
+        ).records
+        for record in records:
+            out[record.storage_id] = (record.partition_key, {k: v.value for k, v in record.asset_materialization.metadata.items()})
+    return out
+
+
+def merged_state(instance: dg.DagsterInstance, table: ReplicaTable, partitions: list[str] | None = None) -> dict[str, Merged]:
+    """Per window (all, or ``partitions``), what its latest replica materialization says it merged."""
+    latest = _metadata_by_id(instance, table.key, _latest_ids(instance, table.key, partitions).values())
+    wanted = {meta.get(MERGED_BASE) for _, meta in latest.values()} - {None} - latest.keys()
+    bases = {**_metadata_by_id(instance, table.key, wanted), **latest} if wanted else latest
+    out = {}
+    for storage_id, (partition, meta) in latest.items():
+        files, base, since = meta.get(MERGED_FILES), meta.get(MERGED_BASE), {}
+        if files is not None and base is not None:
+            full = bases.get(base, (None, {}))[1].get(MERGED_FILES)
+            # a base wiped meanwhile: nothing is known merged (merging again changes nothing)
+            since, files = files, (None if full is None else {**full, **files})
+        out[partition] = Merged(storage_id, int(meta.get(LANDING_EVENT) or 0), files, base, since)
+    return out
+
+
+def _files_record(before: Merged | None, current: dict[str, str], todo: list[str]) -> dict:
+    """The files part of a window's new record: the files merged since the full list of a base
+    record, or a full list of ``current`` when there is no base or too many have gathered."""
+    if before is not None and before.files is not None:
+        since = {**before.since_base, **{_name(p): current[p] for p in todo}}
+        if len(since) <= FILES_SINCE_BASE:
+            return {MERGED_FILES: dg.MetadataValue.json(since),
+                    MERGED_BASE: dg.MetadataValue.int(before.base or before.storage_id)}
+    return {MERGED_FILES: dg.MetadataValue.json({_name(p): v for p, v in current.items()})}
+
+
+def pending_windows(instance: dg.DagsterInstance, store, table: ReplicaTable) -> dict[str, str]:
+    """The windows the replica has not merged as they are landed now, each with why, in window
+    order. A window never merged is pending without a look in the store (its merge records it);
+    a merged one is looked at in the store only when landing materialized it after the replica's
+    record."""
+    return check_windows(instance, store, table)[0]
+
+
+def check_windows(instance: dg.DagsterInstance, store, table: ReplicaTable, verified: int = 0) -> tuple[dict[str, str], int]:
+    """:func:`pending_windows`, and the storage id up to which every landing materialization is
+    now known merged (just below the latest landing event of the first pending window, so that a
+    pending window is always read again). ``verified``: such an id from before; windows whose
+    latest landing event is not after it are not read again."""
+    landed = landing_events(instance, table)
+    if not landed:
+        return {}, verified
+    merged_ids = _latest_ids(instance, table.key, list(landed))
+    recent = [p for p, event in landed.items() if event > verified and p in merged_ids]
+    recorded = merged_state(instance, table, recent) if recent else {}
+    out: dict[str, str] = {}
+    for partition in sorted(landed):  # time window keys sort in time order
+        if partition not in merged_ids:
+            out[partition] = "landed, never merged"
+            continue
+        merged = recorded.get(partition)
+        if merged is None or merged.landing_event >= landed[partition]:
+            continue  # verified before, or merged since its latest landing
+        if merged.files is None:
+            out[partition] = "the files it merged are not recorded"
+            continue
+        todo = unmerged(store.file_versions(table.landing.config.name, partition), merged.files)
+        if todo:
+            out[partition] = f"{len(todo)} landed file(s) not merged"
+    waiting = [landed[p] for p in out]
+    return out, (min(waiting) - 1 if waiting else max(landed.values()))
 
 
 def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.AssetCheckResult:
@@ -210,34 +345,65 @@ def _groups(keys: list[str], all_keys: list[str]) -> list[tuple[str, str]]:
 MAX_RUNS_PER_TICK = 20
 
 
+def replica_tag(table: ReplicaTable) -> str:
+    """The value of the table tag on merge runs of ``table`` (sensor and ``sync``)."""
+    return f"replica/{table.landing.config.name}"
+
+
+def merge_requests(table: ReplicaTable, windows: list[str]) -> list[tuple[str, str]]:
+    """The runs that merge ``windows``: one per run of adjacent windows, at most
+    :data:`MAX_RUNS_PER_TICK` (else one run over the whole range: windows in it that are merged
+    already cost a listing, not a merge)."""
+    groups = _groups(windows, table.landing.partitions_def.get_partition_keys())
+    if len(groups) > MAX_RUNS_PER_TICK:
+        groups = [(groups[0][0], groups[-1][1])]
+    return groups
+
+
+#: run statuses of a merge that is queued or running
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED]
+
+
+def merge_in_flight(instance: dg.DagsterInstance, table: ReplicaTable) -> bool:
+    """Whether a merge run of ``table`` (tagged by the sensor or ``sync``) is queued or running."""
+    runs = instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={TABLE_TAG: replica_tag(table)}), limit=1)
+    return bool(runs)
+
+
 def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
-    """Requests a merge of every window landing materializes — new slices and backfilled windows
-    alike. The cursor is the landing event last seen, so no event is missed or raced."""
+    """Requests merges of the pending windows (see :func:`pending_windows`), tick after tick
+    until they are merged: new slices, backfilled windows, windows landed by hand and windows
+    whose merge failed alike. What is pending is read from the materializations, so a failed
+    merge is requested again; the cursor only marks the landing events found merged already (it
+    stays below every pending window's). Not while a merge of the table is in flight."""
 
     @dg.sensor(
         name=f"replica_{table.landing.config.name.replace('-', '_')}_sensor",
         target=[asset],
         minimum_interval_seconds=config.sensors.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
-        description=f"Merges into replica table `{table.target}` every window that landing/{table.landing.config.name} materializes.",
+        required_resource_keys={"landing"},
+        description=f"Merges into replica table `{table.target}` every window of landing/{table.landing.config.name} "
+        "whose landed files it has not merged.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
-        seen = int(context.cursor) if context.cursor else 0
-        records = context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=table.landing.key, after_storage_id=seen), limit=10_000, ascending=True
-        ).records
-        if not records:
-            return dg.SkipReason(f"no new landing/{table.landing.config.name} materializations")
-        keys = {r.partition_key for r in records if r.partition_key}
-        groups = _groups(list(keys), table.landing.partitions_def.get_partition_keys())
-        if len(groups) > MAX_RUNS_PER_TICK:
-            groups = [(groups[0][0], groups[-1][1])]
+        if merge_in_flight(context.instance, table):
+            return dg.SkipReason(f"a merge of {table.landing.config.name} is already queued or running")
+        # the cursor only saves reading again the windows found merged: never one still pending
+        verified = int(context.cursor) if context.cursor and context.cursor.isdecimal() else 0
+        pending, verified = check_windows(context.instance, context.resources.landing.get(), table, verified)
+        cursor = str(verified)
+        if not pending:
+            return dg.SensorResult(skip_reason=f"replica of {table.landing.config.name} is up to date with landing", cursor=cursor)
         requests = []
-        for first, last in groups:
-            tags = {TABLE_TAG: f"replica/{table.landing.config.name}"}
+        for first, last in merge_requests(table, list(pending)):
+            tags = {TABLE_TAG: replica_tag(table)}
             if first != last:
                 tags.update({RANGE_START_TAG: first, RANGE_END_TAG: last})
             requests.append(dg.RunRequest(asset_selection=[table.key], partition_key=first if first == last else None, tags=tags))
-        return dg.SensorResult(run_requests=requests, cursor=str(max(r.storage_id for r in records)))
+        first = next(iter(pending))
+        context.log.info(f"{table.landing.config.name}: {len(pending)} window(s) pending merge, e.g. {first}: {pending[first]}")
+        return dg.SensorResult(run_requests=requests, cursor=cursor)
 
     return _sensor

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
 from contextlib import contextmanager
@@ -253,12 +252,15 @@ class AzureLandingStore(LandingStore):
         except AzureError:
             pass  # hidden and harmless; delete permission is checked when it is needed
 
-    def list_files(self, table: str, partition: str | None = None, *, modified_after: dt.datetime | None = None) -> list[str]:
+    def list_files(self, table: str, partition: str | None = None) -> list[str]:
+        return sorted(self.file_versions(table, partition))
+
+    def file_versions(self, table: str, partition: str | None = None) -> dict[str, str]:
         validate_segment(table, "table")
         if partition is not None:
             validate_segment(partition, "partition")
         start = self._blob_name(table) + "/" + (f"{partition}/" if partition is not None else "")
-        out: list[str] = []
+        out: dict[str, str] = {}
         with self._azure_errors("listing files", table=table):
             for blob in self.container_client.list_blobs(name_starts_with=start):
                 rel = self._relative(blob.name)
@@ -267,9 +269,9 @@ class AzureLandingStore(LandingStore):
                 parts = rel.split("/")
                 if len(parts) != 3 or parts[1].startswith("."):
                     continue
-                if is_data_file_name(parts[2]) and (modified_after is None or blob.last_modified > modified_after):
-                    out.append(rel)
-        return sorted(out)
+                if is_data_file_name(parts[2]):
+                    out[rel] = (blob.etag or "").strip('"')
+        return dict(sorted(out.items()))
 
     def delete(self, paths: Iterable[str]) -> None:
         if isinstance(paths, str):

@@ -8,8 +8,6 @@ streamed (bounded memory). This module is Dagster-free on purpose.
 
 from __future__ import annotations
 
-import datetime as dt
-
 import os
 import re
 import uuid
@@ -361,9 +359,14 @@ class LandingStore(ABC):
         return landed
 
     @abstractmethod
-    def list_files(self, table: str, partition: str | None = None, *, modified_after: dt.datetime | None = None) -> list[str]:
-        """Store-relative data file paths, sorted, excluding temp/hidden files; with
-        ``modified_after`` (aware), only files written after that time."""
+    def list_files(self, table: str, partition: str | None = None) -> list[str]:
+        """Store-relative data file paths, sorted, excluding temp/hidden files."""
+
+    @abstractmethod
+    def file_versions(self, table: str, partition: str | None = None) -> dict[str, str]:
+        """The data files of :meth:`list_files`, each with a token that changes whenever the file
+        is written again (size, modification time and inode locally, the ETag on Azure): what was
+        merged is told from what was not by comparing tokens, not clocks."""
 
     @abstractmethod
     def delete(self, paths: Iterable[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
 from pathlib import Path
@@ -67,7 +66,21 @@ class LocalLandingStore(LandingStore):
                 f"landing folder is not writable: {exc.strerror or exc}", store=self.describe()
             ) from exc
 
-    def list_files(self, table: str, partition: str | None = None, *, modified_after: dt.datetime | None = None) -> list[str]:
+    def list_files(self, table: str, partition: str | None = None) -> list[str]:
+        return sorted(path for path, _ in self._data_files(table, partition))
+
+    def file_versions(self, table: str, partition: str | None = None) -> dict[str, str]:
+        out = {}
+        for path, entry in self._data_files(table, partition):
+            try:
+                info = entry.stat()
+            except FileNotFoundError:  # replaced or removed meanwhile
+                continue
+            # a file is published by a rename: a rewrite is a new inode, even within the clock's step
+            out[path] = f"{info.st_size}-{info.st_mtime_ns}-{info.st_ino}"
+        return dict(sorted(out.items()))
+
+    def _data_files(self, table: str, partition: str | None) -> list[tuple[str, os.DirEntry]]:
         validate_segment(table, "table")
         if partition is not None:
             validate_segment(partition, "partition")
@@ -83,7 +96,7 @@ class LocalLandingStore(LandingStore):
             ]
         else:
             folders = []
-        out: list[str] = []
+        out: list[tuple[str, os.DirEntry]] = []
         for name, folder in folders:
             try:
                 entries = list(os.scandir(folder))
@@ -96,13 +109,8 @@ class LocalLandingStore(LandingStore):
                     table=table,
                     path=f"{table}/{name}",
                 ) from exc
-            after = modified_after.timestamp() if modified_after is not None else None
-            out.extend(
-                f"{table}/{name}/{e.name}"
-                for e in entries
-                if e.is_file() and is_data_file_name(e.name) and (after is None or e.stat().st_mtime > after)
-            )
-        return sorted(out)
+            out.extend((f"{table}/{name}/{e.name}", e) for e in entries if e.is_file() and is_data_file_name(e.name))
+        return out
 
     def delete(self, paths: Iterable[str]) -> None:
         if isinstance(paths, str):
