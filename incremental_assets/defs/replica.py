@@ -18,6 +18,7 @@ from ..landing import LandingError
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
 from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, latest_metadata
+from .liveness import record_process
 
 #: files written up to this long before the previous merge began are merged again, in case the
 #: landing store's clock is behind this machine's
@@ -89,6 +90,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                                        description="Row count and key/version checksum equal the source's.")],
     )
     def _asset(context: dg.AssetExecutionContext):
+        record_process(context)  # so that a run whose process died can be told and ended
         try:
             yield from _merge(context)
         except (SourceUnavailable, ReplicaUnavailable):

@@ -14,12 +14,7 @@ from ..sources import Source, TimestampKind
 from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, Recorded, recorded_state
 from .partitions import key_for_time, window
 
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
+from .liveness import end_dead_runs
 
 
 @dataclass(frozen=True)
@@ -188,9 +183,13 @@ def _stretch_end(pdef, source: Source, info, first: str, last: str, hi) -> str:
     return end
 
 
-def _in_flight(instance: dg.DagsterInstance, table: str) -> bool:
-    runs = instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={TABLE_TAG: table}), limit=1)
-    return bool(runs)
+def _in_flight(context: dg.SensorEvaluationContext, table: str) -> bool:
+    """Whether a copy of ``table`` is queued or running; runs whose process died are ended first
+    (else the table would wait behind them forever)."""
+    clearance = end_dead_runs(context.instance, table)
+    for message in clearance.ended:
+        context.log.warning(message)
+    return bool(clearance.live)
 
 
 def build_landing_sensor(table: LandingTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
@@ -203,7 +202,7 @@ def build_landing_sensor(table: LandingTable, asset: dg.AssetsDefinition, config
         description=f"Requests landing/{table.config.name} copies when source `{table.config.source}` has new rows.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
-        if _in_flight(context.instance, table.config.name):
+        if _in_flight(context, table.config.name):
             return dg.SkipReason(f"a copy of {table.config.name} is already queued or running")
         source = getattr(context.resources, table.source_key).get()
         plan = plan_copy(table, source, context.instance)
