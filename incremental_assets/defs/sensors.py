@@ -189,6 +189,9 @@ def _in_flight(context: dg.SensorEvaluationContext, table: str) -> bool:
     clearance = end_dead_runs(context.instance, table)
     for message in clearance.ended:
         context.log.warning(message)
+    if clearance.ended and not clearance.live:  # the next copy may be far off: clean up now
+        if removed := context.resources.landing.get().remove_dead_temps(table):
+            context.log.warning(f"{table}: removed {removed} temporary file(s) left by a copy whose process died")
     return bool(clearance.live)
 
 
@@ -198,7 +201,7 @@ def build_landing_sensor(table: LandingTable, asset: dg.AssetsDefinition, config
         target=[asset],
         minimum_interval_seconds=config.sensors.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={table.source_key},
+        required_resource_keys={table.source_key, "landing"},
         description=f"Requests landing/{table.config.name} copies when source `{table.config.source}` has new rows.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
