@@ -225,3 +225,68 @@ def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
         for proc in writers.values():
             if proc.poll() is None:
                 _kill(proc)
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2:].split()[1])
+
+
+def test_killed_run_worker_under_the_daemon_is_ended_and_the_sensor_copies_again(pg_db, tmp_path, monkeypatch):
+    """dagster-daemon with the project's instance settings: the run worker of a sensor's run is
+    killed mid-copy (with its step process, as a lost node would); the next sensor tick ends
+    the run as failed and requests the copy again, which lands every row once."""
+    from incremental_assets.cli import INSTANCE_YAML
+    from incremental_assets.config import CONFIG_ENV
+    from incremental_assets.defs.liveness import PROCESS_TAG
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to find the run worker")
+    _big_table(pg_db)
+    config, home = _config(tmp_path, pg_db), tmp_path / "home"
+    settings = yaml.safe_load(config.read_text())
+    settings["sensors"] = {"interval_seconds": 5}
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    home.mkdir()
+    (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    landing = tmp_path / "landing"
+    env = dict(os.environ, DAGSTER_HOME=str(home), PYTHONPATH=str(ROOT), **{CONFIG_ENV: str(config)})
+    log = (tmp_path / "daemon.log").open("w")
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "incremental_assets.definitions"],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    try:
+        with dg.DagsterInstance.get() as instance:
+            def copying():
+                runs = [r for r in _in_flight([x.dagster_run for x in instance.get_run_records()]) if PROCESS_TAG in r.tags]
+                return runs if runs and _temps(landing) else None
+
+            (run,) = _wait_for(daemon, copying, "a sensor's run copying", timeout=150)
+            step = int(run.tags[PROCESS_TAG].split("-")[1])
+            worker = _parent(step)
+            for pid in (worker, step):  # the whole run, as a lost node would
+                os.kill(pid, signal.SIGKILL)
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+
+            def recovered():
+                runs = [x.dagster_run for x in instance.get_run_records()]
+                ended = instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+                done = [r for r in runs if r.run_id != run.run_id and r.status == dg.DagsterRunStatus.SUCCESS]
+                return ended and done and not _in_flight(runs)
+
+            _wait_for(daemon, recovered, "the killed run ended and the copy done again", timeout=150)
+            # ended by Dagster's code server (which launched the worker) or by the sensor (which
+            # reads the process the run recorded), whichever saw it first
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+        log.close()
+    assert _temps(landing) == []
+    _assert_exactly_once(tmp_path)

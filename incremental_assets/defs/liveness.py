@@ -82,11 +82,16 @@ def end_dead_runs(instance: dg.DagsterInstance, table: str) -> Clearance:
         found.ended.append(f"freed the pool slots of deleted run {run_id}")
     for run_id, record in records.items():
         run = record.dagster_run
+        owner = run.tags.get(PROCESS_TAG)
         if run.is_finished:
+            if run_id in holders and owner != current_owner() and owner_alive(owner):
+                # ended from outside (its run worker died, say) while its step process still
+                # copies: its slot keeps the next copy from overlapping it
+                found.live.append(record)
+                continue
             storage.free_concurrency_slots_for_run(run_id)
             found.ended.append(f"freed the pool slots of {run.status.value} run {run_id}")
             continue
-        owner = run.tags.get(PROCESS_TAG)
         if owner_alive(owner) is not False:
             found.live.append(record)
             continue
