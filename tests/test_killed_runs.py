@@ -290,3 +290,29 @@ def test_killed_run_worker_under_the_daemon_is_ended_and_the_sensor_copies_again
         log.close()
     assert _temps(landing) == []
     _assert_exactly_once(tmp_path)
+
+
+def test_sensor_ends_a_run_whose_process_died_and_requests_the_copy(pg_db, tmp_path, monkeypatch):
+    """Where nothing else notices (the whole host of a run went, or a sync was killed), the
+    table's sensor does: it ends the run, frees its pool slot and removes its temporary files,
+    and requests the copy instead of skipping forever behind it."""
+    from incremental_assets.definitions import load_project
+    from incremental_assets.defs.liveness import table_pools
+
+    _big_table(pg_db)
+    config, home = _config(tmp_path, pg_db), tmp_path / "home"
+    landing = tmp_path / "landing"
+    first = _sync(config, home)
+    _wait_for(first, lambda: _temps(landing), "a temporary file")
+    _kill(first)
+    killed = _the_killed_run(home, monkeypatch)
+    _, defs = load_project(str(config))
+    sensor = defs.resolve_sensor_def(f"landing_{TABLE}_sensor")
+    with dg.DagsterInstance.get() as instance:
+        assert instance.event_log_storage.get_concurrency_info(table_pools(TABLE)[0]).active_run_ids == {killed.run_id}
+        with dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs) as context:
+            data = sensor.evaluate_tick(context)
+        assert data.skip_message is None and len(data.run_requests) == 1, data.skip_message
+        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert instance.event_log_storage.get_concurrency_info(table_pools(TABLE)[0]).active_run_ids == set()
+    assert _temps(landing) == []
