@@ -194,7 +194,7 @@ def _clear_the_way(project, name: str, timeout: float) -> bool:
             print(f"{name}: {message.removeprefix(name + ': ')}", file=sys.stderr)
         if not clearance.live:
             # a killed copy's temporary files go now, even when the table turns out to be up to date
-            if removed := project.resources["landing"].get().remove_dead_temps(name):
+            if clearance.ended and (removed := project.resources["landing"].get().remove_dead_temps(name)):
                 print(f"{name}: removed {removed} temporary file(s) left by a copy whose process died", file=sys.stderr)
             return True
         waiting_on = clearance.waiting_on()
