@@ -102,7 +102,7 @@ def describe_owner(owner: str | None) -> str:
     """The owner for a message: its process id, and whether it runs on this host."""
     match = _OWNER.match(owner or "")
     if not match:
-        return "an unknown process"
+        return "no process recorded yet" if not owner else "an unknown process"
     pid = owner[17:].split("-", 1)[0]
     here = owner[:8] == _host()
     return f"process {pid}" + (" on this host" if here else " on another host")

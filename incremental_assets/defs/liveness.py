@@ -70,8 +70,7 @@ def end_dead_runs(instance: dg.DagsterInstance, table: str) -> Clearance:
     holders: set[str] = set()
     storage = instance.event_log_storage
     if storage.supports_global_concurrency_limits:
-        for pool in table_pools(table):
-            info = storage.get_concurrency_info(pool)
+        for info in storage.get_concurrency_infos(table_pools(table)).values():
             holders |= info.active_run_ids | {step.run_id for step in info.pending_steps}
     others = holders - records.keys()
     if others:
