@@ -316,3 +316,30 @@ def test_sensor_ends_a_run_whose_process_died_and_requests_the_copy(pg_db, tmp_p
         assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
         assert instance.event_log_storage.get_concurrency_info(table_pools(TABLE)[0]).active_run_ids == set()
     assert _temps(landing) == []
+
+
+def test_azure_scratch_files_of_dead_writers_are_removed(tmp_path):
+    """An Azure store writes each file to local scratch space before uploading it: a killed
+    writer's scratch files go at the next attempt (no call reaches the container), a live
+    writer's stay, and a nameless one of an older version goes once it is a day old."""
+    from azure.storage.blob import ContainerClient
+
+    from incremental_assets.landing.azure import AzureLandingStore
+    from incremental_assets.landing.base import new_temp_token
+    from incremental_assets.processes import current_owner
+
+    gone = subprocess.Popen([sys.executable, "-c", "import incremental_assets.processes as p; print(p.current_owner())"],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    dead_owner = gone.communicate(timeout=60)[0].strip()
+    assert dead_owner.split("-")[1] == str(gone.pid) and dead_owner != current_owner()
+    client = ContainerClient("http://127.0.0.1:1/devstoreaccount1", "landing")  # never called
+    store = AzureLandingStore(client, tmp_dir=tmp_path)
+    dead = tmp_path / f"landing-{dead_owner}-abc123-0-x1y2z3.tmp"
+    live = tmp_path / f"landing-{new_temp_token()}-0-a1b2c3.tmp"
+    old, recent = tmp_path / "landing-0123456789ab-0-oldone.tmp", tmp_path / "landing-ba9876543210-0-newone.tmp"
+    other = tmp_path / "unrelated.tmp"
+    for path in (dead, live, old, recent, other):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    assert store.remove_dead_temps("big") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, recent, other))
