@@ -91,16 +91,26 @@ def end_dead_runs(instance: dg.DagsterInstance, table: str) -> Clearance:
             storage.free_concurrency_slots_for_run(run_id)
             found.ended.append(f"freed the pool slots of {run.status.value} run {run_id}")
             continue
-        if owner_alive(owner) is not False:
+        message = end_if_dead(instance, run, table)
+        if message:
+            found.ended.append(message)
+        else:
             found.live.append(record)
-            continue
-        message = (
-            f"{table}: run {run_id} was left {run.status.value} by {describe_owner(owner)}, which no longer "
-            "runs (killed?): ended as failed, its pool slots freed; the next copy starts from the last "
-            "recorded watermark"
-        )
-        instance.report_run_failed(run, message)
-        if storage.supports_global_concurrency_limits:
-            storage.free_concurrency_slots_for_run(run_id)
-        found.ended.append(message)
     return found
+
+
+def end_if_dead(instance: dg.DagsterInstance, run: dg.DagsterRun, what: str) -> str | None:
+    """End an in-flight ``run`` (of ``what``: a table, a source) as failed and free its pool slots
+    when the process it recorded is gone; the message said, or None when the run may be alive."""
+    owner = run.tags.get(PROCESS_TAG)
+    if run.is_finished or owner_alive(owner) is not False:
+        return None
+    message = (
+        f"{what}: run {run.run_id} was left {run.status.value} by {describe_owner(owner)}, which no longer "
+        "runs (killed?): ended as failed, its pool slots freed; the next copy starts from the last "
+        "recorded watermark"
+    )
+    instance.report_run_failed(run, message)
+    if instance.event_log_storage.supports_global_concurrency_limits:
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    return message

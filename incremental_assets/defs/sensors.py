@@ -12,9 +12,8 @@ import dagster as dg
 from ..config import ProjectConfig
 from ..sources import Source, TimestampKind
 from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, Recorded, recorded_state
-from .partitions import key_for_time, window
-
 from .liveness import end_dead_runs
+from .partitions import key_for_time, window
 
 
 @dataclass(frozen=True)
