@@ -112,8 +112,10 @@ def _assert_exactly_once(tmp_path: Path) -> None:
     assert sorted(ids) == list(range(1, ROWS + 1))
 
 
-def _second_sync_recovers(config: Path, home: Path, tmp_path: Path, monkeypatch, killed_run: dg.DagsterRun) -> str:
-    code, out, err = _finish(_sync(config, home), timeout=240)
+def _second_sync_recovers(config: Path, home: Path, tmp_path: Path, monkeypatch, killed_run: dg.DagsterRun,
+                          second: subprocess.Popen | None = None, said: str = "") -> str:
+    code, out, err = _finish(second or _sync(config, home), timeout=240)
+    err = said + err
     assert code == 0, out + err
     assert f"run {killed_run.run_id} was left STARTED" in err and "ended as failed" in err, err
     runs = {r.run_id: r for r in _runs(home, monkeypatch)}
@@ -130,7 +132,7 @@ def _the_killed_run(home: Path, monkeypatch) -> dg.DagsterRun:
     return left[0]
 
 
-def test_killed_during_read_then_a_waiting_sync_times_out_clearly_and_the_next_sync_copies(pg_db, tmp_path, monkeypatch):
+def test_killed_during_read_while_other_syncs_wait_for_it(pg_db, tmp_path, monkeypatch):
     _big_table(pg_db)
     config, home = _config(tmp_path, pg_db), tmp_path / "home"
     landing = tmp_path / "landing"
@@ -146,11 +148,18 @@ def test_killed_during_read_then_a_waiting_sync_times_out_clearly_and_the_next_s
         assert "FAILED: not copied, a copy is still in flight after 2 s" in err and "--wait-timeout" in err, err
         assert time.monotonic() - started < 60
         assert _temps(landing), "the temporary files of a live copy are left alone"
+        # another sync waits for it, and goes on as soon as it dies
+        second = _sync(config, home, "--wait-timeout", "200")
+        said = ""
+        while "waiting for run" not in said:
+            line = second.stderr.readline()
+            assert line, f"the second sync ended without waiting: {said}"
+            said += line
+        killed = _the_killed_run(home, monkeypatch)
     finally:
         _kill(first)  # now it dies mid-read
-    killed = _the_killed_run(home, monkeypatch)
     assert _temps(landing)
-    _second_sync_recovers(config, home, tmp_path, monkeypatch, killed)
+    _second_sync_recovers(config, home, tmp_path, monkeypatch, killed, second, said)
 
 
 def test_killed_after_publishing_files_before_recording_them(pg_db, tmp_path, monkeypatch):
