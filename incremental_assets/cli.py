@@ -14,13 +14,15 @@ import gc
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from .config import CONFIG_ENV, PROJECT_DIR, ConfigError
 
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
-# what dagster_home/dagster.yaml holds: the project's storage (defs/storage.py), one pool per table
+# what dagster_home/dagster.yaml holds: the project's storage (defs/storage.py), one pool per table,
+# run monitoring (a run whose process died is ended and its pool slots freed)
 INSTANCE_YAML = """\
 storage:
   custom:
@@ -34,6 +36,11 @@ concurrency:
     default_limit: 1
 telemetry:
   enabled: false
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  poll_interval_seconds: 30
+  free_slots_after_run_end_seconds: 30
 """
 
 
@@ -149,10 +156,12 @@ def _step_failure(events) -> str:
 
 
 def _materialize(project, asset, partition_key, tags, log_level):
+    from .defs.liveness import process_tags
+
     return project.job(asset).execute_in_process(
         instance=project.instance,
         partition_key=partition_key,
-        tags=tags,
+        tags={**tags, **process_tags()},  # which process runs it: a run left behind when it dies is told
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
@@ -206,6 +215,42 @@ def _catch_up(project, table, replica, pending: dict[str, str], log_level, *, an
     return True
 
 
+def _clear_the_way(project, name: str, timeout: float) -> bool:
+    """End the runs of table ``name`` whose process died (a killed sync or run worker), free their
+    pool slots, and wait for live ones to end: at most ``timeout`` seconds, saying on what.
+    False (said on stderr) when a run is still in flight then."""
+    from .defs.liveness import end_dead_runs
+
+    deadline = time.monotonic() + timeout
+    said = ""
+    while True:
+        clearance = end_dead_runs(project.instance, name)
+        for message in clearance.ended:
+            print(f"{name}: {message.removeprefix(name + ': ')}", file=sys.stderr)
+        if not clearance.live:
+            # a killed copy's temporary files go now, even when the table turns out to be up to date
+            if clearance.ended and (removed := project.resources["landing"].get().remove_dead_temps(name)):
+                print(f"{name}: removed {removed} temporary file(s) left by a copy whose process died", file=sys.stderr)
+            return True
+        waiting_on = clearance.waiting_on()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            print(
+                f"{name}: FAILED: not copied, a copy is still in flight after {timeout:g} s: {waiting_on}; "
+                "wait for it, end it in the Dagster UI, or give more time with --wait-timeout",
+                file=sys.stderr,
+            )
+            return False
+        if waiting_on != said:
+            print(f"{name}: waiting for {waiting_on} to end (at most {left:.0f} s more, --wait-timeout)", file=sys.stderr)
+            said = waiting_on
+        time.sleep(min(WAIT_POLL_SECONDS, left))
+
+
+#: how often ``sync`` looks again at a run it waits for
+WAIT_POLL_SECONDS = 1.0
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     from .defs.sensors import plan_copy
 
@@ -221,6 +266,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         landing_current = False
         caught_up: bool | None = None  # the replica's merges in this sync: none yet
         while runs < args.max_runs:
+            if not _clear_the_way(project, name, args.wait_timeout):
+                failed = True
+                break
             try:
                 plan = plan_copy(table, source, project.instance)
             except Exception as exc:  # noqa: BLE001 - reported per table, the others go on
@@ -460,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     sync.add_argument("--table", action="append", help="only this table (repeatable)")
     sync.add_argument("--max-runs", type=int, default=100, help="at most this many runs per table (default 100)")
+    sync.add_argument("--wait-timeout", type=float, default=300, metavar="SECONDS",
+                      help="wait at most this long for a table's copy already in flight (default 300)")
     sync.add_argument("-v", "--verbose", action="store_true", help="show the runs' logs")
     sync.set_defaults(func=cmd_sync)
     status = sub.add_parser("status", help="per table, the recorded watermark, how far the source is ahead, and the replica's windows pending merge")

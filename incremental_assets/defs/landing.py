@@ -321,6 +321,16 @@ class _CopyProgress:
             )
 
 
+def _after_crash(context, name: str) -> None:
+    """Record which process executes this run (so that its death can be told), and remove the
+    temporary files that a killed copy of the table left in the landing store."""
+    from .liveness import record_process
+
+    record_process(context)
+    if removed := context.resources.landing.get().remove_dead_temps(name):
+        context.log.warning(f"{name}: removed {removed} temporary file(s) left by a copy whose process died")
+
+
 def _max_rows(context) -> int | None:
     return context.resources.landing.max_rows_per_file
 
@@ -352,6 +362,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
     )
     def _asset(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
         try:
+            _after_crash(context, tc.name)
             return _materialize(context, config)
         except SourceUnavailable:
             raise  # transient: the retry policy tries again later

@@ -20,6 +20,7 @@ from ..landing import LandingError
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
 from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable
+from .liveness import record_process
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
 #: window's files it holds merged, and the storage id of the window's latest landing
@@ -98,6 +99,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                                        description="Row count and key/version checksum equal the source's.")],
     )
     def _asset(context: dg.AssetExecutionContext):
+        record_process(context)  # so that a run whose process died can be told and ended
         try:
             yield from _merge(context)
         except (SourceUnavailable, ReplicaUnavailable):

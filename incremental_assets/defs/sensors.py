@@ -13,14 +13,8 @@ from ..config import ProjectConfig
 from ..sources import Horizon, Source, TimestampKind
 from ..state import WatermarkState
 from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, recorded_state
+from .liveness import end_dead_runs
 from .partitions import key_for_time, window
-
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 @dataclass(frozen=True)
@@ -198,9 +192,16 @@ def _stretch_end(pdef, source: Source, info, first: str, last: str, hi) -> str:
     return end
 
 
-def _in_flight(instance: dg.DagsterInstance, table: str) -> bool:
-    runs = instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={TABLE_TAG: table}), limit=1)
-    return bool(runs)
+def _in_flight(context: dg.SensorEvaluationContext, table: str) -> bool:
+    """Whether a copy of ``table`` is queued or running; runs whose process died are ended first
+    (else the table would wait behind them forever)."""
+    clearance = end_dead_runs(context.instance, table)
+    for message in clearance.ended:
+        context.log.warning(message)
+    if clearance.ended and not clearance.live:  # the next copy may be far off: clean up now
+        if removed := context.resources.landing.get().remove_dead_temps(table):
+            context.log.warning(f"{table}: removed {removed} temporary file(s) left by a copy whose process died")
+    return bool(clearance.live)
 
 
 def build_landing_sensor(table: LandingTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
@@ -209,11 +210,11 @@ def build_landing_sensor(table: LandingTable, asset: dg.AssetsDefinition, config
         target=[asset],
         minimum_interval_seconds=config.sensors.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={table.source_key},
+        required_resource_keys={table.source_key, "landing"},
         description=f"Requests landing/{table.config.name} copies when source `{table.config.source}` has new rows.",
     )
     def _sensor(context: dg.SensorEvaluationContext):
-        if _in_flight(context.instance, table.config.name):
+        if _in_flight(context, table.config.name):
             return dg.SkipReason(f"a copy of {table.config.name} is already queued or running")
         source = getattr(context.resources, table.source_key).get()
         plan = plan_copy(table, source, context.instance)

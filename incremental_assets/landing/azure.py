@@ -292,6 +292,27 @@ class AzureLandingStore(LandingStore):
         fd, temp = tempfile.mkstemp(prefix=f"landing-{token}-{index}-", suffix=TEMP_SUFFIX, dir=self.tmp_dir)
         return temp, os.fdopen(fd, "wb")
 
+    def _temps(self, table: str):
+        # "landing-<token>-<index>-<random>.tmp" in the local scratch folder, whatever their table:
+        # a dead writer's are of no use to any
+        folder = self.tmp_dir or tempfile.gettempdir()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith("landing-") and name.endswith(TEMP_SUFFIX)):
+                continue
+            pieces = name[len("landing-"): -len(TEMP_SUFFIX)].rsplit("-", 2)
+            if len(pieces) != 3:
+                continue
+            try:
+                mtime = entry.stat().st_mtime
+            except OSError:
+                continue
+            yield entry.path, pieces[0], mtime
+
     def _sync(self, fileobj: Any) -> None:
         fileobj.flush()  # a local scratch file: durability comes from the upload
 

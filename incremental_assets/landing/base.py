@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 
+from ..processes import OWNER_PATTERN, current_owner, owner_alive
 from .formats import FORMATS, SliceWriter, extension_for, format_for_path, make_writer
 
 __all__ = [
@@ -154,7 +156,21 @@ def is_stem_file(name: str, stem: str, ext: str) -> bool:
 
 
 def new_temp_token() -> str:
-    return uuid.uuid4().hex[:12]
+    """A temp file's token: its writer (:func:`~incremental_assets.processes.current_owner`), so
+    that the next attempt can tell the temp files of a dead writer from those of a live one,
+    and a random part."""
+    return f"{current_owner()}-{uuid.uuid4().hex[:6]}"
+
+
+#: a temp file of a previous version names no writer: it is taken for dead after this long
+UNOWNED_TEMP_SECONDS = 24 * 3600
+_TOKEN_OWNER = re.compile(rf"({OWNER_PATTERN})-[0-9a-f]+$")
+
+
+def temp_owner(token: str) -> str | None:
+    """The writer named in a temp file's token, None when it names none."""
+    match = _TOKEN_OWNER.match(token)
+    return match.group(1) if match else None
 
 
 # --------------------------------------------------------------------------- the store
@@ -357,6 +373,25 @@ class LandingStore(ABC):
         if stale:
             self.delete(stale)
         return landed
+
+    def remove_dead_temps(self, table: str) -> int:
+        """Remove the temporary files of writes to ``table`` whose process died (a killed copy):
+        those of a live process, here or on another host, are left alone. Returns how many
+        were removed."""
+        validate_segment(table, "table")
+        removed = 0
+        now = time.time()
+        for temp, token, mtime in self._temps(table):
+            owner = temp_owner(token)
+            dead = owner_alive(owner) is False if owner else now - mtime > UNOWNED_TEMP_SECONDS
+            if dead:
+                self._discard_temp(temp)
+                removed += 1
+        return removed
+
+    def _temps(self, table: str) -> Iterator[tuple[Any, str, float]]:
+        """The temporary files that writes to ``table`` may have left: (handle, token, mtime)."""
+        return iter(())
 
     @abstractmethod
     def list_files(self, table: str, partition: str | None = None) -> list[str]:

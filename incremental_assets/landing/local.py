@@ -170,6 +170,30 @@ class LocalLandingStore(LandingStore):
                 path=path,
             ) from exc
 
+    def _temps(self, table: str):
+        # ".<stem>.<token>.<index>.<random>.tmp" in the table's partition folders
+        try:
+            folders = [e.path for e in os.scandir(self.root / table) if e.is_dir() and not e.name.startswith(".")]
+        except OSError:
+            return
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                name = entry.name
+                if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+                    continue
+                pieces = name[: -len(TEMP_SUFFIX)].rsplit(".", 3)
+                if len(pieces) != 4:
+                    continue
+                try:
+                    mtime = entry.stat().st_mtime
+                except OSError:
+                    continue
+                yield entry.path, pieces[1], mtime
+
     def _discard_temp(self, temp: Any) -> None:
         try:
             os.remove(temp)
