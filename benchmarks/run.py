@@ -217,10 +217,12 @@ def _into_parquet(batches, path: Path) -> int:
 def child_engine(args, table: str, out: Path, url: str | None = None) -> dict:
     """The engine alone: one slice of the whole table into a local Parquet landing."""
     t0 = time.perf_counter()
+    from incremental_assets import use_system_memory_pool
     from incremental_assets.copying import slice_stem
     from incremental_assets.landing import open_landing_store
     from incremental_assets.sources import Source
 
+    use_system_memory_pool()  # as the project's entry points do
     source = Source("bench", url or sa_url(args, args.database))
     info = source.describe_table(table, watermark_column="modified")
     horizon = source.safe_horizon(info).value
@@ -306,8 +308,10 @@ def _merge_slice(args, table: str):
     """The first MERGE_ROWS rows of the table as one slice (what one landed file holds)."""
     import pyarrow as pa
 
+    from incremental_assets import use_system_memory_pool
     from incremental_assets.sources import Source
 
+    use_system_memory_pool()  # as the project's entry points do
     source = Source("bench", sa_url(args, args.database))
     info = source.describe_table(table, watermark_column="modified")
     batches, rows = [], 0

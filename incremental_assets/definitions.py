@@ -7,6 +7,7 @@ import warnings
 
 import dagster as dg
 
+from . import use_system_memory_pool
 from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config
 from .defs.landing import build_landing_asset, landing_tables
 from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables
@@ -88,4 +89,6 @@ def load_definitions(config_file=None) -> dg.Definitions:
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    # the code server's entry point, and that of the runs it starts
+    use_system_memory_pool()
     return load_definitions()

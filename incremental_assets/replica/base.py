@@ -44,6 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from ..sources.base import redact_url, scrub
+from ..sources.types import is_binary_type
 
 log = logging.getLogger("incremental_assets")
 UTC = dt.timezone.utc
@@ -312,7 +313,7 @@ class ReplicaDialect:
             return SqlType("time", text=text)
         if isinstance(sa_type, sa.Interval) or name == "INTERVAL":
             return SqlType("interval", text=text)
-        if isinstance(sa_type, (sa.LargeBinary, sa.types._Binary)):
+        if is_binary_type(sa_type):
             return SqlType("binary", text=text)
         if isinstance(sa_type, sa.String):
             return SqlType("text", text=text)
@@ -828,7 +829,8 @@ class Replica:
         ``quote_identifier`` does it for its own compiled SQL), :meth:`_execute` does it when needed."""
         p = self.sql_dialect.identifier_preparer
         quoted = p.quote_identifier(name)
-        return quoted.replace("%%", "%") if getattr(p, "_double_percents", False) else quoted
+        # the preparer doubles % where the driver's paramstyle needs it: told by what it does
+        return quoted.replace("%%", "%") if "%%" in p.quote_identifier("%") else quoted
 
     def _qualified(self, table: str) -> str:
         return (self._q(self.schema) + "." if self.schema else "") + self._q(table)

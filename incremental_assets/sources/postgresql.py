@@ -378,7 +378,7 @@ def slice_query(select: sa.Select) -> SliceQuery:
     arrays, calls = [], []
     for number, element in sorted(binds.values(), key=lambda b: b[0]):
         value = element.effective_value
-        processor = element.type._cached_bind_processor(dialect)
+        processor = element.type.dialect_impl(dialect).bind_processor(dialect)
         if processor is not None:
             value = processor(value)
         arrays.append(_param_array(value, element.key))

@@ -13,6 +13,15 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 
+def is_binary_type(sa_type) -> bool:
+    """A SQLAlchemy type whose values are bytes (BLOB, BYTEA, VARBINARY, MySQL's TINYBLOB, SQL
+    Server's ROWVERSION, ...): told by its Python type, as not all of them derive from LargeBinary."""
+    try:
+        return sa_type.python_type is bytes
+    except NotImplementedError:  # a type without one (MySQL BIT, ...) is no binary type
+        return False
+
+
 def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
     """The Arrow type that holds every value of ``sa_type`` without loss.
 
@@ -48,7 +57,7 @@ def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
         return pa.time64("us")
     if isinstance(sa_type, sa.Interval):
         return pa.duration("us")
-    if isinstance(sa_type, (sa.LargeBinary, sa.types._Binary)):
+    if is_binary_type(sa_type):
         return pa.binary()
     return pa.string()
 
