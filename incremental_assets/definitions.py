@@ -8,11 +8,15 @@ import warnings
 import dagster as dg
 
 from . import use_system_memory_pool
-from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config
-from .defs.landing import build_landing_asset, landing_tables
-from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables
-from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key
-from .defs.sensors import build_landing_sensor
+
+# the code server's entry point, and that of the runs it starts: before the modules that load pyarrow
+use_system_memory_pool()
+
+from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config  # noqa: E402
+from .defs.landing import build_landing_asset, landing_tables  # noqa: E402
+from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables  # noqa: E402
+from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key  # noqa: E402
+from .defs.sensors import build_landing_sensor  # noqa: E402
 
 
 # single-run backfills are what keeps an initial load one run; Dagster still labels them beta
@@ -32,10 +36,10 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         asset = build_landing_asset(table, config)
         assets.append(asset)
         sensors.append(build_landing_sensor(table, asset, config))
-    for table in replica_tables(config, tables):
-        asset = build_replica_asset(table, config)
+    for replicated in replica_tables(config, tables):
+        asset = build_replica_asset(replicated, config)
         assets.append(asset)
-        sensors.append(build_replica_sensor(table, asset, config))
+        sensors.append(build_replica_sensor(replicated, asset, config))
     resources: dict[str, object] = {
         source_resource_key(name): SourceResource(
             name=name,
@@ -89,6 +93,4 @@ def load_definitions(config_file=None) -> dg.Definitions:
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    # the code server's entry point, and that of the runs it starts
-    use_system_memory_pool()
     return load_definitions()

@@ -151,8 +151,8 @@ def recorded_ranges(instance: dg.DagsterInstance, key: dg.AssetKey, partition: s
             if prev in (None, "", "(start)"):
                 open_low = True
             else:
-                lows.append(kind.from_text(prev))
-            highs.append(kind.from_text(meta["new_watermark"]))
+                lows.append(kind.from_text(str(prev)))
+            highs.append(kind.from_text(str(meta["new_watermark"])))
         if not result.has_more:
             break
         cursor = result.cursor

@@ -9,13 +9,13 @@ streamed (bounded memory). This module is Dagster-free on purpose.
 from __future__ import annotations
 
 import datetime as dt
-
 import os
 import re
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -394,7 +394,7 @@ class LandingStore(ABC):
 
     # ---- storage primitives -----------------------------------------------------------
 
-    def _prepare_folder(self, table: str, folder: str) -> None:
+    def _prepare_folder(self, table: str, folder: str) -> None:  # noqa: B027 - optional hook
         """Called before writing a slice (e.g. create the local folder)."""
 
     @abstractmethod

@@ -721,7 +721,7 @@ def _kind_of_sa_type(sa_type: sa.types.TypeEngine) -> str | None:
     return None
 
 
-def _streamed(result: sa.CursorResult, size: int = 10_000) -> Iterator[tuple]:
+def _streamed(result: sa.CursorResult, size: int = 10_000) -> Iterator[Sequence[Any]]:
     for part in result.partitions(size):
         yield from part
 
@@ -811,9 +811,9 @@ class Replica:
         self.engine = None
         dialect_cls = parsed.get_dialect()
         try:  # the driver's paramstyle, when it is installed (no connection is made)
-            self.sql_dialect = dialect_cls(dbapi=dialect_cls.import_dbapi())
+            self.sql_dialect = dialect_cls(dbapi=dialect_cls.import_dbapi())  # type: ignore[call-arg]
         except ImportError:  # e.g. pyodbc without the unixODBC library
-            self.sql_dialect = dialect_cls(paramstyle=self.dialect.driver_paramstyle)
+            self.sql_dialect = dialect_cls(paramstyle=self.dialect.driver_paramstyle)  # type: ignore[call-arg]
         return self
 
     def __repr__(self) -> str:

@@ -39,7 +39,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -362,7 +362,7 @@ def slice_query(select: sa.Select) -> SliceQuery:
             value = sa.cast(sa.func.current_setting(name), element.type)
             return sa.select(value).scalar_subquery() if once else value
 
-        rewritten = replacement_traverse(select, {}, replace)
+        rewritten = replacement_traverse(select, {}, replace)  # type: ignore[call-overload]  # a Select is traversible
         compiled = rewritten.compile(dialect=dialect)
         if compiled.positiontup:
             raise NoFastPath("the statement still has bound parameters")
@@ -640,7 +640,7 @@ class _CopyReader:
         found = dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
         return {column: found.get(attname, "") for column, attname in query.table_columns.items()}
 
-    def _produce(self) -> Iterator[pa.RecordBatch]:
+    def _produce(self) -> Generator[pa.RecordBatch, None, None]:
         """Connect, COPY, convert: batches of at most ``batch_size`` rows; closes everything at the end."""
         import adbc_driver_manager
 

@@ -7,6 +7,7 @@ import decimal
 import functools
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -117,7 +118,7 @@ def column_converter(arrow_t: pa.DataType):
     return None
 
 
-@functools.lru_cache(maxsize=None)  # asked once per column of every block
+@functools.cache  # asked once per column of every block
 def _taken_as_is(arrow_t: pa.DataType) -> frozenset:
     """The Python types that :func:`column_converter`'s converter for ``arrow_t`` returns unchanged
     and ``pa.array`` takes as they are (a naive datetime into a zoned timestamp counts as UTC,
@@ -140,13 +141,13 @@ def _taken_as_is(arrow_t: pa.DataType) -> frozenset:
 _NONE = type(None)
 
 
-def rows_to_batch(rows: list, schema: pa.Schema, converters: list) -> pa.RecordBatch:
+def rows_to_batch(rows: Sequence, schema: pa.Schema, converters: list) -> pa.RecordBatch:
     """Columnar conversion of a fetched block of rows (the fallback path for drivers without Arrow).
 
     A column whose values the driver already handed over as ``pa.array`` takes them (every value
     a ``str`` for text, a ``Decimal`` for decimals…) skips its per-value converter: one pass over
     the types instead of a Python call per value."""
-    columns = list(zip(*rows)) if rows else [[] for _ in schema]
+    columns: list[Any] = list(zip(*rows)) if rows else [[] for _ in schema]
     arrays = []
     for values, field, conv in zip(columns, schema, converters):
         if conv is not None:
