@@ -483,8 +483,7 @@ def test_a_run_of_many_windows_logs_its_progress_in_a_few_lines(sqlite_db, tmp_p
 
 
 def test_the_installed_command_delivers_its_output_and_exit_code(pg_db, tmp_path, dagster_home):
-    """The console script ends without the interpreter's teardown: what it printed still reaches a
-    pipe (block-buffered, flushed before the exit) and its exit code is kept."""
+    """The console script's output reaches a pipe (block-buffered) and its exit code is kept."""
     import os
     import subprocess
     import sys
