@@ -217,6 +217,9 @@ def _into_parquet(batches, path: Path) -> int:
 def child_engine(args, table: str, out: Path, url: str | None = None) -> dict:
     """The engine alone: one slice of the whole table into a local Parquet landing."""
     t0 = time.perf_counter()
+    from incremental_assets import use_system_memory_pool
+
+    use_system_memory_pool()  # as the project's entry points do, before pyarrow loads
     from incremental_assets.copying import slice_stem
     from incremental_assets.landing import open_landing_store
     from incremental_assets.sources import Source
@@ -352,6 +355,9 @@ def _changed(data, pc):
 def _merge(args, table: str, case: str) -> dict:
     """Replica.merge of a 1M-row slice into a fresh PostgreSQL schema, after an untimed merge of
     what the table should already hold (see MERGE_CASES)."""
+    from incremental_assets import use_system_memory_pool
+
+    use_system_memory_pool()  # as the project's entry points do, before pyarrow loads
     import pyarrow.compute as pc
     import sqlalchemy as sa
 

@@ -2,10 +2,25 @@
 Dagster assets."""
 
 import os
+import sys
 
-# Arrow's allocator in every process of this project (the CLI, the code server and the runs it
-# starts, which inherit the setting). pyarrow's default, mimalloc, keeps freed pages for reuse; the
-# system allocator gives them back: a sync landing 2M rows in three windows peaked at 207 MB
-# instead of 237 MB, at the same speed. It only takes effect before pyarrow is loaded, and a
-# value already set is kept.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
+def use_system_memory_pool() -> None:
+    """Arrow allocates with the system allocator in this process from here on, unless
+    ``ARROW_DEFAULT_MEMORY_POOL`` names another. Called first thing by the entry points: the CLI,
+    and the definitions that the code server and the runs it starts load; importing the package
+    changes nothing. pyarrow's default, mimalloc, keeps freed pages for reuse; the system allocator
+    gives them back: a sync landing 2M rows in three windows peaked at 207 MB instead of 237 MB, at
+    the same speed.
+
+    ``pa.set_memory_pool`` sets the pool of pyarrow's own allocations only: Arrow's C++ code (the
+    Parquet writer's buffers, ...) takes its default pool from the environment when pyarrow is
+    loaded, so before that the variable is set for it too (the engine peaked 22 MB higher
+    without)."""
+    if "pyarrow" not in sys.modules:
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "system") != "system":
+        return
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the file, the table and the key."""
 
 
-def expand(value: str, env: dict[str, str] | None = None, *, where: str = "") -> str:
+def expand(value: str, env: Mapping[str, str] | None = None, *, where: str = "") -> str:
     """Replace ``${VAR}`` / ``${VAR:-default}`` from the environment; a missing variable is an error."""
     env = os.environ if env is None else env
 
@@ -136,7 +137,7 @@ class TableConfig(_Model):
     on_expired: Literal["reinitialize", "fail"] = "reinitialize"
 
     @pydantic.model_validator(mode="after")
-    def _mode_keys(self) -> "TableConfig":
+    def _mode_keys(self) -> TableConfig:
         if self.mode == "watermark" and not self.watermark_column:
             raise ValueError("key 'watermark_column': required with mode: watermark")
         if self.mode == "change_tracking" and self.watermark_column:

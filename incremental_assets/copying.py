@@ -528,7 +528,7 @@ def _bound_count(value: dt.datetime, arrow: pa.TimestampType) -> int:
     """An upper bound as an integer of the column's Arrow type, rounded up to its unit (``v <
     bound`` holds for the same values)."""
     micros = (value - (_EPOCH_UTC if value.tzinfo else _EPOCH)) // dt.timedelta(microseconds=1)
-    return micros * 1_000 if arrow.unit == "ns" else -(-micros // _UNITS[arrow.unit])
+    return micros * 1_000 if arrow.unit == "ns" else int(-(-micros // _UNITS[arrow.unit]))
 
 
 def _copy_ordered_read(source, info, store, planned, counts, how, *, table, batch_size, max_rows_per_file, replace, landed):

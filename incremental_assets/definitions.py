@@ -7,11 +7,16 @@ import warnings
 
 import dagster as dg
 
-from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config
-from .defs.landing import build_landing_asset, landing_tables
-from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables
-from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key
-from .defs.automation import build_source_sensor, copy_jobs
+from . import use_system_memory_pool
+
+# the code server's entry point, and that of the runs it starts: before the modules that load pyarrow
+use_system_memory_pool()
+
+from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config  # noqa: E402
+from .defs.automation import build_source_sensor, copy_jobs  # noqa: E402
+from .defs.landing import build_landing_asset, landing_tables  # noqa: E402
+from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables  # noqa: E402
+from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key  # noqa: E402
 
 
 # single-run backfills are what keeps an initial load one run; Dagster still labels them beta

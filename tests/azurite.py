@@ -27,7 +27,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -83,7 +83,7 @@ class AzureContainer(str):
 
     connection_string: str
 
-    def __new__(cls, name: str, connection_string: str) -> "AzureContainer":
+    def __new__(cls, name: str, connection_string: str) -> AzureContainer:
         obj = super().__new__(cls, name)
         obj.connection_string = connection_string
         return obj

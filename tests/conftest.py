@@ -179,3 +179,27 @@ def sources():
     yield make
     for source in made:
         source.dispose()
+
+
+#: fixtures that need a server (PostgreSQL, MariaDB, Azurite), by name: a test using one, directly,
+#: through a parameter naming it or an engine of ENGINE_FIXTURES, is an integration test
+SERVER_FIXTURES = {"pg_server", "pg_db", "mariadb_server", "mariadb_db", "mariadb_mysqlclient_db", "azurite",
+                   "azure_container"}
+SERVER_MARKERS = {"postgres", "mariadb", "azurite", "mssql"}
+
+
+def _needs_server(item: pytest.Item) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    for value in (callspec.params.values() if callspec else ()):
+        if isinstance(value, str):
+            names |= {value, ENGINE_FIXTURES.get(value.split("-")[0], "")}
+    return bool(names & SERVER_FIXTURES) or any(item.get_closest_marker(m) for m in SERVER_MARKERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``integration``: the tests against a real server; ``pytest -m "not integration"`` runs the
+    fast tests alone (SQLite, golden SQL text, configuration)."""
+    for item in items:
+        if _needs_server(item):
+            item.add_marker(pytest.mark.integration)

@@ -692,7 +692,7 @@ def test_unsupported_watermark_types(any_db, sources):
     types = UNSUPPORTED[engine_of(any_db)]
     any_db.run("CREATE TABLE t (id int, " + ", ".join(f"c{i} {t}" for i, t in enumerate(types)) + ")")
     source = sources(any_db)
-    for i, t in enumerate(types):
+    for i in range(len(types)):
         with pytest.raises(SourceError, match=f"watermark column 'c{i}'.*cannot be a watermark"):
             source.describe_table("t", watermark_column=f"c{i}")
 

@@ -371,7 +371,8 @@ def triggers_of(db, table: str) -> set[str]:
         return {r[0] for r in db.rows(f"SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = '{table}'")}
     if engine_of(db) == "postgresql":
         return {r[0] for r in db.rows(f"SELECT tgname FROM pg_trigger WHERE tgrelid = '{table}'::regclass AND NOT tgisinternal")}
-    return {r[0] for r in db.rows(f"SELECT trigger_name FROM information_schema.triggers WHERE event_object_schema = DATABASE() AND event_object_table = '{table}'")}
+    return {r[0] for r in db.rows("SELECT trigger_name FROM information_schema.triggers "
+                                  f"WHERE event_object_schema = DATABASE() AND event_object_table = '{table}'")}
 
 
 def test_enable_is_idempotent_and_disable_removes_everything(any_db, sources):

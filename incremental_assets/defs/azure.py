@@ -35,6 +35,7 @@ def azure_blob_resource(env: Mapping[str, str]) -> AzureBlobStorageResource | No
         account_url = f"https://{env['AZURE_STORAGE_ACCOUNT']}.blob.core.windows.net"
     else:
         return None
+    credential: AzureBlobStorageKeyCredential | AzureBlobStorageSASTokenCredential | AzureBlobStorageDefaultCredential
     if env.get("AZURE_STORAGE_KEY"):
         credential = AzureBlobStorageKeyCredential(key=dg.EnvVar("AZURE_STORAGE_KEY"))
     elif env.get("AZURE_STORAGE_SAS_TOKEN"):

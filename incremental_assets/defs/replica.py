@@ -11,6 +11,7 @@ stopped the last merge, the sensor and ``sync`` merge it until it is not.
 
 import datetime as dt
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dagster as dg
@@ -331,7 +332,7 @@ def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.
     )
 
 
-def _groups(keys: list[str], all_keys: list[str]) -> list[tuple[str, str]]:
+def _groups(keys: list[str], all_keys: Sequence[str]) -> list[tuple[str, str]]:
     """Contiguous runs of partition keys, as (first, last) pairs."""
     position = {k: i for i, k in enumerate(all_keys)}
     ordered = sorted((k for k in keys if k in position), key=position.__getitem__)

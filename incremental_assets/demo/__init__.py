@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import DEMO_DIR_ENV, PROJECT_DIR
 
-TABLES = {
+TABLES: dict[str, tuple[str, str, list[tuple]]] = {
     "data_source_table": (
         "CREATE TABLE data_source_table (PersonID int, Name varchar(255), LastModifytime datetime)",
         "CREATE INDEX ix_data_source_table_LastModifytime ON data_source_table (LastModifytime)",

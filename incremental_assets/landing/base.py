@@ -13,8 +13,9 @@ import re
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -432,7 +433,7 @@ class LandingStore(ABC):
 
     # ---- storage primitives -----------------------------------------------------------
 
-    def _prepare_folder(self, table: str, folder: str) -> None:
+    def _prepare_folder(self, table: str, folder: str) -> None:  # noqa: B027 - optional hook
         """Called before writing a slice (e.g. create the local folder)."""
 
     @abstractmethod

@@ -174,7 +174,7 @@ class ParquetSliceWriter(SliceWriter):
         compression_level: int | None = None,
         row_group_rows: int = 128 * 1024,
         row_group_bytes: int = 8 * 1024 * 1024,
-        dictionary: Union[bool, str, list] = "auto",
+        dictionary: bool | str | list = "auto",
     ) -> None:
         super().__init__()
         self.compression = compression

@@ -45,6 +45,7 @@ from sqlalchemy.engine import make_url
 
 from ..landing.formats import list_json_text
 from ..sources.base import redact_url, scrub
+from ..sources.types import is_binary_type
 
 log = logging.getLogger("incremental_assets")
 UTC = dt.timezone.utc
@@ -342,7 +343,7 @@ class ReplicaDialect:
             return SqlType("time", text=text)
         if isinstance(sa_type, sa.Interval) or name == "INTERVAL":
             return SqlType("interval", text=text)
-        if isinstance(sa_type, (sa.LargeBinary, sa.types._Binary)):
+        if is_binary_type(sa_type):
             return SqlType("binary", text=text)
         if isinstance(sa_type, sa.String):
             return SqlType("text", text=text)
@@ -798,7 +799,7 @@ def _kind_of_sa_type(sa_type: sa.types.TypeEngine) -> str | None:
     return None
 
 
-def _streamed(result: sa.CursorResult, size: int = 10_000) -> Iterator[tuple]:
+def _streamed(result: sa.CursorResult, size: int = 10_000) -> Iterator[Sequence[Any]]:
     for part in result.partitions(size):
         yield from part
 
@@ -888,9 +889,9 @@ class Replica:
         self.engine = None
         dialect_cls = parsed.get_dialect()
         try:  # the driver's paramstyle, when it is installed (no connection is made)
-            self.sql_dialect = dialect_cls(dbapi=dialect_cls.import_dbapi())
+            self.sql_dialect = dialect_cls(dbapi=dialect_cls.import_dbapi())  # type: ignore[call-arg]
         except ImportError:  # e.g. pyodbc without the unixODBC library
-            self.sql_dialect = dialect_cls(paramstyle=self.dialect.driver_paramstyle)
+            self.sql_dialect = dialect_cls(paramstyle=self.dialect.driver_paramstyle)  # type: ignore[call-arg]
         return self
 
     def __repr__(self) -> str:
@@ -906,7 +907,8 @@ class Replica:
         ``quote_identifier`` does it for its own compiled SQL), :meth:`_execute` does it when needed."""
         p = self.sql_dialect.identifier_preparer
         quoted = p.quote_identifier(name)
-        return quoted.replace("%%", "%") if getattr(p, "_double_percents", False) else quoted
+        # the preparer doubles % where the driver's paramstyle needs it: told by what it does
+        return quoted.replace("%%", "%") if "%%" in p.quote_identifier("%") else quoted
 
     def _qualified(self, table: str) -> str:
         return (self._q(self.schema) + "." if self.schema else "") + self._q(table)

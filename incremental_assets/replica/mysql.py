@@ -53,7 +53,7 @@ class MySQLReplica(ReplicaDialect):
         conn.rollback()
 
     @property
-    def table_options(self) -> str:
+    def table_options(self) -> str:  # type: ignore[override]  # a class attribute in the base
         return f" ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE={self.collation}"
 
     def column_type(self, t: pa.DataType, *, key_bytes: int | None = None) -> str:

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -144,7 +145,8 @@ class _SideStaging:
         self.min_rows = min_rows
         self.prefix = "ia_side_" + hashlib.sha1(f"{replica.schema or ''}.{table}".encode()).hexdigest()[:8] + "_"
         self.schema: str | None = None
-        self.database = self.conn = None
+        self.database: Any = None
+        self.conn: Any = None
         self.created: list[str] = []
         self.enabled = True
 

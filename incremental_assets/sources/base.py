@@ -12,7 +12,7 @@ import logging
 import re
 from urllib.parse import quote
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -355,7 +355,7 @@ class Source:
             raise SourceError(f"source {self.name!r} ({self.redacted_url}) was built offline and cannot connect")
         return self.retrying(self.engine.connect, sa.exc.OperationalError, lambda exc: str(exc.orig))
 
-    def retrying(self, attempt: Callable[[], T], transient, describe: Callable[[BaseException], str] = str) -> T:
+    def retrying(self, attempt: Callable[[], T], transient, describe: Callable[[Any], str] = str) -> T:
         """``attempt()``, retried with exponential backoff on ``transient`` errors, then
         SourceUnavailable naming the source and never the password."""
         delay = self.retry_delay
@@ -427,7 +427,7 @@ class Source:
         columns: Sequence[str] | None = None,
         column_timezone: str = "UTC",
         primary_key: Sequence[str] | None = None,
-        indexes: Sequence[dict] = (),
+        indexes: Sequence[Mapping[str, Any]] = (),
         ref: TableRef | None = None,
     ) -> TableInfo:
         """A :class:`TableInfo` for an already reflected (or hand-built) table; no database access.
@@ -677,7 +677,7 @@ class Source:
         col = self.dialect.result_column(info.table.c[info.watermark_column])
         where = self.range_filter(info, lo, hi)
         if info.watermark_indexed:  # one statement asking both would scan the range on SQLite
-            queries = [sa.select(sa.func.min(col)).where(*where), sa.select(sa.func.max(col)).where(*where)]
+            queries: list[sa.Select[Any]] = [sa.select(sa.func.min(col)).where(*where), sa.select(sa.func.max(col)).where(*where)]
         else:
             queries = [sa.select(sa.func.min(col), sa.func.max(col)).where(*where)]
         with self.connect() as conn:

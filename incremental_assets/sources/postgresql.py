@@ -49,7 +49,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -444,7 +444,7 @@ def slice_query(select: sa.Select) -> SliceQuery:
             value = sa.cast(sa.func.current_setting(name), element.type)
             return sa.select(value).scalar_subquery() if once else value
 
-        rewritten = replacement_traverse(select, {}, replace)
+        rewritten = replacement_traverse(select, {}, replace)  # type: ignore[call-overload]  # a Select is traversible
         compiled = rewritten.compile(dialect=dialect)
         if compiled.positiontup:
             raise NoFastPath("the statement still has bound parameters")
@@ -459,7 +459,7 @@ def slice_query(select: sa.Select) -> SliceQuery:
     arrays, calls = [], []
     for number, element in sorted(binds.values(), key=lambda b: b[0]):
         value = element.effective_value
-        processor = element.type._cached_bind_processor(dialect)
+        processor = element.type.dialect_impl(dialect).bind_processor(dialect)
         if processor is not None:
             value = processor(value)
         arrays.append(_param_array(value, element.key))
@@ -724,7 +724,7 @@ class _CopyReader:
         found = dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
         return {column: found.get(attname, "") for column, attname in query.table_columns.items()}
 
-    def _produce(self) -> Iterator[pa.RecordBatch]:
+    def _produce(self) -> Generator[pa.RecordBatch, None, None]:
         """Connect, COPY, convert: batches of at most ``batch_size`` rows; closes everything at the end."""
         import adbc_driver_manager
 

@@ -7,10 +7,20 @@ import decimal
 import functools
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 import sqlalchemy as sa
+
+
+def is_binary_type(sa_type) -> bool:
+    """A SQLAlchemy type whose values are bytes (BLOB, BYTEA, VARBINARY, MySQL's TINYBLOB, SQL
+    Server's ROWVERSION, ...): told by its Python type, as not all of them derive from LargeBinary."""
+    try:
+        return sa_type.python_type is bytes
+    except NotImplementedError:  # a type without one (MySQL BIT, ...) is no binary type
+        return False
 
 
 def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
@@ -59,7 +69,7 @@ def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
         return pa.time64("us")
     if isinstance(sa_type, sa.Interval):
         return pa.duration("us")
-    if isinstance(sa_type, (sa.LargeBinary, sa.types._Binary)):
+    if is_binary_type(sa_type):
         return pa.binary()
     return pa.string()
 
@@ -179,7 +189,7 @@ def _list_converter(element):
     return convert
 
 
-@functools.lru_cache(maxsize=None)  # asked once per column of every block
+@functools.cache  # asked once per column of every block
 def _taken_as_is(arrow_t: pa.DataType) -> frozenset:
     """The Python types that :func:`column_converter`'s converter for ``arrow_t`` returns unchanged
     and ``pa.array`` takes as they are (a naive datetime into a zoned timestamp counts as UTC,
@@ -202,13 +212,13 @@ def _taken_as_is(arrow_t: pa.DataType) -> frozenset:
 _NONE = type(None)
 
 
-def rows_to_batch(rows: list, schema: pa.Schema, converters: list) -> pa.RecordBatch:
+def rows_to_batch(rows: Sequence, schema: pa.Schema, converters: list) -> pa.RecordBatch:
     """Columnar conversion of a fetched block of rows (the fallback path for drivers without Arrow).
 
     A column whose values the driver already handed over as ``pa.array`` takes them (every value
     a ``str`` for text, a ``Decimal`` for decimals…) skips its per-value converter: one pass over
     the types instead of a Python call per value."""
-    columns = list(zip(*rows)) if rows else [[] for _ in schema]
+    columns: list[Any] = list(zip(*rows)) if rows else [[] for _ in schema]
     arrays = []
     for values, field, conv in zip(columns, schema, converters):
         if conv is not None:

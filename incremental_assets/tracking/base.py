@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -234,7 +234,7 @@ def select_full(source: Source, info: TableInfo, new_version: int) -> sa.Select:
     ).select_from(info.table)
 
 
-def stream(conn: sa.Connection, select: sa.Select, schema: pa.Schema, batch_size: int, counts: dict[str, int]) -> Iterator[pa.RecordBatch]:
+def stream(conn: sa.Connection, select: sa.Select, schema: pa.Schema, batch_size: int, counts: dict[str, int]) -> Generator[pa.RecordBatch, None, None]:
     """Stream a SELECT on an open (snapshot) connection as Arrow batches, counting operations."""
     converters = [column_converter(f.type) for f in schema]
     result = conn.execute(select, execution_options={"stream_results": True, "max_row_buffer": batch_size})
