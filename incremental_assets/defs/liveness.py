@@ -36,7 +36,7 @@ def record_process(context: dg.AssetExecutionContext) -> None:
     """Record the process executing the run (a run worker launched by the daemon, say)."""
     owner = current_owner()
     if context.run.tags.get(PROCESS_TAG) != owner:
-        context.instance.add_run_tags(context.run_id, {PROCESS_TAG: owner})
+        context.instance.add_run_tags(context.run.run_id, {PROCESS_TAG: owner})
 
 
 def table_pools(table: str) -> list[str]:
