@@ -431,8 +431,6 @@ def _fill_sql(engine: str, table: str, rows: int) -> list[str]:
 def _merge_changes(args, engine: str) -> dict:
     """A change-tracked merge of CHANGES_EACH deletes + CHANGES_EACH updates into a replica table of
     CHANGES_STORED rows (filled untimed, server-side, and analyzed), on one engine."""
-    import sqlalchemy as sa
-
     from incremental_assets.replica import Replica
 
     data = _changes_slice(CHANGES_STORED, args.changes_each)

@@ -75,7 +75,7 @@ class _Project:
 
         self.config, self.defs = load_project()
         self.instance = _instance()
-        tables = landing_tables(self.config)
+        tables = self._all_tables = landing_tables(self.config)
         if only:
             known = {t.config.name for t in tables}
             unknown = [n for n in only if n not in known]
@@ -93,20 +93,24 @@ class _Project:
     def source(self, table):
         return self.resources[table.source_key].get()
 
-    def job(self, asset):
-        """The asset's job, built once per sync (not once per run)."""
-        import dagster as dg
+    def replicas(self, tables) -> dict:
+        """The replica tables (``ReplicaTable``) of the replicated ones among ``tables``, by name."""
+        from .defs.replica import replica_tables
 
-        key = asset.key
-        if key not in self._jobs:
-            defs = dg.Definitions(assets=[asset], resources=self.resources)
-            self._jobs[key] = defs.resolve_implicit_global_asset_job_def()
-        return self._jobs[key]
+        return {rt.landing.config.name: rt for rt in replica_tables(self.config, list(tables))}
 
-    def asset(self, table):
-        from .defs.landing import build_landing_asset
+    @property
+    def job_names(self) -> dict[str, str]:
+        """Each table's copy job (see defs/automation.py), by table name."""
+        if not hasattr(self, "_job_names"):
+            from .defs.automation import copy_jobs
 
-        return build_landing_asset(table, self.config)
+            names: dict[str, str] = {}
+            for source, tables in _by_source(self._all_tables).items():
+                replicated = {n: rt.key for n, rt in self.replicas(tables).items()}
+                names.update({n: job.name for n, job in copy_jobs(source, tables, replicated).items()})
+            self._job_names = names
+        return self._job_names
 
     def replica_asset(self, table):
         """The replica asset of a table, or None when it is not replicated."""
@@ -142,184 +146,226 @@ def _step_failure(events) -> str:
     return "see the run in the Dagster UI"
 
 
-def _materialize(project, asset, partition_key, tags, log_level):
-    from .defs.liveness import process_tags
-
-    return project.job(asset).execute_in_process(
-        instance=project.instance,
-        partition_key=partition_key,
-        tags={**tags, **process_tags()},  # which process runs it: a run left behind when it dies is told
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-    )
-
-
-def _merge(project, table, replica, partition_key, tags, log_level) -> bool:
-    """Run one replica merge (one window, or a range run); print what it did."""
-    rt, asset = replica
-    result = _materialize(project, asset, partition_key, tags, log_level)
-    name = table.config.name
-    if not result.success:
-        print(f"{name}: FAILED replica merge, run {result.run_id}: {_failure_message(result)}", file=sys.stderr)
-        return False
-    # one materialization per window, each with its own figures
-    metas = [{k: v.value for k, v in e.materialization.metadata.items()} for e in result.get_asset_materialization_events()]
-
-    def total(key):
-        return sum(m.get(key, 0) for m in metas)
-
-    checks = result.get_asset_check_evaluations()
-    check = "" if not checks else (" reconciles with the source" if checks[-1].passed else " differs from the source")
-    print(
-        f"{name}: merged {total('files_merged')} file(s) of {len(metas)} window(s) into replica {rt.target!r}: "
-        f"{total('rows_inserted')} inserted, {total('rows_updated')} updated, "
-        f"{total('rows_deleted')} deleted, {total('rows_skipped_older')} older skipped;{check}"
-    )
-    return True
-
-
 def _pending_merges(project, replica) -> dict[str, str]:
     from .defs.replica import pending_windows
 
     return pending_windows(project.instance, project.resources["landing"].get(), replica[0])
 
 
-def _catch_up(project, table, replica, pending: dict[str, str], log_level, *, announce: bool = True) -> bool:
-    """Merge every pending window of a replicated table, whoever landed it and whatever stopped
-    its last merge; False when a merge failed. ``announce``: say first that the replica is behind
-    (not after this sync's own copy, whose merge is expected)."""
-    from .defs.replica import merge_requests, replica_tag
-    from .defs.sensors import CopyRequest
-
-    rt = replica[0]
-    first = next(iter(pending))
-    if announce:
-        print(f"{table.config.name}: replica behind: {len(pending)} window(s) pending merge ({first}: {pending[first]})")
-    for lo, hi in merge_requests(rt, list(pending)):
-        request = CopyRequest(replica_tag(rt), lo, hi, "replica")
-        if not _merge(project, table, replica, request.partition_key, request.tags, log_level):
-            return False
-    return True
-
-
-def _clear_the_way(project, name: str, timeout: float) -> bool:
-    """End the runs of table ``name`` whose process died (a killed sync or run worker), free their
-    pool slots, and wait for live ones to end: at most ``timeout`` seconds, saying on what.
-    False (said on stderr) when a run is still in flight then."""
-    from .defs.liveness import end_dead_runs
-
-    deadline = time.monotonic() + timeout
-    said = ""
-    while True:
-        clearance = end_dead_runs(project.instance, name)
-        for message in clearance.ended:
-            print(f"{name}: {message.removeprefix(name + ': ')}", file=sys.stderr)
-        if not clearance.live:
-            # a killed copy's temporary files go now, even when the table turns out to be up to date
-            if clearance.ended and (removed := project.resources["landing"].get().remove_dead_temps(name)):
-                print(f"{name}: removed {removed} temporary file(s) left by a copy whose process died", file=sys.stderr)
-            return True
-        waiting_on = clearance.waiting_on()
-        left = deadline - time.monotonic()
-        if left <= 0:
-            print(
-                f"{name}: FAILED: not copied, a copy is still in flight after {timeout:g} s: {waiting_on}; "
-                "wait for it, end it in the Dagster UI, or give more time with --wait-timeout",
-                file=sys.stderr,
-            )
-            return False
-        if waiting_on != said:
-            print(f"{name}: waiting for {waiting_on} to end (at most {left:.0f} s more, --wait-timeout)", file=sys.stderr)
-            said = waiting_on
-        time.sleep(min(WAIT_POLL_SECONDS, left))
-
-
 #: how often ``sync`` looks again at a run it waits for
 WAIT_POLL_SECONDS = 1.0
 
 
+def _by_source(tables) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for table in tables:
+        out.setdefault(table.config.source, []).append(table)
+    return out
+
+
+def _wait_for_runs_in_flight(project, source: str, tables, timeout: float) -> set[str]:
+    """End the runs of ``source`` whose process died (their pool slots freed, their temporary
+    files removed) and wait, at most ``timeout`` seconds and saying on what, for live ones that
+    copy or merge ``tables``; the names of the tables still busy then."""
+    from .defs.automation import tables_in_flight
+
+    deadline = time.monotonic() + timeout
+    said = ""
+    store = project.resources["landing"].get()
+    while True:
+        flight = tables_in_flight(project.instance, source, tables)
+        for message in flight.ended:
+            print(f"source {source}: {message}", file=sys.stderr)
+        if flight.ended:
+            for table in tables:
+                if removed := store.remove_dead_temps(table.config.name):
+                    print(f"{table.config.name}: removed {removed} temporary file(s) left by a copy whose process "
+                          "died", file=sys.stderr)
+        busy = flight.busy & {t.config.name for t in tables}
+        left = deadline - time.monotonic()
+        if not busy or left <= 0:
+            return busy
+        waiting = "\n".join(f"{line} to end (at most {left:.0f} s more, --wait-timeout)" for line in flight.waiting_on(busy))
+        if waiting.split(" (at most")[0] != said:
+            print(waiting, file=sys.stderr)
+            said = waiting.split(" (at most")[0]
+        time.sleep(min(WAIT_POLL_SECONDS, left))
+
+
+class _Outcome:
+    """What a batched run did, table by table."""
+
+    def __init__(self, result, project):
+        self.result = result
+        self.metas: dict = {}
+        for event in result.get_asset_materialization_events():
+            meta = {k: v.value for k, v in event.materialization.metadata.items()}
+            self.metas.setdefault(event.asset_key, []).append(meta)
+        self.failures = {e.step_key: _step_failure([e]) for e in result.all_events if e.is_step_failure}
+        self.checks = {c.asset_key: c for c in result.get_asset_check_evaluations()}
+        self._ops = {}
+        self._project = project
+
+    def failure(self, key) -> str | None:
+        op = self._ops.get(key)
+        if op is None:
+            op = self._ops[key] = self._project.defs.resolve_assets_def(key).op.name
+        return self.failures.get(op)
+
+
+def _print_landing(name: str, batch, outcome: _Outcome, key) -> int | None:
+    """The table's line for a batched run's copy: rows copied, or None when it failed."""
+    failure = outcome.failure(key)
+    if failure is not None:
+        print(f"{name}: FAILED run {outcome.result.run_id}: {failure}", file=sys.stderr)
+        return None
+    metas = outcome.metas.get(key, [])
+    meta = metas[-1] if metas else {}
+    rows = sum(m.get("dagster/row_count", 0) for m in metas)
+    print(
+        f"{name}: [{batch.describe()}] {rows} row(s), "
+        f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
+        f"frontier {_fmt(meta.get('frontier'))}, {sum(m.get('file_count', 0) for m in metas)} file(s), "
+        f"run {outcome.result.run_id}"
+    )
+    if not rows and meta.get("held_back"):
+        print(f"{name}: stopping: {meta['horizon_note']}")
+    return rows if not meta.get("held_back") else 0
+
+
+def _print_merge(name: str, rt, outcome: _Outcome) -> bool | None:
+    """The table's line for a batched run's merge: whether it succeeded (None: nothing merged)."""
+    failure = outcome.failure(rt.key)
+    if failure is not None:
+        print(f"{name}: FAILED replica merge, run {outcome.result.run_id}: {failure}", file=sys.stderr)
+        return False
+    metas = outcome.metas.get(rt.key, [])
+    files = sum(m.get("files_merged", 0) for m in metas)
+    if not metas or not files:
+        return None
+
+    def total(figure):
+        return sum(m.get(figure, 0) for m in metas)
+
+    check = outcome.checks.get(rt.key)
+    said = "" if check is None else (" reconciles with the source" if check.passed else " differs from the source")
+    print(
+        f"{name}: merged {files} file(s) of {len(metas)} window(s) into replica {rt.target!r}: "
+        f"{total('rows_inserted')} inserted, {total('rows_updated')} updated, {total('rows_unchanged')} unchanged, "
+        f"{total('rows_deleted')} deleted, {total('rows_skipped_older')} older skipped;{said}"
+    )
+    return True
+
+
+def _run_batch(project, batch, replicas, log_level) -> _Outcome:
+    from .defs.automation import run_request
+    from .defs.liveness import process_tags
+
+    request = run_request(batch, {n: rt.key for n, rt in replicas.items()}, project.job_names)
+    job = project.defs.resolve_job_def(request.job_name)
+    result = job.execute_in_process(
+        instance=project.instance,
+        asset_selection=list(request.asset_selection),
+        partition_key=request.partition_key,
+        tags={**request.tags, **process_tags()},  # which process runs it: a run left behind when it dies is told
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
+    return _Outcome(result, project)
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .defs.sensors import plan_copy
+    """Copy (and merge) what is new, source by source: the tables of a source are planned
+    together and copied by batched runs, as the source's sensor would request them."""
+    from .defs.automation import batches, plan_tables, replica_batches
 
     project = _Project(args.table)
-    failed = False
     log_level = "INFO" if args.verbose else "ERROR"
-    for table in project.tables:
-        name = table.config.name
-        source = project.source(table)
-        asset = project.asset(table)
-        replica = project.replica_asset(table)
-        runs = 0
-        landing_current = False
-        caught_up: bool | None = None  # the replica's merges in this sync: none yet
-        while runs < args.max_runs:
-            if not _clear_the_way(project, name, args.wait_timeout):
-                failed = True
+    max_tables = project.config.sensors.max_tables_per_run
+    counts = {"copied": 0, "merged": 0, "up to date": 0, "waiting": 0, "failed": 0}
+    store = project.resources["landing"].get()
+    for source_name, tables in _by_source(project.tables).items():
+        source = project.source(tables[0])
+        replicas = project.replicas(tables)
+        busy = _wait_for_runs_in_flight(project, source_name, tables, args.wait_timeout)
+        failed = {}
+        for name in sorted(busy):
+            failed[name] = "a copy is still in flight"
+            print(f"{name}: FAILED: not copied, a copy is still in flight after {args.wait_timeout:g} s; wait for it, "
+                  "end it in the Dagster UI, or give more time with --wait-timeout", file=sys.stderr)
+        remaining = [t for t in tables if t.config.name not in busy]
+        copied: dict[str, int] = {}
+        waiting: set[str] = set()
+        merged: set[str] = set()
+        for round_ in range(args.max_runs):
+            if not remaining:
                 break
-            try:
-                plan = plan_copy(table, source, project.instance)
-            except Exception as exc:  # noqa: BLE001 - reported per table, the others go on
-                print(f"{name}: FAILED to plan: {exc}", file=sys.stderr)
-                failed = True
-                break
-            if runs == 0:
-                for warning in (plan.warning, plan.request and table.index_note(source)):
-                    if warning:
-                        print(f"{name}: WARNING: {warning}", file=sys.stderr)
-            request = plan.request
-            if request is None:
+            plans = plan_tables(remaining, source, project.instance)
+            for table in remaining:
+                plan, name = plans[table.config.name], table.config.name
+                if plan.warning and (round_ == 0 or plan.request is None and not plan.waiting):
+                    print(f"{name}: WARNING: {plan.warning}", file=sys.stderr)
+                    if plan.request is None and plan.skip_reason.startswith("cannot plan"):
+                        failed[name] = plan.warning
+                if round_ == 0 and plan.request is not None and (note := table.index_note(source)):
+                    print(f"{name}: WARNING: {note}", file=sys.stderr)
                 if plan.waiting:
+                    waiting.add(name)
                     print(f"{name}: not copied yet: {plan.skip_reason}")
-                landing_current = runs == 0 and not plan.waiting
+            runs = batches(source_name, remaining, plans, max_tables=max_tables)
+            if not runs:
                 break
-            runs += 1
-            result = _materialize(project, asset, request.partition_key, request.tags, log_level)
-            if not result.success:
-                message = _failure_message(result)
-                print(f"{name}: FAILED run {result.run_id}: {message}", file=sys.stderr)
-                failed = True
-                break
-            # one materialization per window: the watermarks are the run's, rows and files each window's
-            metas = [{k: v.value for k, v in e.materialization.metadata.items()} for e in result.get_asset_materialization_events()]
-            meta = metas[-1] if metas else {}
-            rows = sum(m.get("dagster/row_count", 0) for m in metas)
-            print(
-                f"{name}: [{request.describe()}] {rows} row(s), "
-                f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
-                f"frontier {_fmt(meta.get('frontier'))}, {sum(m.get('file_count', 0) for m in metas)} file(s), run {result.run_id}"
-            )
-            if replica and rows:  # what this run landed is merged before the next copy
-                caught_up = _merge_pending(project, table, replica, log_level, announce=False)
-                if caught_up is False:
-                    failed = True
-                    break
-            if not rows and meta.get("held_back"):
-                print(f"{name}: stopping: {meta['horizon_note']}")
-                break
-        if replica and caught_up is not False:
-            # whatever landed is merged, by this sync or not (a failed merge, a window landed from
-            # the UI, a replica configured after landing), even when a copy failed
-            caught_up = _merge_pending(project, table, replica, log_level, announce=True)
-            if caught_up is False:
-                failed = True
-            elif caught_up is None and landing_current:
+            again = []
+            for batch in runs:
+                outcome = _run_batch(project, batch, replicas, log_level)
+                for table in batch.tables:
+                    name = table.config.name
+                    rows = _print_landing(name, batch, outcome, table.key)
+                    if rows is None:
+                        failed[name] = "copy failed"
+                        continue
+                    copied[name] = copied.get(name, 0) + rows
+                    if name in replicas:
+                        ok = _print_merge(name, replicas[name], outcome)
+                        if ok is False:
+                            failed[name] = "merge failed"
+                            continue
+                        if ok:
+                            merged.add(name)
+                    if rows:
+                        again.append(table)  # more may have come: planned again
+            remaining = again
+        # whatever landed is merged, by this sync or not (a failed merge, a window landed from the
+        # UI, a replica configured after landing), even when a copy failed
+        merges, behind = replica_batches(source_name, [t for t in tables if t.config.name not in busy], replicas,
+                                         project.instance, store, {}, max_tables=max_tables)
+        for name, why in behind.items():
+            print(f"{name}: replica behind: {why}")
+        for batch in merges:
+            outcome = _run_batch(project, batch, replicas, log_level)
+            for table in batch.tables:
+                name = table.config.name
+                ok = _print_merge(name, replicas[name], outcome)
+                if ok is False:
+                    failed[name] = "merge failed"
+                elif ok:
+                    merged.add(name)
+        for table in tables:
+            name = table.config.name
+            if name in failed:
+                counts["failed"] += 1
+            elif copied.get(name):
+                counts["copied"] += 1
+            elif name in merged:
+                counts["merged"] += 1
+            elif name in waiting:
+                counts["waiting"] += 1
+            else:
+                counts["up to date"] += 1
                 print(f"{name}: up to date")
-        elif landing_current and not replica:
-            print(f"{name}: up to date")
-    return 1 if failed else 0
-
-
-def _merge_pending(project, table, replica, log_level, *, announce: bool) -> bool | None:
-    """Merge the pending windows of a replicated table: None when there were none, else whether
-    every merge succeeded."""
-    try:
-        pending = _pending_merges(project, replica)
-    except Exception as exc:  # noqa: BLE001
-        print(f"{table.config.name}: FAILED to read what the replica merged: {exc}", file=sys.stderr)
-        return False
-    if not pending:
-        return None
-    return _catch_up(project, table, replica, pending, log_level, announce=announce)
+    if len(project.tables) > 1:
+        print(f"{len(project.tables)} table(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    return 1 if counts["failed"] else 0
 
 
 def _status_changes(project, table) -> bool:
@@ -348,23 +394,29 @@ def _status_changes(project, table) -> bool:
 
 
 def _last_merge_failure(project, rt) -> str:
-    """The latest merge run of a replicated table, when it failed: when, and why."""
+    """The latest merge of a replicated table (a step of a run of its source's sensor or of
+    ``sync``, or a run started from the UI), when it failed: when, and why."""
     import datetime as dt
 
     import dagster as dg
 
-    from .defs.landing import TABLE_TAG
-    from .defs.replica import replica_tag
-
-    records = project.instance.get_run_records(dg.RunsFilter(tags={TABLE_TAG: replica_tag(rt)}), limit=1)
-    if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
-        return ""
-    record = records[0]
-    when = record.end_time or record.update_timestamp.timestamp()
-    entries = project.instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
-    why = _step_failure(e.dagster_event for e in entries if e.dagster_event is not None)
-    stamp = dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f"last merge FAILED at {stamp}, run {record.dagster_run.run_id}: {why}"
+    op = project.defs.resolve_assets_def(rt.key).op.name
+    for record in project.instance.get_run_records(dg.RunsFilter(statuses=[
+        dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED,
+    ]), limit=200):
+        run = record.dagster_run
+        if run.asset_selection is not None and rt.key not in run.asset_selection:
+            continue
+        if run.status == dg.DagsterRunStatus.SUCCESS:
+            return ""
+        entries = project.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        failures = [e.dagster_event for e in entries if e.dagster_event is not None and e.step_key == op]
+        if not failures:
+            continue  # another table's step failed in that run
+        when = record.end_time or record.update_timestamp.timestamp()
+        stamp = dt.datetime.fromtimestamp(when, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"last merge FAILED at {stamp}, run {run.run_id}: {_step_failure(failures)}"
+    return ""
 
 
 def _status_replica(project, table) -> bool:

@@ -15,7 +15,7 @@ use_system_memory_pool()
 from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config  # noqa: E402
 from .defs.automation import build_source_sensor, copy_jobs  # noqa: E402
 from .defs.landing import build_landing_asset, landing_tables  # noqa: E402
-from .defs.replica import build_replica_asset, build_replica_sensor, replica_tables  # noqa: E402
+from .defs.replica import build_replica_asset, replica_tables  # noqa: E402
 from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key  # noqa: E402
 
 
@@ -32,25 +32,21 @@ def _secret_or_template(value: str):
 def build_definitions(config: ProjectConfig) -> dg.Definitions:
     tables = landing_tables(config)
     assets, sensors = [], []
-    by_name: dict[str, list[dg.AssetsDefinition]] = {}
     for table in tables:
         asset = build_landing_asset(table, config)
         assets.append(asset)
-        by_name[table.config.name] = [asset]
-    replicated: dict[str, dg.AssetKey] = {}
-    for table in replica_tables(config, tables):
-        asset = build_replica_asset(table, config)
+    replicas = {}
+    for rt in replica_tables(config, tables):
+        asset = build_replica_asset(rt, config)
         assets.append(asset)
-        by_name[table.landing.config.name].append(asset)
-        replicated[table.landing.config.name] = table.key
-        sensors.append(build_replica_sensor(table, asset, config))
-    jobs = []
+        replicas[rt.landing.config.name] = rt
+    jobs: list = []
     for source in config.sources:  # one sensor per source, not per table (defs/automation.py)
         mine = [t for t in tables if t.config.source == source]
         if mine:
-            by_table = copy_jobs(source, mine, replicated)
+            by_table = copy_jobs(source, mine, {name: rt.key for name, rt in replicas.items()})
             jobs.extend({job.name: job for job in by_table.values()}.values())
-            sensors.append(build_source_sensor(source, mine, by_table, replicated, config))
+            sensors.append(build_source_sensor(source, mine, by_table, replicas, config))
     resources: dict[str, object] = {
         source_resource_key(name): SourceResource(
             name=name,

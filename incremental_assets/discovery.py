@@ -107,10 +107,10 @@ def discover(source: Source, *, include: Sequence[str], exclude: Sequence[str] =
             ]
             if not names:
                 continue
-            columns = inspector.get_multi_columns(schema=schema, filter_names=names)
-            keys = inspector.get_multi_pk_constraint(schema=schema, filter_names=names)
+            columns: dict = dict(inspector.get_multi_columns(schema=schema, filter_names=names))
+            keys: dict = dict(inspector.get_multi_pk_constraint(schema=schema, filter_names=names))
             for name in sorted(names):
-                cols = columns.get((schema, name), [])
+                cols = list(columns.get((schema, name), []))
                 pk = tuple((keys.get((schema, name)) or {}).get("constrained_columns") or ())
                 found.append(_assess(source, schema, name, cols, pk, mode, watermark_columns, watermark_timezone))
     return found

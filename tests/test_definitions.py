@@ -28,7 +28,7 @@ def test_demo_definitions_have_partitioned_assets_sensors_and_pools(tmp_path, mo
     assert asset.backfill_policy is not None
     assert asset.op.pool == "incremental_assets/data_source_table"
     # one sensor for the source's tables, not one per table
-    assert [s.name for s in defs.sensors if not s.name.startswith("replica_")] == ["incremental_copy_demo_sensor"]
+    assert [s.name for s in defs.sensors] == ["incremental_copy_demo_sensor"]
     assert defs.resolve_sensor_def("incremental_copy_demo_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     replica = defs.resolve_assets_def(dg.AssetKey(["replica", "data_source_table"]))
     assert replica.partitions_def == asset.partitions_def

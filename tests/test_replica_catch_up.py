@@ -137,16 +137,6 @@ def test_window_landed_by_materialize_is_merged_by_next_sync(sqlite_db, tmp_path
     replica.engine.dispose()
 
 
-@dg.op
-def noop():
-    pass
-
-
-@dg.job
-def noop_job():
-    noop()
-
-
 def test_sensor_requests_a_failed_window_again(sqlite_db, tmp_path):
     source_table(sqlite_db, (1, "John", "2017-09-01 00:56:00"))
     replica = Database(f"sqlite:///{tmp_path / 'replica.db'}", sa.create_engine(f"sqlite:///{tmp_path / 'replica.db'}"))
@@ -156,7 +146,7 @@ def test_sensor_requests_a_failed_window_again(sqlite_db, tmp_path):
 
     defs = load_definitions(config)
     landing, merge = defs.resolve_assets_def(LANDING), defs.resolve_assets_def(REPLICA)
-    sensor = defs.resolve_sensor_def("replica_customer_table_sensor")
+    sensor = defs.resolve_sensor_def("incremental_copy_src_sensor")
     with dg.DagsterInstance.get() as instance:
         cursor = None
 
@@ -192,7 +182,8 @@ def test_sensor_requests_a_failed_window_again(sqlite_db, tmp_path):
         assert request.partition_key == "2017-09-01"
         assert not run(request).success
         # while a merge of the table is about to start (or queued, or running), nothing more is requested
-        queued = instance.create_run_for_job(noop_job, status=dg.DagsterRunStatus.NOT_STARTED, tags=request.tags)
+        queued = instance.create_run_for_job(defs.resolve_job_def(request.job_name), status=dg.DagsterRunStatus.NOT_STARTED,
+                                             asset_selection=frozenset(request.asset_selection), tags=request.tags)
         assert tick() == []
         instance.delete_run(queued.run_id)
         (request,) = tick()

@@ -13,6 +13,7 @@ serves ``incremental-assets sync``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -141,6 +142,8 @@ class Batch:
     last_key: str
     tables: list[LandingTable] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    #: merges of windows landed already (no landing step)
+    replica_only: bool = False
 
     @property
     def partition_key(self) -> str | None:
@@ -186,20 +189,92 @@ IN_FLIGHT = [
 ]
 
 
-def tables_in_flight(instance: dg.DagsterInstance, source: str, tables: Sequence[LandingTable]) -> set[str]:
-    """The tables of ``source`` that a queued or running run copies or merges."""
+@dataclass
+class InFlight:
+    """The tables of a source that a queued or running run copies or merges, and what was done
+    about runs whose process had died."""
+
+    busy: set[str] = field(default_factory=set)
+    ended: list[str] = field(default_factory=list)
+    #: the live runs, each with the tables it holds
+    runs: list[tuple[dg.DagsterRun, set[str]]] = field(default_factory=list)
+
+    def waiting_on(self, tables: set[str]) -> list[str]:
+        """For each live run holding some of ``tables``: the tables, the run, its process."""
+        from ..processes import describe_owner
+        from .liveness import PROCESS_TAG
+
+        out = []
+        for run, held in self.runs:
+            mine = sorted(held & tables)
+            if mine:
+                names = ", ".join(mine[:10]) + (" ..." if len(mine) > 10 else "")
+                out.append(f"{names}: waiting for run {run.run_id} ({run.status.value}, "
+                           f"{describe_owner(run.tags.get(PROCESS_TAG))})")
+        return out
+
+
+def tables_in_flight(instance: dg.DagsterInstance, source: str, tables: Sequence[LandingTable]) -> InFlight:
+    """The tables of ``source`` that a queued or running run (of this source's sensor or of
+    ``sync``) copies or merges. A run whose process died (SIGKILL, out of memory, a lost node) is
+    ended as failed and its pool slots freed instead: nothing else would end it, and its tables
+    would wait behind it forever."""
+    from .liveness import end_if_dead
+
     names = {t.key: t.config.name for t in tables}
     names.update({dg.AssetKey(["replica", t.config.name]): t.config.name for t in tables})
-    busy: set[str] = set()
+    found = InFlight()
     for record in instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={SOURCE_TAG: source})):
-        selection = record.dagster_run.asset_selection or ()
-        busy.update(names[k] for k in selection if k in names)
-    return busy
+        run = record.dagster_run
+        if run.status != dg.DagsterRunStatus.QUEUED and (message := end_if_dead(instance, run, f"source {source}")):
+            found.ended.append(message)
+            continue
+        held = {names[k] for k in (run.asset_selection or ()) if k in names}
+        found.busy |= held
+        found.runs.append((run, held))
+    return found
+
+
+def replica_batches(source: str, tables: Sequence[LandingTable], replicas: dict, instance: dg.DagsterInstance,
+                    store, verified: dict[str, int], *, max_tables: int) -> tuple[list[Batch], dict[str, str]]:
+    """Merges of the windows the replica has not merged as landed (a failed merge, a backfill, a
+    window landed from the UI: see :func:`replica.pending_windows`), batched like copies; and, per
+    table, why it is behind. ``verified`` (updated): per table, the landing event up to which
+    everything is known merged; a table with no landing event after it is not looked at again."""
+    from .replica import check_windows, merge_requests
+
+    mine = [t for t in tables if t.config.name in replicas]
+    if not mine:
+        return [], {}
+    latest = {}
+    for record in instance.get_asset_records([t.key for t in mine]):
+        latest[record.asset_entry.asset_key] = record.asset_entry.last_materialization_storage_id or 0
+    groups: dict[tuple, Batch] = {}
+    out: list[Batch] = []
+    behind: dict[str, str] = {}
+    for table in mine:
+        name = table.config.name
+        if latest.get(table.key, 0) <= verified.get(name, 0):
+            continue  # nothing landed since everything was found merged
+        pending, verified[name] = check_windows(instance, store, replicas[name], verified.get(name, 0))
+        if not pending:
+            continue
+        first_pending = next(iter(pending))
+        behind[name] = f"{len(pending)} window(s) pending merge ({first_pending}: {pending[first_pending]})"
+        for first, last in merge_requests(replicas[name], list(pending)):
+            group = (table.partitions_def, first, last)
+            batch = groups.get(group)
+            if batch is None or len(batch.tables) >= max_tables:
+                batch = groups[group] = Batch(source, first, last, replica_only=True)
+                out.append(batch)
+            batch.tables.append(table)
+            batch.reasons.append(behind[name])
+    return out, behind
 
 
 def run_request(batch: Batch, replicated: dict[str, dg.AssetKey], jobs: dict[str, str]) -> dg.RunRequest:
     """The run of ``batch``: its job (one per source and partitions), landing and replica keys."""
-    keys = [t.key for t in batch.tables]
+    keys = [] if batch.replica_only else [t.key for t in batch.tables]
     keys += [replicated[t.config.name] for t in batch.tables if t.config.name in replicated]
     return dg.RunRequest(job_name=jobs[batch.tables[0].config.name], asset_selection=keys,
                          partition_key=batch.partition_key, tags=batch.tags)
@@ -234,38 +309,60 @@ def sensor_name(source: str) -> str:
 
 
 def build_source_sensor(source: str, tables: list[LandingTable], jobs: dict[str, dg.UnresolvedAssetJobDefinition],
-                        replicated: dict[str, dg.AssetKey], config: ProjectConfig) -> dg.SensorDefinition:
-    """The sensor of one source (see the module's docstring); ``jobs``: each table's job."""
+                        replicas: dict, config: ProjectConfig) -> dg.SensorDefinition:
+    """The sensor of one source (see the module's docstring); ``jobs``: each table's job;
+    ``replicas``: each replicated table's :class:`replica.ReplicaTable`."""
     source_key = tables[0].source_key
     job_names = {name: job.name for name, job in jobs.items()}
+    replicated = {name: rt.key for name, rt in replicas.items()}
+    max_tables = config.sensors.max_tables_per_run
 
     @dg.sensor(
         name=sensor_name(source),
         jobs=list({job.name: job for job in jobs.values()}.values()),
         minimum_interval_seconds=config.sensors.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={source_key},
+        required_resource_keys={source_key, "landing"},
         description=f"Probes the {len(tables)} table(s) of source `{source}` and requests runs that copy the ones "
-                    "with new rows (and merge them into the replica), a batch of tables per run.",
+                    "with new rows and merge them into the replica, a batch of tables per run; and merges of "
+                    "windows the replica has not merged as landed (failed merges, backfills).",
     )
     def _sensor(context: dg.SensorEvaluationContext):
-        busy = tables_in_flight(context.instance, source, tables)
-        todo = [t for t in tables if t.config.name not in busy]
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        verified: dict[str, int] = cursor.get("verified", {})
+        flight = tables_in_flight(context.instance, source, tables)
+        for message in flight.ended:
+            context.log.warning(message)
+        if flight.ended:  # the next copy of those tables may be far off: their temporary files go now
+            store = context.resources.landing.get()
+            for table in tables:
+                if removed := store.remove_dead_temps(table.config.name):
+                    context.log.warning(f"{table.config.name}: removed {removed} temporary file(s) left by a copy "
+                                        "whose process died")
+        todo = [t for t in tables if t.config.name not in flight.busy]
         plans = plan_tables(todo, getattr(context.resources, source_key).get(), context.instance)
         for name, plan in plans.items():
             if plan.warning:
                 context.log.warning(f"{name}: {plan.warning}")
-        runs = batches(source, todo, plans, max_tables=config.sensors.max_tables_per_run)
-        for batch in runs:
-            context.log.info(f"requesting [{batch.describe()}] for {len(batch.tables)} table(s): "
+        runs = batches(source, todo, plans, max_tables=max_tables)
+        copying = {t.config.name for b in runs for t in b.tables}
+        merges, behind = replica_batches(
+            source, [t for t in todo if t.config.name not in copying], replicas, context.instance,
+            context.resources.landing.get(), verified, max_tables=max_tables,
+        )
+        for batch in runs + merges:
+            what = "merging" if batch.replica_only else "copying"
+            context.log.info(f"{what} [{batch.describe()}] for {len(batch.tables)} table(s): "
                              + ", ".join(t.config.name for t in batch.tables[:20])
                              + (" ..." if len(batch.tables) > 20 else ""))
-        if not runs:
+        new_cursor = json.dumps({"verified": verified}, sort_keys=True)
+        if not runs and not merges:
             waiting = [f"{n}: {p.skip_reason}" for n, p in plans.items() if p.waiting]
             reason = "; ".join(waiting[:5]) or f"no new rows in the {len(todo)} table(s) of source {source!r}"
-            if busy:
-                reason += f" ({len(busy)} table(s) with a copy in flight)"
-            return dg.SkipReason(reason)
-        return dg.SensorResult(run_requests=[run_request(b, replicated, job_names) for b in runs])
+            if flight.busy:
+                reason += f" ({len(flight.busy)} table(s) with a copy in flight)"
+            return dg.SensorResult(skip_reason=reason, cursor=new_cursor)
+        return dg.SensorResult(run_requests=[run_request(b, replicated, job_names) for b in runs + merges],
+                               cursor=new_cursor)
 
     return _sensor

@@ -323,10 +323,10 @@ def interval_iso(column: sa.ColumnElement) -> sa.ColumnElement:
     """An interval as ISO 8601 text with every field and its sign (``P0Y-1M2DT3H4M5.000006S``),
     whatever the session's IntervalStyle: exact (months, days and time kept apart, microseconds
     kept), and PostgreSQL reads it back as the same interval. NULL stays NULL."""
-    text = sa.literal_column("'P'", sa.Text)
-    for field, mark in (("year", "Y"), ("month", "M"), ("day", "D"), ("hour", "H"), ("minute", "M"), ("second", "S")):
-        text = text + sa.cast(sa.extract(field, column), sa.Text) + sa.literal_column(f"'{mark}'", sa.Text)
-        if field == "day":
+    text: sa.ColumnElement = sa.literal_column("'P'", sa.Text)
+    for part, mark in (("year", "Y"), ("month", "M"), ("day", "D"), ("hour", "H"), ("minute", "M"), ("second", "S")):
+        text = text + sa.cast(sa.extract(part, column), sa.Text) + sa.literal_column(f"'{mark}'", sa.Text)
+        if part == "day":
             text = text + sa.literal_column("'T'", sa.Text)
     return text
 
@@ -363,7 +363,9 @@ def as_text(select: sa.Select) -> tuple[sa.Select, dict[str, str]]:
     (checked against the generic path in the tests), and the server sends it for less than it
     costs to print it (measured: 2M rows COPY'd with 0.94 s of server CPU instead of 1.08 s).
     """
-    columns, kinds, changed = [], {}, False
+    columns: list[sa.ColumnElement] = []
+    kinds: dict[str, str] = {}
+    changed = False
     for column in select.selected_columns:
         kind = None
         if isinstance(column, sa.Label):

@@ -39,7 +39,7 @@ def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
     if name == "YEAR":
         return pa.int16()
     if name == "BIT" and getattr(sa_type, "length", None) is not None:
-        return pa.uint64() if sa_type.length >= 64 else pa.int64()  # MySQL BIT(n): the driver gives ints
+        return pa.uint64() if sa_type.length >= 64 else pa.int64()  # type: ignore[attr-defined]  # MySQL BIT(n): the driver gives ints
     if name in {"ROWVERSION", "TIMESTAMP"} and not isinstance(sa_type, sa.DateTime):
         return pa.binary()
     if isinstance(sa_type, sa.Boolean):
@@ -77,7 +77,7 @@ def arrow_type(sa_type: sa.types.TypeEngine) -> pa.DataType:
 def base_type(sa_type: sa.types.TypeEngine) -> sa.types.TypeEngine:
     """A domain's base type (domains over domains included); any other type as it is."""
     while isinstance(getattr(sa_type, "data_type", None), sa.types.TypeEngine) and type(sa_type).__name__.upper() == "DOMAIN":
-        sa_type = sa_type.data_type
+        sa_type = sa_type.data_type  # type: ignore[attr-defined]
     return sa_type
 
 
