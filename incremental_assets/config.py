@@ -44,6 +44,65 @@ def expand(value: str, env: dict[str, str] | None = None, *, where: str = "") ->
     return _VAR.sub(sub, value)
 
 
+#: query parameters of a URL that hold a credential (SQLAlchemy / libpq / ODBC / Azure spellings)
+_SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "sslpassword", "secret", "token", "sas_token", "account_key", "accountkey", "sig"}
+#: credentials inside a query value (an ODBC connection string in ``odbc_connect``, an Azure one)
+_SECRET_IN_VALUE = re.compile(r"(?:^|;)\s*(PWD|Password|AccountKey|SharedAccessSignature)\s*=\s*([^;]*)", re.I)
+
+
+def inline_secret(url: str) -> str | None:
+    """What in ``url`` (as written in the file) holds a credential that is not a ``${VAR}``:
+    ``"the password"``, ``"query parameter 'name'"``, or None when every credential comes from the
+    environment. A ``${VAR:-default}`` counts as its default (the default is written in the file)."""
+    markers: list[str] = []
+
+    def mark(match: re.Match) -> str:
+        if match.group(2) is not None:
+            return match.group(2)
+        markers.append(f"IAENVVAR{len(markers)}X")
+        return markers[-1]
+
+    text = _VAR.sub(mark, url)
+    from_env = set(markers)
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(text)
+    except Exception:  # not a SQLAlchemy URL (a folder, azure://...): look at its query only
+        parsed = None
+    if parsed is not None and parsed.password not in (None, "") and str(parsed.password) not in from_env:
+        return "the password"
+    query = parsed.query if parsed is not None else dict(
+        part.partition("=")[::2] for part in text.partition("?")[2].split("&") if part)
+    for key, values in query.items():
+        for value in values if isinstance(values, tuple) else (values,):
+            if key.lower() in _SECRET_QUERY_KEYS and value and value not in from_env:
+                return f"query parameter {key!r}"
+            for found in _SECRET_IN_VALUE.finditer(value):
+                secret = found.group(2).strip().strip("{}")
+                if secret and secret not in from_env:
+                    return f"query parameter {key!r} ({found.group(1)}=)"
+    return None
+
+
+def _refuse_inline_secret(url: str, where: str) -> None:
+    found = inline_secret(url)
+    if found is None:
+        return
+    if found == "the password":
+        from sqlalchemy.engine import make_url
+
+        shown = make_url(_VAR.sub(lambda m: m.group(0) if m.group(2) is None else m.group(2), url))
+        example = shown.render_as_string(hide_password=True).replace(":***@", ":${DB_PASSWORD}@", 1)
+        example = f"e.g. {example}"
+    else:
+        example = "e.g. ...=${DB_PASSWORD}, or the whole URL as ${DB_URL}"
+    raise ConfigError(
+        f"{where}: {found} is written in the file; passwords come from the environment: "
+        f"write ${{VAR}} in its place ({example}) and set that variable"
+    )
+
+
 def env_var_name(value: str) -> str | None:
     """The variable's name when ``value`` is exactly ``${VAR}`` (so Dagster can hold it as an EnvVar)."""
     match = _VAR.fullmatch(value.strip())
@@ -249,12 +308,17 @@ def parse_config(text: str, path: Path | str | None = None) -> ProjectConfig:
             location = _describe_location(raw, tuple(err["loc"])) if err["loc"] else ""
             lines.append(f"{where}: {location}: {msg}" if location else f"{where}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-    # every ${VAR} must be resolvable now, so a bad deployment fails at load, not at 3 a.m.
-    for name, source in config.sources.items():
-        expand(source.url, where=f"{where}: source {name!r}: key 'url'")
-    expand(config.landing.url, where=f"{where}: landing: key 'url'")
+    # no password written in the file: it would reach Dagster's run storage (the resource config
+    # is part of every run's snapshot) and whatever the file is committed to
+    urls = [(f"{where}: source {name!r}: key 'url'", source.url) for name, source in config.sources.items()]
+    urls.append((f"{where}: landing: key 'url'", config.landing.url))
     if config.replica is not None:
-        expand(config.replica.url, where=f"{where}: replica: key 'url'")
+        urls.append((f"{where}: replica: key 'url'", config.replica.url))
+    for location, url in urls:
+        _refuse_inline_secret(url, location)
+    # every ${VAR} must be resolvable now, so a bad deployment fails at load, not at 3 a.m.
+    for location, url in urls:
+        expand(url, where=location)
     return config
 
 

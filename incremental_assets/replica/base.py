@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from ..sources.base import redact_url, scrub
+from ..sources.base import is_authentication_failure, redact_url, scrub
 
 log = logging.getLogger("incremental_assets")
 UTC = dt.timezone.utc
@@ -859,6 +859,11 @@ class Replica:
             try:
                 conn = self.engine.connect()
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                if is_authentication_failure(exc):  # the same credentials will not do better: fail now
+                    raise self._error(
+                        "authentication failed, check the user and the password its URL takes from the "
+                        f"environment: {scrub(str(exc.orig), self.url).strip()}"
+                    ) from None
                 if attempt == self.retries:
                     raise self._error(
                         f"unreachable after {self.retries + 1} attempt(s): {scrub(str(exc.orig), self.url).strip()}",
