@@ -268,6 +268,13 @@ class ReplicaDialect:
     op_column_sql = "CAST(0 AS SMALLINT)"
     #: the usual driver's paramstyle, for SQL built offline when that driver cannot be imported
     driver_paramstyle = "pyformat"
+    #: how the engine compares column names, for messages (see :meth:`name_key`)
+    name_rule = "compares column names without regard to case"
+
+    def name_key(self, name: str) -> str:
+        """What the engine compares when it tells two column names apart: two names with one key
+        are one column (MySQL/MariaDB and SQL Server's usual collations ignore case)."""
+        return name.lower()
 
     def configure_engine(self, engine: sa.Engine) -> None:
         """Install engine event hooks (transactions, session settings)."""
@@ -934,6 +941,17 @@ class Replica:
         names = [f.name for f in arrow_schema]
         for dup in {n for n in names if names.count(n) > 1}:
             raise self._error("appears more than once in the data", table, dup)
+        seen: dict[str, str] = {}
+        for name in [n for n in names if n != operation_column] + [DELETED, OP]:
+            first = seen.setdefault(self.dialect.name_key(name), name)
+            if first != name and name not in (DELETED, OP):
+                raise self._error(
+                    f"columns {first!r} and {name!r} would be one column in this replica (the engine "
+                    f"{self.dialect.name_rule}); rename one at the source, or leave one out with the "
+                    "table's key 'columns'", table, name)
+            if first != name:  # a data column that the engine takes for the replica's own column
+                raise self._error(f"is taken by this engine for the replica's own column {name!r} "
+                                  f"(the engine {self.dialect.name_rule})", table, first)
         if len(set(key)) != len(key):
             raise self._error(f"the merge key {key} repeats a column", table)
         for reserved in (DELETED, OP):
