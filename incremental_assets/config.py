@@ -319,7 +319,41 @@ def parse_config(text: str, path: Path | str | None = None) -> ProjectConfig:
     # every ${VAR} must be resolvable now, so a bad deployment fails at load, not at 3 a.m.
     for location, url in urls:
         expand(url, where=location)
+    if config.replica is not None:
+        _check_replica_names(config, where)
     return config
+
+
+#: the longest table name each replica engine takes, in bytes (SQLite has no limit)
+_NAME_BYTES = {"postgresql": 63, "mysql": 64, "mariadb": 64, "mssql": 128}
+
+
+def _check_replica_names(config: ProjectConfig, where: str) -> None:
+    """Each replica table's name and its tombstone table's fit the replica engine's name limit
+    (else the table would land, then fail at its first merge)."""
+    from sqlalchemy.engine import make_url
+
+    from .replica.base import TOMBSTONE_SUFFIX
+
+    try:
+        backend = make_url(expand(config.replica.url)).get_backend_name()
+    except Exception:  # not a URL: the replica says so when it opens
+        return
+    limit = _NAME_BYTES.get(backend)
+    if limit is None:
+        return
+    for i, table in enumerate(config.tables):
+        target = config.replica_target(table)
+        if target is None:
+            continue
+        for name, what in ((target, "its name"), (target + TOMBSTONE_SUFFIX, "its tombstone table")):
+            size = len(name.encode("utf-8"))
+            if size > limit:
+                raise ConfigError(
+                    f"{where}: tables[{i}] (table {table.name!r}): replica table {target!r}: {what} {name!r} is "
+                    f"{size} bytes, over the {limit}-byte limit of {backend} names; choose a replica table name "
+                    f"of at most {limit - len(TOMBSTONE_SUFFIX)} bytes with the table's key 'replica': {{table: <name>}}"
+                )
 
 
 def config_path(explicit: str | Path | None = None) -> Path:
