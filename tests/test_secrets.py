@@ -109,6 +109,32 @@ def test_a_wrong_replica_password_fails_at_once(mariadb_db, mariadb_account):
     assert "authentication failed" in str(caught.value) and wrong not in str(caught.value)
 
 
+@pytest.mark.parametrize("role", ["ia_no_such_role", "ia_nologin_role"])
+def test_a_login_postgresql_refuses_fails_at_once(request, pg_db, role):
+    """The server here trusts every known login role, so its refusals are an unknown role and a
+    role without LOGIN (both SQLSTATE 28000, as a wrong password is 28P01)."""
+    role = f"{role}_{uuid.uuid4().hex[:8]}"
+    if role.startswith("ia_nologin_role"):
+        pg_db.run(f"CREATE ROLE {role} NOLOGIN")
+        request.addfinalizer(lambda: pg_db.run(f"DROP ROLE {role}"))
+    secret = "Pw-" + uuid.uuid4().hex[:12]
+    url = sa.make_url(pg_db.url).set(username=role, password=secret).render_as_string(hide_password=False)
+    source = Source("erp", url, retries=3, retry_delay=5.0)
+    replica = Replica(url, retries=3, retry_delay=5.0)
+    started = time.monotonic()
+    with pytest.raises(SourceError) as from_source:
+        source.connect()
+    with pytest.raises(ReplicaError) as from_replica:
+        replica.reconcile("t", ["id"])
+    source.dispose()
+    replica.dispose()
+    assert time.monotonic() - started < 4
+    assert not isinstance(from_source.value, SourceUnavailable) and not isinstance(from_replica.value, ReplicaUnavailable)
+    for message in (str(from_source.value), str(from_replica.value)):
+        assert "authentication failed" in message and role in message and secret not in message
+    assert "source 'erp'" in str(from_source.value)
+
+
 def test_an_unreachable_source_is_still_retried(pg_db):
     source = Source("erp", sa.make_url(pg_db.url).set(port=1).render_as_string(hide_password=False), retries=2, retry_delay=0.2)
     started = time.monotonic()

@@ -55,7 +55,7 @@ _AUTH_MYSQL_ERRORS = {1045, 1698}
 #: the same as drivers word them when they give no code (libpq's connection errors, SQL Server 18456)
 _AUTH_TEXT = re.compile(
     r"password authentication failed|authentication failed for user|no pg_hba\.conf entry|"
-    r"role \"[^\"]*\" does not exist|Access denied for user|Login failed for user|\b18456\b",
+    r"role \"[^\"]*\" (?:does not exist|is not permitted to log in)|Access denied for user|Login failed for user|\b18456\b",
     re.I,
 )
 
