@@ -31,3 +31,5 @@ def test_published_files_follow_the_umask_and_temp_files_are_private(tmp_path, u
     for path in (tmp_path / "landing" / "t" / "p").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     assert not [p for p in (tmp_path / "landing").rglob("*") if p.name.endswith(TEMP_SUFFIX)]
+    for folder in (tmp_path / "landing" / "t", tmp_path / "landing" / "t" / "p"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
