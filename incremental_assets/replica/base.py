@@ -941,17 +941,20 @@ class Replica:
         names = [f.name for f in arrow_schema]
         for dup in {n for n in names if names.count(n) > 1}:
             raise self._error("appears more than once in the data", table, dup)
+        # names the engine cannot tell apart (MySQL/MariaDB, SQLite, SQL Server ignore case)
         seen: dict[str, str] = {}
-        for name in [n for n in names if n != operation_column] + [DELETED, OP]:
+        for name in names:
             first = seen.setdefault(self.dialect.name_key(name), name)
-            if first != name and name not in (DELETED, OP):
+            if first != name and operation_column not in (first, name):
                 raise self._error(
                     f"columns {first!r} and {name!r} would be one column in this replica (the engine "
                     f"{self.dialect.name_rule}); rename one at the source, or leave one out with the "
                     "table's key 'columns'", table, name)
-            if first != name:  # a data column that the engine takes for the replica's own column
-                raise self._error(f"is taken by this engine for the replica's own column {name!r} "
-                                  f"(the engine {self.dialect.name_rule})", table, first)
+        for reserved in (DELETED, OP):
+            clash = seen.get(self.dialect.name_key(reserved))
+            if clash not in (None, reserved, operation_column):
+                raise self._error(f"is the replica's own column {reserved!r} on this engine "
+                                  f"(the engine {self.dialect.name_rule})", table, clash)
         if len(set(key)) != len(key):
             raise self._error(f"the merge key {key} repeats a column", table)
         for reserved in (DELETED, OP):
