@@ -92,3 +92,23 @@ def test_mariadb_names_get_64_bytes_and_sqlite_has_no_limit(mariadb_db, tmp_path
         parse_config(_config("m" * 56, mariadb_db.url), "config.yaml")
     parse_config(_config("m" * 55, mariadb_db.url), "config.yaml")
     parse_config(_config("m" * 200, f"sqlite:///{tmp_path / 'r.db'}"), "config.yaml")
+
+
+def test_a_mariadb_table_with_backticks_in_its_names_is_copied_and_merged_again_and_again(
+        mariadb_db, mariadb_mysqlclient_db, tmp_path, capsys, dagster_home):
+    from tests.helpers import after_horizon, fresh_time, run_cli, write_config
+
+    source, replica = mariadb_db, mariadb_mysqlclient_db
+    source.run("CREATE TABLE `t``x` (`k``1` int PRIMARY KEY, `col``q` varchar(20), `w` datetime(6), INDEX (`w`))",
+               "INSERT INTO `t``x` VALUES (1, 'a', '2024-01-02 00:00:00'), (2, 'b', '2024-01-03 00:00:00')")
+    table = {"name": "tx", "table": "t`x", "watermark_column": "w", "partitions": {"granularity": "monthly", "start": "2024-01-01"},
+             "replica": {"table": "t`x"}}
+    config = write_config(tmp_path, source.url, [table], replica={"url": replica.url})
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    source.run("INSERT INTO `t``x` VALUES (3, 'c', :w)", params={"w": fresh_time()})
+    source.run("UPDATE `t``x` SET `col``q` = 'b2', `w` = :w WHERE `k``1` = 2", params={"w": fresh_time()})
+    after_horizon()
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert replica.rows("SELECT `k``1`, `col``q` FROM `t``x` ORDER BY 1") == [(1, "a"), (2, "b2"), (3, "c")]

@@ -205,6 +205,10 @@ class EngineDialect:
     def dispose(self) -> None:
         """Close what the dialect keeps open beside the SQLAlchemy engine (none by default)."""
 
+    def reflected(self, conn: sa.Connection, table: sa.Table, indexes: list[dict]) -> tuple[sa.Table, list[dict]]:
+        """The reflected table and its indexes, with anything the reflection got wrong put right."""
+        return table, indexes
+
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         """The database clock, as an aware UTC datetime."""
         raise NotImplementedError
@@ -417,6 +421,7 @@ class Source:
                 ref = TableRef(ref.schema, same[0])
                 sa_table = sa.Table(ref.name, sa.MetaData(), schema=ref.sa_schema, autoload_with=conn)
             indexes = sa.inspect(conn).get_indexes(ref.name, schema=ref.sa_schema)
+            sa_table, indexes = self.dialect.reflected(conn, sa_table, indexes)
         return self.table_info(
             sa_table,
             watermark_column=watermark_column,
