@@ -85,10 +85,14 @@ def inline_secret(url: str) -> str | None:
     return None
 
 
-def _refuse_inline_secret(url: str, where: str) -> None:
+def _no_inline_secret(url: str) -> str:
+    """``url`` if no credential is written in it, else a ValueError showing the ``${VAR}`` form.
+
+    The resources' configuration is part of every run's snapshot in Dagster's storage and shows in
+    the UI, and configuration files get committed: a password must come from the environment."""
     found = inline_secret(url)
     if found is None:
-        return
+        return url
     if found == "the password":
         from sqlalchemy.engine import make_url
 
@@ -97,8 +101,8 @@ def _refuse_inline_secret(url: str, where: str) -> None:
         example = f"e.g. {example}"
     else:
         example = "e.g. ...=${DB_PASSWORD}, or the whole URL as ${DB_URL}"
-    raise ConfigError(
-        f"{where}: {found} is written in the file; passwords come from the environment: "
+    raise ValueError(
+        f"{found} is written in the file; passwords come from the environment: "
         f"write ${{VAR}} in its place ({example}) and set that variable"
     )
 
@@ -119,11 +123,15 @@ class SourceConfig(_Model):
     retry_delay_seconds: float = pydantic.Field(1.0, ge=0)
     horizon_wait_seconds: float = pydantic.Field(30.0, ge=0)
 
+    _url = pydantic.field_validator("url")(_no_inline_secret)
+
 
 class LandingConfig(_Model):
     url: str = "./landing"
     format: Literal["parquet", "csv"] = "parquet"
     max_rows_per_file: int | None = pydantic.Field(1_000_000, ge=1)
+
+    _url = pydantic.field_validator("url")(_no_inline_secret)
 
 
 class PartitionConfig(_Model):
@@ -141,6 +149,7 @@ class ReplicaConfig(_Model):
     on_schema_change: Literal["add_columns", "fail"] = "add_columns"
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    _url = pydantic.field_validator("url")(_no_inline_secret)
 
 
 class TableReplicaConfig(_Model):
@@ -308,14 +317,10 @@ def parse_config(text: str, path: Path | str | None = None) -> ProjectConfig:
             location = _describe_location(raw, tuple(err["loc"])) if err["loc"] else ""
             lines.append(f"{where}: {location}: {msg}" if location else f"{where}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-    # no password written in the file: it would reach Dagster's run storage (the resource config
-    # is part of every run's snapshot) and whatever the file is committed to
     urls = [(f"{where}: source {name!r}: key 'url'", source.url) for name, source in config.sources.items()]
     urls.append((f"{where}: landing: key 'url'", config.landing.url))
     if config.replica is not None:
         urls.append((f"{where}: replica: key 'url'", config.replica.url))
-    for location, url in urls:
-        _refuse_inline_secret(url, location)
     # every ${VAR} must be resolvable now, so a bad deployment fails at load, not at 3 a.m.
     for location, url in urls:
         expand(url, where=location)

@@ -41,10 +41,24 @@ def test_a_password_written_in_the_file_is_refused_showing_the_var_form(url, whe
 
 def test_a_password_written_in_the_replica_url_is_refused(monkeypatch):
     monkeypatch.setenv("ERP_PW", "x")
-    with pytest.raises(ConfigError, match=r"replica: key 'url': the password is written in the file.*"
+    with pytest.raises(ConfigError, match=r"key 'replica.url': the password is written in the file.*"
                                           r"postgresql\+psycopg://loader:\$\{DB_PASSWORD\}@replica\.example\.com/wh"):
         parse_config(_config("postgresql+psycopg://c:${ERP_PW}@h/erp", "postgresql+psycopg://loader:hunter2@replica.example.com/wh"),
                      "config.yaml")
+
+
+def test_every_url_holding_a_credential_is_named_at_once():
+    text = _config("postgresql+psycopg://c:hunter2@h/erp", "mysql+pymysql://loader:hunter3@r/wh")
+    text += "landing: {url: 'azure://landing/erp?sv=2024-01-01&sig=hunter4'}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "config.yaml")
+    lines = str(caught.value).splitlines()
+    assert [line.split(" is written")[0] for line in lines] == [
+        "config.yaml: source 'erp': key 'url': the password",
+        "config.yaml: key 'landing.url': query parameter 'sig'",
+        "config.yaml: key 'replica.url': the password",
+    ]
+    assert not any(secret in str(caught.value) for secret in ("hunter2", "hunter3", "hunter4"))
 
 
 def test_passwords_from_the_environment_are_accepted(monkeypatch):
