@@ -106,8 +106,10 @@ def test_a_wrong_password_fails_at_once_naming_the_source_not_retried(mariadb_db
         assert "source 'erp'" in message and "authentication failed" in message and "Access denied" in message
         assert wrong not in message and password not in message
     # the right password connects (the account is real)
-    with Source("erp", _account_url(mariadb_db, user, password)).connect() as conn:
+    source = Source("erp", _account_url(mariadb_db, user, password))
+    with source.connect() as conn:
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    source.dispose()
 
 
 def test_a_wrong_replica_password_fails_at_once(mariadb_db, mariadb_account):
