@@ -45,6 +45,69 @@ def expand(value: str, env: Mapping[str, str] | None = None, *, where: str = "")
     return _VAR.sub(sub, value)
 
 
+#: query parameters of a URL that hold a credential (SQLAlchemy / libpq / ODBC / Azure spellings)
+_SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "sslpassword", "secret", "token", "sas_token", "account_key", "accountkey", "sig"}
+#: credentials inside a query value (an ODBC connection string in ``odbc_connect``, an Azure one)
+_SECRET_IN_VALUE = re.compile(r"(?:^|;)\s*(PWD|Password|AccountKey|SharedAccessSignature)\s*=\s*([^;]*)", re.I)
+
+
+def inline_secret(url: str) -> str | None:
+    """What in ``url`` (as written in the file) holds a credential that is not a ``${VAR}``:
+    ``"the password"``, ``"query parameter 'name'"``, or None when every credential comes from the
+    environment. A ``${VAR:-default}`` counts as its default (the default is written in the file)."""
+    markers: list[str] = []
+
+    def mark(match: re.Match) -> str:
+        if match.group(2) is not None:
+            return match.group(2)
+        markers.append(f"IAENVVAR{len(markers)}X")
+        return markers[-1]
+
+    text = _VAR.sub(mark, url)
+    from_env = set(markers)
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(text)
+    except Exception:  # not a SQLAlchemy URL (a folder, azure://...): look at its query only
+        parsed = None
+    if parsed is not None and parsed.password not in (None, "") and str(parsed.password) not in from_env:
+        return "the password"
+    query = parsed.query if parsed is not None else dict(
+        part.partition("=")[::2] for part in text.partition("?")[2].split("&") if part)
+    for key, values in query.items():
+        for value in values if isinstance(values, tuple) else (values,):
+            if key.lower() in _SECRET_QUERY_KEYS and value and value not in from_env:
+                return f"query parameter {key!r}"
+            for found in _SECRET_IN_VALUE.finditer(value):
+                secret = found.group(2).strip().strip("{}")
+                if secret and secret not in from_env:
+                    return f"query parameter {key!r} ({found.group(1)}=)"
+    return None
+
+
+def _no_inline_secret(url: str) -> str:
+    """``url`` if no credential is written in it, else a ValueError showing the ``${VAR}`` form.
+
+    The resources' configuration is part of every run's snapshot in Dagster's storage and shows in
+    the UI, and configuration files get committed: a password must come from the environment."""
+    found = inline_secret(url)
+    if found is None:
+        return url
+    if found == "the password":
+        from sqlalchemy.engine import make_url
+
+        shown = make_url(_VAR.sub(lambda m: m.group(0) if m.group(2) is None else m.group(2), url))
+        example = shown.render_as_string(hide_password=True).replace(":***@", ":${DB_PASSWORD}@", 1)
+        example = f"e.g. {example}"
+    else:
+        example = "e.g. ...=${DB_PASSWORD}, or the whole URL as ${DB_URL}"
+    raise ValueError(
+        f"{found} is written in the file; passwords come from the environment: "
+        f"write ${{VAR}} in its place ({example}) and set that variable"
+    )
+
+
 def env_var_name(value: str) -> str | None:
     """The variable's name when ``value`` is exactly ``${VAR}`` (so Dagster can hold it as an EnvVar)."""
     match = _VAR.fullmatch(value.strip())
@@ -86,11 +149,15 @@ class SourceConfig(_Model):
     horizon_wait_seconds: float = pydantic.Field(30.0, ge=0)
     discover: DiscoverConfig | None = None
 
+    _url = pydantic.field_validator("url")(_no_inline_secret)
+
 
 class LandingConfig(_Model):
     url: str = "./landing"
     format: Literal["parquet", "csv"] = "parquet"
     max_rows_per_file: int | None = pydantic.Field(1_000_000, ge=1)
+
+    _url = pydantic.field_validator("url")(_no_inline_secret)
 
 
 class PartitionConfig(_Model):
@@ -108,6 +175,7 @@ class ReplicaConfig(_Model):
     on_schema_change: Literal["add_columns", "fail"] = "add_columns"
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    _url = pydantic.field_validator("url")(_no_inline_secret)
 
 
 class TableReplicaConfig(_Model):
@@ -279,13 +347,48 @@ def parse_config(text: str, path: Path | str | None = None) -> ProjectConfig:
             location = _describe_location(raw, tuple(err["loc"])) if err["loc"] else ""
             lines.append(f"{where}: {location}: {msg}" if location else f"{where}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-    # every ${VAR} must be resolvable now, so a bad deployment fails at load, not at 3 a.m.
-    for name, source in config.sources.items():
-        expand(source.url, where=f"{where}: source {name!r}: key 'url'")
-    expand(config.landing.url, where=f"{where}: landing: key 'url'")
+    urls = [(f"{where}: source {name!r}: key 'url'", source.url) for name, source in config.sources.items()]
+    urls.append((f"{where}: landing: key 'url'", config.landing.url))
     if config.replica is not None:
-        expand(config.replica.url, where=f"{where}: replica: key 'url'")
+        urls.append((f"{where}: replica: key 'url'", config.replica.url))
+    # every ${VAR} must be resolvable now, so a bad deployment fails at load, not at 3 a.m.
+    for location, url in urls:
+        expand(url, where=location)
+    if config.replica is not None:
+        _check_replica_names(config, where)
     return config
+
+
+#: the longest table name each replica engine takes, in bytes (SQLite has no limit)
+_NAME_BYTES = {"postgresql": 63, "mysql": 64, "mariadb": 64, "mssql": 128}
+
+
+def _check_replica_names(config: ProjectConfig, where: str) -> None:
+    """Each replica table's name and its tombstone table's fit the replica engine's name limit
+    (else the table would land, then fail at its first merge)."""
+    from sqlalchemy.engine import make_url
+
+    from .replica.base import TOMBSTONE_SUFFIX
+
+    try:
+        backend = make_url(expand(config.replica.url)).get_backend_name()
+    except Exception:  # not a URL: the replica says so when it opens
+        return
+    limit = _NAME_BYTES.get(backend)
+    if limit is None:
+        return
+    for i, table in enumerate(config.tables):
+        target = config.replica_target(table)
+        if target is None:
+            continue
+        for name, what in ((target, "its name"), (target + TOMBSTONE_SUFFIX, "its tombstone table")):
+            size = len(name.encode("utf-8"))
+            if size > limit:
+                raise ConfigError(
+                    f"{where}: tables[{i}] (table {table.name!r}): replica table {target!r}: {what} {name!r} is "
+                    f"{size} bytes, over the {limit}-byte limit of {backend} names; choose a replica table name "
+                    f"of at most {limit - len(TOMBSTONE_SUFFIX)} bytes with the table's key 'replica': {{table: <name>}}"
+                )
 
 
 def config_path(explicit: str | Path | None = None) -> Path:

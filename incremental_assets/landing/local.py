@@ -28,6 +28,8 @@ class LocalLandingStore(LandingStore):
 
     Atomic writes: each file is written to a hidden temp file in its final folder,
     flushed and fsync'ed, then renamed over the final name with ``os.replace``.
+    Temp files are private (0600) while written; a published file gets the mode the process's
+    umask gives new files (``0o666 & ~umask``: 0644 under the usual 022).
     The root folder must exist (``create=True`` creates it); table and partition
     folders are created on demand.
     """
@@ -160,6 +162,7 @@ class LocalLandingStore(LandingStore):
     def _publish(self, temp: Any, path: str, table: str, rows: int) -> None:
         final = self.root / path
         try:
+            os.chmod(temp, _published_mode())  # complete by now; so the file appears with its final mode
             os.replace(temp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
@@ -212,6 +215,26 @@ class LocalLandingStore(LandingStore):
             raise LandingError(
                 f"cannot read file: {exc}", store=self.describe(), table=table, path=path
             ) from exc
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells (Linux); else set and
+    restored at once (os.umask has no read-only form)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _published_mode() -> int:
+    """The mode of a published file: what ``open()`` would give a new file (tempfile.mkstemp makes 0600)."""
+    return 0o666 & ~_umask()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -44,7 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from ..landing.formats import list_json_text
-from ..sources.base import redact_url, scrub
+from ..sources.base import is_authentication_failure, redact_url, scrub
 from ..sources.types import is_binary_type
 
 log = logging.getLogger("incremental_assets")
@@ -297,6 +297,13 @@ class ReplicaDialect:
     driver_paramstyle = "pyformat"
     #: whether lists are stored in array columns (else as JSON text, see ``list_json_text``)
     array_columns = False
+    #: how the engine compares column names, for messages (see :meth:`name_key`)
+    name_rule = "compares column names without regard to case"
+
+    def name_key(self, name: str) -> str:
+        """What the engine compares when it tells two column names apart: two names with one key
+        are one column (MySQL/MariaDB and SQL Server's usual collations ignore case)."""
+        return name.lower()
 
     def configure_engine(self, engine: sa.Engine) -> None:
         """Install engine event hooks (transactions, session settings)."""
@@ -939,6 +946,11 @@ class Replica:
             try:
                 conn = self.engine.connect()
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                if is_authentication_failure(exc):  # the same credentials will not do better: fail now
+                    raise self._error(
+                        "authentication failed, check the user and the password its URL takes from the "
+                        f"environment: {scrub(str(exc.orig), self.url).strip()}"
+                    ) from None
                 if attempt == self.retries:
                     raise self._error(
                         f"unreachable after {self.retries + 1} attempt(s): {scrub(str(exc.orig), self.url).strip()}",
@@ -1009,6 +1021,20 @@ class Replica:
         names = [f.name for f in arrow_schema]
         for dup in {n for n in names if names.count(n) > 1}:
             raise self._error("appears more than once in the data", table, dup)
+        # names the engine cannot tell apart (MySQL/MariaDB, SQLite, SQL Server ignore case)
+        seen: dict[str, str] = {}
+        for name in names:
+            first = seen.setdefault(self.dialect.name_key(name), name)
+            if first != name and operation_column not in (first, name):
+                raise self._error(
+                    f"columns {first!r} and {name!r} would be one column in this replica (the engine "
+                    f"{self.dialect.name_rule}); rename one at the source, or leave one out with the "
+                    "table's key 'columns'", table, name)
+        for reserved in (DELETED, OP):
+            clash = seen.get(self.dialect.name_key(reserved))
+            if clash not in (None, reserved, operation_column):
+                raise self._error(f"is the replica's own column {reserved!r} on this engine "
+                                  f"(the engine {self.dialect.name_rule})", table, clash)
         if len(set(key)) != len(key):
             raise self._error(f"the merge key {key} repeats a column", table)
         for reserved in (DELETED, OP):

@@ -22,7 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from .base import DELETED, MergePlan, ReplicaDialect, SqlType, decimal_text, duration_micros, register, timestamp_text
+from .base import (
+    DELETED, MergePlan, ReplicaDialect, SqlType, TableShape, decimal_text, duration_micros, register, timestamp_text,
+)
 
 SQL_MODE = "STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
 #: best first: binary, NO PAD
@@ -94,6 +96,31 @@ class MySQLReplica(ReplicaDialect):
         if name == "YEAR":
             return SqlType("int", bits=16, text=str(sa_type))
         return super().sql_type(sa_type)
+
+    def reflect(self, conn: sa.Connection, schema: str | None, table: str) -> TableShape | None:
+        # SQLAlchemy reads MySQL's columns and keys from SHOW CREATE TABLE and leaves a backtick
+        # in a name doubled as it is quoted there: col`q would come back as col``q
+        shape = super().reflect(conn, schema, table)
+        if shape is None or not any("`" in c for c in shape.columns):
+            return shape
+        # the true names, in the same (ordinal) order as the reflected ones
+        true = conn.exec_driver_sql(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = COALESCE(%s, DATABASE()) "
+            "AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+            (schema, table),
+        ).scalars().all()
+        if len(true) != len(shape.columns):  # changed meanwhile: the reflection is as good as it gets
+            return shape
+        names = dict(zip(shape.columns, true))
+
+        def name(column: str) -> str:
+            return names.get(column, column)
+
+        return TableShape(
+            {name(c): t for c, t in shape.columns.items()},
+            [frozenset(map(name, key)) for key in shape.unique_keys],
+            [name(c) for c in shape.primary_key],
+        )
 
     # -- staging ------------------------------------------------------------------------------
     def create_staging_sql(self, plan: MergePlan) -> list[str]:

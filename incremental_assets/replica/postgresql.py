@@ -290,9 +290,13 @@ class _SideStaging:
 class PostgreSQLReplica(ReplicaDialect):
     flag_column_sql = "boolean NOT NULL DEFAULT false"
     array_columns = True
+    name_rule = "compares quoted column names exactly"
     #: steps of at least this many rows are staged by ADBC's binary COPY (None: never); below it,
     #: connecting and committing a table of their own costs more than CSV does
     side_staging_min_rows: int | None = 100_000
+
+    def name_key(self, name: str) -> str:
+        return name
 
     def column_type(self, t: pa.DataType, *, key_bytes: int | None = None) -> str:
         if pa.types.is_boolean(t):

@@ -19,6 +19,7 @@ from sqlalchemy import event
 
 from .base import ReplicaDialect, SqlType, decimal_text, duration_micros, on_conflict_upsert, register, timestamp_text
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _DECLARED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_ ]*?)\s*(?:\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?\))?\s*$")
 
 
@@ -26,6 +27,10 @@ _DECLARED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_ ]*?)\s*(?:\(\s*(\d+)\s*(?:,\s
 class SQLiteReplica(ReplicaDialect):
     engine_kwargs = {"connect_args": {"timeout": 30}}
     flag_column_sql = "BOOLEAN NOT NULL DEFAULT 0"
+    name_rule = "compares column names without regard to ASCII case"
+
+    def name_key(self, name: str) -> str:
+        return name.translate(_ASCII_LOWER)
 
     def configure_engine(self, engine: sa.Engine) -> None:
         @event.listens_for(engine, "connect")

@@ -44,6 +44,36 @@ class SourceUnavailable(SourceError):
     """The source could not be reached after the configured retries (transient)."""
 
 
+class SourceAuthenticationFailed(SourceError):
+    """The source refused the credentials: permanent, so never retried."""
+
+
+#: SQLSTATEs of a refused login: invalid authorization specification, invalid password (PostgreSQL)
+_AUTH_SQLSTATES = {"28000", "28P01"}
+#: MySQL / MariaDB: access denied for user (1045), to an auth plugin's user (1698)
+_AUTH_MYSQL_ERRORS = {1045, 1698}
+#: the same as drivers word them when they give no code (libpq's connection errors, SQL Server 18456)
+_AUTH_TEXT = re.compile(
+    r"password authentication failed|authentication failed for user|no pg_hba\.conf entry|"
+    r"role \"[^\"]*\" (?:does not exist|is not permitted to log in)|Access denied for user|Login failed for user|\b18456\b",
+    re.I,
+)
+
+
+def is_authentication_failure(exc: BaseException) -> bool:
+    """Whether a driver's error (or SQLAlchemy's wrapper of it) is a refused login, which no retry
+    can mend: psycopg / libpq (SQLSTATE 28P01 / 28000 or its message), PyMySQL and mysqlclient
+    (error 1045), pyodbc (SQLSTATE 28000, SQL Server error 18456), ADBC (its SQLSTATE)."""
+    orig = getattr(exc, "orig", None) or exc
+    for attr in ("sqlstate", "pgcode"):
+        if getattr(orig, attr, None) in _AUTH_SQLSTATES:
+            return True
+    args = getattr(orig, "args", None) or (None,)
+    if isinstance(args[0], (int, str)) and (args[0] in _AUTH_MYSQL_ERRORS or args[0] in _AUTH_SQLSTATES):
+        return True
+    return bool(_AUTH_TEXT.search(str(orig)))
+
+
 def redact_url(url: str | sa.URL) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
@@ -182,6 +212,10 @@ class EngineDialect:
 
     def dispose(self) -> None:
         """Close what the dialect keeps open beside the SQLAlchemy engine (none by default)."""
+
+    def reflected(self, conn: sa.Connection, table: sa.Table, indexes: list[dict]) -> tuple[sa.Table, list[dict]]:
+        """The reflected table and its indexes, with anything the reflection got wrong put right."""
+        return table, indexes
 
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         """The database clock, as an aware UTC datetime."""
@@ -357,12 +391,18 @@ class Source:
 
     def retrying(self, attempt: Callable[[], T], transient, describe: Callable[[Any], str] = str) -> T:
         """``attempt()``, retried with exponential backoff on ``transient`` errors, then
-        SourceUnavailable naming the source and never the password."""
+        SourceUnavailable naming the source and never the password. A refused login fails at
+        once (SourceAuthenticationFailed): retrying the same credentials cannot succeed."""
         delay = self.retry_delay
         for number in range(self.retries + 1):
             try:
                 return attempt()
             except transient as exc:
+                if is_authentication_failure(exc):
+                    raise SourceAuthenticationFailed(
+                        f"source {self.name!r} ({self.redacted_url}): authentication failed, check the user "
+                        f"and the password its URL takes from the environment: {scrub(describe(exc), self.url).strip()}"
+                    ) from None
                 if number == self.retries:
                     raise SourceUnavailable(
                         f"source {self.name!r} ({self.redacted_url}) is unreachable after {self.retries + 1} attempts: "
@@ -407,7 +447,8 @@ class Source:
                     raise SourceError(f"table {str(ref)!r} not found in source {self.name!r} ({self.redacted_url})") from None
                 ref = TableRef(ref.schema, same[0])
                 sa_table = sa.Table(ref.name, sa.MetaData(), schema=ref.sa_schema, autoload_with=conn)
-            indexes = sa.inspect(conn).get_indexes(ref.name, schema=ref.sa_schema)
+            indexes: list = list(sa.inspect(conn).get_indexes(ref.name, schema=ref.sa_schema))
+            sa_table, indexes = self.dialect.reflected(conn, sa_table, indexes)
             self.dialect.refine_table(conn, sa_table)
         return self.table_info(
             sa_table,

@@ -62,6 +62,28 @@ class MySQLDialect(EngineDialect):
     engine_kwargs = {"connect_args": {"init_command": "SET time_zone = '+00:00'"}}
     clock_margin = dt.timedelta(seconds=1)
 
+    def reflected(self, conn: sa.Connection, table: sa.Table, indexes: list[dict]) -> tuple[sa.Table, list[dict]]:
+        # SQLAlchemy reflects MySQL tables from SHOW CREATE TABLE and leaves a backtick in a name
+        # doubled as it is quoted there (col`q comes back as col``q, which no query finds): take
+        # the true names from information_schema, in the same ordinal order
+        if not any("`" in c.name for c in table.columns):
+            return table, indexes
+        true = conn.exec_driver_sql(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = COALESCE(%s, DATABASE()) "
+            "AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+            (table.schema, table.name),
+        ).scalars().all()
+        if len(true) != len(table.columns):
+            return table, indexes
+        names = dict(zip([c.name for c in table.columns], true))
+        columns = [
+            sa.Column(names[c.name], c.type, primary_key=c.primary_key, nullable=c.nullable, quote=True)
+            for c in table.columns
+        ]
+        fixed = sa.Table(table.name, sa.MetaData(), *columns, schema=table.schema)
+        indexes = [{**ix, "column_names": [names.get(n, n) for n in ix.get("column_names") or []]} for ix in indexes]
+        return fixed, indexes
+
     def db_now(self, conn: sa.Connection) -> dt.datetime:
         return conn.execute(sa.text("SELECT UTC_TIMESTAMP(6)")).scalar().replace(tzinfo=UTC)
 
