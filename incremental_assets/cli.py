@@ -21,9 +21,7 @@ from . import use_system_memory_pool
 from .config import CONFIG_ENV, PROJECT_DIR, ConfigError
 
 DEFAULT_DAGSTER_HOME = PROJECT_DIR / "dagster_home"
-# what dagster_home/dagster.yaml holds: Dagster's SQLite storage, one pool per table, no compute-log
-# files (runs started here print to this terminal; their events and logs are recorded as usual),
-# run monitoring (a run whose process died is ended and its pool slots freed)
+# what dagster_home/dagster.yaml holds (see its comments; a test keeps the two equal)
 INSTANCE_YAML = """\
 storage:
   sqlite:
@@ -32,9 +30,11 @@ storage:
 concurrency:
   pools:
     default_limit: 1
-compute_logs:
-  module: dagster.core.storage.noop_compute_log_manager
-  class: NoOpComputeLogManager
+  runs:
+    max_concurrent_runs: 4
+sensors:
+  use_threads: true
+  num_workers: 4
 telemetry:
   enabled: false
 run_monitoring:

@@ -49,3 +49,12 @@ def test_dagster_tools_load_the_definitions(command, tmp_path):
     env.pop("INCREMENTAL_ASSETS_CONFIG", None)
     result = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_new_instance_gets_the_project_instance_settings():
+    """The CLI writes the settings of dagster_home/dagster.yaml into a new DAGSTER_HOME."""
+    import yaml
+
+    from incremental_assets.cli import INSTANCE_YAML
+
+    assert yaml.safe_load(INSTANCE_YAML) == yaml.safe_load((ROOT / "dagster_home" / "dagster.yaml").read_text())

@@ -73,7 +73,8 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
     horizons: dict[str, Horizon] = {}
     upper: dict[str, object] = {}  # each timestamp table's bound: min(its horizon, the current window's end)
     for table in watermarked:
-        name, info, state = table.config.name, infos[table.config.name], states[table.config.name]
+        name = table.config.name
+        info, state = infos[name], states[name]
         if state.highest is not None:  # a watermark that went backwards is said out loud
             probes.append((info, None, None))
             asks.append((name, "max"))
@@ -94,7 +95,8 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
         asks.append((name, "ahead"))
     answers: dict[tuple[str, str], tuple] = dict(zip(asks, source.ranges(probes)))
     for table in watermarked:
-        name, info, state = table.config.name, infos[name], states[name]
+        name = table.config.name
+        info, state = infos[name], states[name]
         warning = _backwards(table, info, state, answers.get((name, "max")))
         lowest, highest = answers.get((name, "ahead"), (None, None))
         if lowest is None:
