@@ -90,8 +90,25 @@ class _Project:
         gc.freeze()
         gc.enable()
 
+    def resource(self, key: str):
+        """An initialized resource of the definitions (``EnvVar`` fields resolved, as in a run),
+        kept until the process ends."""
+        if not hasattr(self, "_initialized"):
+            import contextlib
+
+            import dagster as dg
+
+            self._stack = contextlib.ExitStack()
+            self._initialized = self._stack.enter_context(dg.build_resources(self.resources))
+        return getattr(self._initialized, key)
+
     def source(self, table):
-        return self.resources[table.source_key].get()
+        return self.resource(table.source_key).get()
+
+    @property
+    def store(self):
+        """The landing store."""
+        return self.resource("landing").get()
 
     def replicas(self, tables) -> dict:
         """The replica tables (``ReplicaTable``) of the replicated ones among ``tables``, by name."""
@@ -149,7 +166,7 @@ def _step_failure(events) -> str:
 def _pending_merges(project, replica) -> dict[str, str]:
     from .defs.replica import pending_windows
 
-    return pending_windows(project.instance, project.resources["landing"].get(), replica[0])
+    return pending_windows(project.instance, project.store, replica[0])
 
 
 #: how often ``sync`` looks again at a run it waits for
@@ -171,7 +188,7 @@ def _wait_for_runs_in_flight(project, source: str, tables, timeout: float) -> se
 
     deadline = time.monotonic() + timeout
     said = ""
-    store = project.resources["landing"].get()
+    store = project.store
     while True:
         flight = tables_in_flight(project.instance, source, tables)
         for message in flight.ended:
@@ -283,7 +300,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     log_level = "INFO" if args.verbose else "ERROR"
     max_tables = project.config.sensors.max_tables_per_run
     counts = {"copied": 0, "merged": 0, "up to date": 0, "waiting": 0, "failed": 0}
-    store = project.resources["landing"].get()
+    store = project.store
     for source_name, tables in _by_source(project.tables).items():
         source = project.source(tables[0])
         replicas = project.replicas(tables)
@@ -546,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="copy what is new now, as the sensors would, and record it in Dagster")
     sync.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     sync.add_argument("--table", action="append", help="only this table (repeatable)")
-    sync.add_argument("--max-runs", type=int, default=100, help="at most this many runs per table (default 100)")
+    sync.add_argument("--max-runs", type=int, default=100,
+                      help="at most this many rounds of runs per source (default 100)")
     sync.add_argument("--wait-timeout", type=float, default=300, metavar="SECONDS",
                       help="wait at most this long for a table's copy already in flight (default 300)")
     sync.add_argument("-v", "--verbose", action="store_true", help="show the runs' logs")

@@ -266,10 +266,17 @@ class ProjectConfig(_Model):
     #: where the file was read from; relative local paths resolve against its folder
     path: Path | None = None
 
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _tables_or_discovery(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tables" not in data:
+            sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+            if not any(isinstance(s, dict) and s.get("discover") for s in sources.values()):
+                raise ValueError("key 'tables': list the tables to copy, or give a source a 'discover' key")
+        return data
+
     @pydantic.model_validator(mode="after")
     def _references(self) -> ProjectConfig:
-        if not self.tables and not any(s.discover for s in self.sources.values()):
-            raise ValueError("key 'tables': list the tables to copy, or give a source a 'discover' key")
         seen: set[str] = set()
         for i, table in enumerate(self.tables):
             if table.source not in self.sources:
