@@ -11,8 +11,9 @@ watermark), found by discovery (``include: ["many_<N>.*"]``) and merged into the
 - definitions load: ``load_definitions()`` in a fresh interpreter (imports included);
 - ``sync`` initial and idle: the console script on a fresh ``DAGSTER_HOME`` (the instance made
   first by ``status``, untimed);
-- one idle evaluation of every sensor: each sensor of the definitions called once through
-  ``dg.build_sensor_context`` on that instance, after everything was copied;
+- one idle evaluation of every sensor: each sensor of the definitions evaluated through
+  ``dg.build_sensor_context`` on that instance, after everything was copied, twice: the second
+  tick is the figure (a code server's first tick also reflects every table, shown beside it);
 - the daemon: ``dagster-daemon run`` on a fresh ``DAGSTER_HOME`` with the project's
   ``dagster.yaml``: the time until every table's initial load is landed and merged (``replica/*``
   materialized), then its CPU (daemon, code server and runs) over ``--idle-seconds`` while nothing
@@ -120,12 +121,15 @@ SENSORS = textwrap.dedent("""
     defs = load_definitions()
     with dg.DagsterInstance.get() as instance:
         sensors = list(defs.sensors or [])
-        t = time.perf_counter()
-        for sensor in sensors:
-            with dg.build_sensor_context(instance=instance, definitions=defs, sensor_name=sensor.name,
-                                         resources=defs.resources) as context:
-                sensor(context)
-        print(f"{time.perf_counter() - t:.3f} {len(sensors)}")
+        spent = []
+        for _ in range(2):  # the first tick of a code server reflects the tables; later ones reuse it
+            t = time.perf_counter()
+            for sensor in sensors:
+                with dg.build_sensor_context(instance=instance, definitions=defs, sensor_name=sensor.name,
+                                             resources=defs.resources) as context:
+                    sensor.evaluate_tick(context)
+            spent.append(time.perf_counter() - t)
+        print(f"{spent[0]:.3f} {spent[1]:.3f} {len(sensors)}")
 """)
 
 
@@ -239,8 +243,8 @@ def one(args, n: int) -> dict[str, str]:
         out["sync idle"] = f"{seconds:.1f} s" if seconds is not None else text
         seconds, text = timed([PYTHON, "-c", SENSORS], env, 600)
         if seconds is not None:
-            spent, count = text.split()[-2:]
-            out["idle evaluation of all sensors"] = f"{float(spent):.1f} s ({count} sensors)"
+            first, later, count = text.split()[-3:]
+            out["idle evaluation of all sensors"] = f"{float(later):.1f} s ({count} sensor(s); first tick {float(first):.1f} s)"
         else:
             out["idle evaluation of all sensors"] = text
         if not args.no_daemon:

@@ -741,6 +741,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mariadb-database", default="test")
     parser.add_argument("--mariadb-rows", type=int, default=None,
                         help="rows of the MariaDB table (default a quarter of --rows); 0 skips MariaDB")
+    parser.add_argument("--many-tables", metavar="COUNTS", default=None,
+                        help="run only the many-tables case under dagster-daemon for these table counts, "
+                             "e.g. 10,100,300 (benchmarks/many_tables.py; about 10 minutes for 300)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-table", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -751,6 +754,11 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(CHILDREN[args.child](args, args.child_table, Path(args.child_out or "."))))
         return 0
+
+    if args.many_tables:
+        return subprocess.call([sys.executable, str(HERE / "many_tables.py"), "--tables", args.many_tables,
+                                "--host", args.host, "--port", str(args.port), "--user", args.user,
+                                "--database", args.database])
 
     if args.only_changes:
         import psycopg

@@ -35,6 +35,11 @@ concurrency:
 sensors:
   use_threads: true
   num_workers: 4
+auto_materialize:
+  enabled: false
+  use_sensors: false
+freshness:
+  enabled: false
 telemetry:
   enabled: false
 run_monitoring:

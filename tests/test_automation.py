@@ -97,6 +97,17 @@ def test_one_sensor_probes_every_table_and_batches_the_copies(request, db_fixtur
         data = tick(defs, instance)
         assert not data.run_requests
 
+        # a backfill of one table's window (from the UI, say) is merged by the next tick, alone
+        db.run("UPDATE t05 SET val = 50 WHERE id = 2")
+        landing = defs.resolve_assets_def(dg.AssetKey(["landing", "t05"]))
+        assert dg.materialize([landing], instance=instance, partition_key="2026-11-02",
+                              tags={"dagster/backfill": "one-window"}).success
+        (merge,) = tick(defs, instance).run_requests
+        assert merge.asset_selection == [dg.AssetKey(["replica", "t05"])] and merge.partition_key == "2026-11-02"
+        assert execute(defs, instance, merge).success
+        assert replica_rows(tmp_path, "t05") == [(1, 5), (2, 50)]
+        assert not tick(defs, instance).run_requests
+
 
 def test_tables_with_a_run_in_flight_wait_for_it(pg_db, tmp_path):
     create_tables(pg_db, 4)

@@ -529,7 +529,7 @@ def test_a_run_stops_before_a_gap_of_empty_windows(sqlite_db, monkeypatch, gap_d
     pdef = dg.DailyPartitionsDefinition(start_date="2019-12-01", end_offset=1)
     last = (start + dt.timedelta(days=days[-1])).strftime("%Y-%m-%d")
     hi = dt.datetime(2020, 12, 1, tzinfo=dt.timezone.utc)
-    end = sensors._stretch_end(pdef, source, info, "2020-01-01", last, hi)
+    end = sensors.stretch_end(pdef, source, info, "2020-01-01", last, hi)
     source.dispose()
     assert end == ("2020-01-10" if gap_days >= sensors.GAP_WINDOWS else last)
     if gap_days == 0:

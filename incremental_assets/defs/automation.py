@@ -24,8 +24,7 @@ from ..sources import Horizon, Source, SourceError, TimestampKind
 from ..state import WatermarkState
 from .landing import PLAN_TTL_SECONDS, RANGE_END_TAG, RANGE_START_TAG, SOURCE_TAG, LandingTable
 from .partitions import key_for_time, window
-from .sensors import CopyRequest, Plan, _plan_changes, _stretch_end
-
+from .sensors import CopyRequest, Plan, plan_changes, stretch_end
 
 
 def _recorded(instance: dg.DagsterInstance, tables: Sequence[LandingTable]) -> dict[str, dict | None]:
@@ -50,7 +49,7 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
     for table in tables:
         if table.tracks_changes:
             try:
-                plans[table.config.name] = _plan_changes(table, source, instance)
+                plans[table.config.name] = plan_changes(table, source, instance)
             except SourceError as exc:
                 plans[table.config.name] = Plan(None, f"cannot plan {table.config.table}: {exc}", str(exc))
     if not watermarked:
@@ -112,7 +111,7 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
         if isinstance(info.kind, TimestampKind):
             first, last = key_for_time(pdef, lowest), key_for_time(pdef, highest)
             if info.watermark_indexed and first != last:
-                last = _stretch_end(pdef, source, info, first, last, upper[name])
+                last = stretch_end(pdef, source, info, first, last, upper[name])
         else:
             first = last = pdef.get_last_partition_key()
         plans[name] = Plan(CopyRequest(name, first, last, reason), "", warning)

@@ -20,7 +20,7 @@ from ..config import ProjectConfig
 from ..landing import LandingError
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
-from .landing import FULL_SUFFIX, RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable
+from .landing import FULL_SUFFIX, LandingTable
 from .liveness import record_process
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
@@ -361,52 +361,3 @@ def merge_requests(table: ReplicaTable, windows: list[str]) -> list[tuple[str, s
     if len(groups) > MAX_RUNS_PER_TICK:
         groups = [(groups[0][0], groups[-1][1])]
     return groups
-
-
-#: run statuses of a merge that is queued or running
-IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-             dg.DagsterRunStatus.STARTED]
-
-
-def merge_in_flight(instance: dg.DagsterInstance, table: ReplicaTable) -> bool:
-    """Whether a merge run of ``table`` (tagged by the sensor or ``sync``) is queued or running."""
-    runs = instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={TABLE_TAG: replica_tag(table)}), limit=1)
-    return bool(runs)
-
-
-def build_replica_sensor(table: ReplicaTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
-    """Requests merges of the pending windows (see :func:`pending_windows`), tick after tick
-    until they are merged: new slices, backfilled windows, windows landed by hand and windows
-    whose merge failed alike. What is pending is read from the materializations, so a failed
-    merge is requested again; the cursor only marks the landing events found merged already (it
-    stays below every pending window's). Not while a merge of the table is in flight."""
-
-    @dg.sensor(
-        name=f"replica_{table.landing.config.name.replace('-', '_')}_sensor",
-        target=[asset],
-        minimum_interval_seconds=config.sensors.interval_seconds,
-        default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={"landing"},
-        description=f"Merges into replica table `{table.target}` every window of landing/{table.landing.config.name} "
-        "whose landed files it has not merged.",
-    )
-    def _sensor(context: dg.SensorEvaluationContext):
-        if merge_in_flight(context.instance, table):
-            return dg.SkipReason(f"a merge of {table.landing.config.name} is already queued or running")
-        # the cursor only saves reading again the windows found merged: never one still pending
-        verified = int(context.cursor) if context.cursor and context.cursor.isdecimal() else 0
-        pending, verified = check_windows(context.instance, context.resources.landing.get(), table, verified)
-        cursor = str(verified)
-        if not pending:
-            return dg.SensorResult(skip_reason=f"replica of {table.landing.config.name} is up to date with landing", cursor=cursor)
-        requests = []
-        for first, last in merge_requests(table, list(pending)):
-            tags = {TABLE_TAG: replica_tag(table)}
-            if first != last:
-                tags.update({RANGE_START_TAG: first, RANGE_END_TAG: last})
-            requests.append(dg.RunRequest(asset_selection=[table.key], partition_key=first if first == last else None, tags=tags))
-        first = next(iter(pending))
-        context.log.info(f"{table.landing.config.name}: {len(pending)} window(s) pending merge, e.g. {first}: {pending[first]}")
-        return dg.SensorResult(run_requests=requests, cursor=cursor)
-
-    return _sensor

@@ -1,7 +1,6 @@
-"""Sensors that watch each source table and request landing copies when there is new data.
-
-The same planning serves the CLI's ``sync``, so "what the sensor would do" is one function.
-"""
+"""Planning one table's copy: what a sensor tick would request for it (see automation.py, which
+plans all of a source's tables at once, and the source's sensor), the backwards-watermark and
+change-tracking retention warnings, and the cut of a run before a gap of empty windows."""
 
 
 import datetime as dt
@@ -9,11 +8,9 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from ..config import ProjectConfig
 from ..sources import Horizon, Source, TimestampKind
 from ..state import WatermarkState
 from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, recorded_state
-from .liveness import end_dead_runs
 from .partitions import key_for_time, window
 
 
@@ -70,7 +67,7 @@ def backwards_note(table: LandingTable, source: Source, info, recorded: Watermar
 def plan_copy(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
     """The run a sensor tick would request now (``request`` None when the source has nothing new)."""
     if table.tracks_changes:
-        return _plan_changes(table, source, instance)
+        return plan_changes(table, source, instance)
     info = table.describe(source)
     recorded = recorded_state(instance, table.key, info.kind)
     warning = backwards_note(table, source, info, recorded)
@@ -84,7 +81,7 @@ def plan_copy(table: LandingTable, source: Source, instance: dg.DagsterInstance)
     return Plan(None, f"no new rows in {table.config.table}", warning)
 
 
-def _plan_changes(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
+def plan_changes(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
     from ..tracking import ChangeTrackingError, change_tracking_status
 
     status = change_tracking_status(source, table.config.table)
@@ -148,7 +145,7 @@ def _request(table: LandingTable, source: Source, info, frontier) -> tuple[CopyR
             return None, safe
         first, last = key_for_time(pdef, lowest), key_for_time(pdef, highest)
         if info.watermark_indexed:  # without an index, each empty window asked about is a scan
-            last = _stretch_end(pdef, source, info, first, last, hi)
+            last = stretch_end(pdef, source, info, first, last, hi)
         reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
         return CopyRequest(name, first, last, reason), safe
     if not source.has_rows(info, frontier, None):
@@ -162,7 +159,7 @@ def _request(table: LandingTable, source: Source, info, frontier) -> tuple[CopyR
 GAP_WINDOWS = 30
 
 
-def _stretch_end(pdef, source: Source, info, first: str, last: str, hi) -> str:
+def stretch_end(pdef, source: Source, info, first: str, last: str, hi) -> str:
     """The last window with rows before the first run of :data:`GAP_WINDOWS` empty windows from
     ``first`` (``last`` when there is none): rows from 2017 and from today make two runs, not one
     over every window between. The next run starts at the first row after the gap."""
@@ -190,42 +187,3 @@ def _stretch_end(pdef, source: Source, info, first: str, last: str, hi) -> str:
                 if empty >= GAP_WINDOWS:
                     return end
     return end
-
-
-def _in_flight(context: dg.SensorEvaluationContext, table: str) -> bool:
-    """Whether a copy of ``table`` is queued or running; runs whose process died are ended first
-    (else the table would wait behind them forever)."""
-    clearance = end_dead_runs(context.instance, table)
-    for message in clearance.ended:
-        context.log.warning(message)
-    if clearance.ended and not clearance.live:  # the next copy may be far off: clean up now
-        if removed := context.resources.landing.get().remove_dead_temps(table):
-            context.log.warning(f"{table}: removed {removed} temporary file(s) left by a copy whose process died")
-    return bool(clearance.live)
-
-
-def build_landing_sensor(table: LandingTable, asset: dg.AssetsDefinition, config: ProjectConfig) -> dg.SensorDefinition:
-    @dg.sensor(
-        name=f"landing_{table.config.name.replace('-', '_')}_sensor",
-        target=[asset],
-        minimum_interval_seconds=config.sensors.interval_seconds,
-        default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={table.source_key, "landing"},
-        description=f"Requests landing/{table.config.name} copies when source `{table.config.source}` has new rows.",
-    )
-    def _sensor(context: dg.SensorEvaluationContext):
-        if _in_flight(context, table.config.name):
-            return dg.SkipReason(f"a copy of {table.config.name} is already queued or running")
-        source = getattr(context.resources, table.source_key).get()
-        plan = plan_copy(table, source, context.instance)
-        if plan.warning:
-            context.log.warning(f"{table.config.name}: {plan.warning}")
-        request = plan.request
-        if request is None:
-            return dg.SkipReason(plan.warning or plan.skip_reason)
-        context.log.info(f"{table.config.name}: requesting {request.describe()} ({request.reason})")
-        return dg.RunRequest(
-            asset_selection=[table.key], partition_key=request.partition_key, tags=request.tags
-        )
-
-    return _sensor
