@@ -22,9 +22,9 @@ import dagster as dg
 from ..config import ProjectConfig
 from ..sources import Horizon, Source, SourceError, TimestampKind
 from ..state import WatermarkState
-from .landing import PLAN_TTL_SECONDS, RANGE_END_TAG, RANGE_START_TAG, SOURCE_TAG, LandingTable
+from .landing import PLAN_TTL_SECONDS, SOURCE_TAG, LandingTable
 from .partitions import key_for_time, window
-from .sensors import CopyRequest, Plan, plan_changes, stretch_end
+from .sensors import CopyRequest, Plan, WindowRange, plan_changes, stretch_end
 
 
 def _recorded(instance: dg.DagsterInstance, tables: Sequence[LandingTable]) -> dict[str, dict | None]:
@@ -135,7 +135,7 @@ def _backwards(table: LandingTable, info, state: WatermarkState, answer) -> str:
 
 
 @dataclass
-class Batch:
+class Batch(WindowRange):
     """One run: the tables of a source whose copies span the same windows."""
 
     source: str
@@ -147,18 +147,8 @@ class Batch:
     replica_only: bool = False
 
     @property
-    def partition_key(self) -> str | None:
-        return self.first_key if self.first_key == self.last_key else None
-
-    @property
     def tags(self) -> dict[str, str]:
-        tags = {SOURCE_TAG: self.source}
-        if self.partition_key is None:
-            tags.update({RANGE_START_TAG: self.first_key, RANGE_END_TAG: self.last_key})
-        return tags
-
-    def describe(self) -> str:
-        return self.first_key if self.partition_key else f"{self.first_key}...{self.last_key}"
+        return {SOURCE_TAG: self.source, **self.range_tags()}
 
 
 def batches(source: str, tables: Sequence[LandingTable], plans: dict[str, Plan], *, max_tables: int) -> list[Batch]:

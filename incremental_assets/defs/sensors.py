@@ -14,9 +14,30 @@ from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, re
 from .partitions import key_for_time, window
 
 
+class WindowRange:
+    """The windows ``first_key`` to ``last_key`` of a run: one partition, or a range run (one run,
+    many windows), as a run request says it."""
+
+    first_key: str
+    last_key: str
+
+    @property
+    def partition_key(self) -> str | None:
+        return self.first_key if self.first_key == self.last_key else None
+
+    def range_tags(self) -> dict[str, str]:
+        """The tags of a range run (none for one partition)."""
+        if self.partition_key is None:
+            return {RANGE_START_TAG: self.first_key, RANGE_END_TAG: self.last_key}
+        return {}
+
+    def describe(self) -> str:
+        return self.first_key if self.partition_key else f"{self.first_key}...{self.last_key}"
+
+
 @dataclass(frozen=True)
-class CopyRequest:
-    """One run of ``landing/<table>``: a single partition, or a range run (one run, many windows)."""
+class CopyRequest(WindowRange):
+    """One run of ``landing/<table>``."""
 
     table: str
     first_key: str
@@ -24,18 +45,8 @@ class CopyRequest:
     reason: str
 
     @property
-    def partition_key(self) -> str | None:
-        return self.first_key if self.first_key == self.last_key else None
-
-    @property
     def tags(self) -> dict[str, str]:
-        tags = {TABLE_TAG: self.table}
-        if self.partition_key is None:
-            tags.update({RANGE_START_TAG: self.first_key, RANGE_END_TAG: self.last_key})
-        return tags
-
-    def describe(self) -> str:
-        return self.first_key if self.partition_key else f"{self.first_key}...{self.last_key}"
+        return {TABLE_TAG: self.table, **self.range_tags()}
 
 
 @dataclass(frozen=True)
