@@ -134,13 +134,6 @@ class _Project:
             self._job_names = names
         return self._job_names
 
-    def replica_asset(self, table):
-        """The replica asset of a table, or None when it is not replicated."""
-        from .defs.replica import build_replica_asset, replica_tables
-
-        for rt in replica_tables(self.config, [table]):
-            return rt, build_replica_asset(rt, self.config)
-        return None
 
 
 def _fmt(value) -> str:
@@ -166,12 +159,6 @@ def _step_failure(events) -> str:
         if error is not None:
             return error.message.strip()
     return "see the run in the Dagster UI"
-
-
-def _pending_merges(project, replica) -> dict[str, str]:
-    from .defs.replica import pending_windows
-
-    return pending_windows(project.instance, project.store, replica[0])
 
 
 #: how often ``sync`` looks again at a run it waits for
@@ -444,12 +431,13 @@ def _last_merge_failure(project, rt) -> str:
 def _status_replica(project, table) -> bool:
     """The replica's lines of a replicated table: windows pending merge and, while some are, the
     last merge's failure if it failed."""
-    replica = project.replica_asset(table)
-    if not replica:
+    from .defs.replica import pending_windows
+
+    rt = project.replicas([table]).get(table.config.name)
+    if rt is None:
         return True
-    rt = replica[0]
     try:
-        pending = _pending_merges(project, replica)
+        pending = pending_windows(project.instance, project.store, rt)
         failure = _last_merge_failure(project, rt) if pending else ""  # moot once nothing is pending
     except Exception as exc:  # noqa: BLE001
         print(f"  replica {rt.target!r}: FAILED to read what it merged: {exc}")

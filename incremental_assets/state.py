@@ -21,7 +21,7 @@ counts and checksums against the source) reveals it, and change tracking copies 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .sources.watermarks import WatermarkKind
@@ -41,8 +41,6 @@ KIND = "watermark_kind"
 #: the text of an open lower bound
 OPEN = "(start)"
 
-#: how a run copied: its first copy, new rows, whole windows again, or recorded ranges again
-RUN_MODES = ("initial", "incremental", "refresh", "replay")
 
 
 def next_frontier(kind: WatermarkKind, frontier: Any, top: Any, horizon: Any) -> Any:
@@ -74,7 +72,6 @@ class WatermarkState:
     horizon_note: str = ""
     held_back: bool = False
     run_mode: str = "incremental"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def _text(self, value: Any) -> str:
         return "" if value is None else self.kind.to_text(value)

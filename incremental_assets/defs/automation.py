@@ -24,7 +24,8 @@ from ..sources import Horizon, Source, SourceError, TimestampKind
 from ..state import WatermarkState
 from .landing import PLAN_TTL_SECONDS, SOURCE_TAG, LandingTable
 from .partitions import key_for_time, window
-from .sensors import CopyRequest, Plan, WindowRange, plan_changes, stretch_end
+from .liveness import IN_FLIGHT
+from .sensors import CopyRequest, Plan, WindowRange, backwards_message, plan_changes, stretch_end
 
 
 def _recorded(instance: dg.DagsterInstance, tables: Sequence[LandingTable]) -> dict[str, dict | None]:
@@ -96,7 +97,8 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
     for table in watermarked:
         name = table.config.name
         info, state = infos[name], states[name]
-        warning = _backwards(table, info, state, answers.get((name, "max")))
+        top = answers.get((name, "max"), (None, None))[1]
+        warning = backwards_message(table, info, state, top) if (name, "max") in answers else ""
         lowest, highest = answers.get((name, "ahead"), (None, None))
         if lowest is None:
             horizon = horizons.get(name)
@@ -116,22 +118,6 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
             first = last = pdef.get_last_partition_key()
         plans[name] = Plan(CopyRequest(name, first, last, reason), "", warning)
     return plans
-
-
-def _backwards(table: LandingTable, info, state: WatermarkState, answer) -> str:
-    if state.highest is None or answer is None:
-        return ""
-    top = answer[1]
-    if top is not None and top >= state.highest:
-        return ""
-    kind = info.kind
-    seen = "no rows" if top is None else f"MAX({info.watermark_column}) = {kind.to_text(top)}"
-    return (
-        f"watermark went backwards on {table.config.table!r}: the source has {seen}, below "
-        f"{kind.to_text(state.highest)} already copied; rows written below the recorded frontier "
-        f"{kind.to_text(state.frontier)} are not copied. If the table was reset, reset landing/{table.config.name} "
-        "(wipe its materializations) to copy it again"
-    )
 
 
 @dataclass
@@ -170,14 +156,6 @@ def batches(source: str, tables: Sequence[LandingTable], plans: dict[str, Plan],
         batch.reasons.append(request.reason)
     return out
 
-
-
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 @dataclass

@@ -10,12 +10,10 @@ host, or that name no process, are left to Dagster's run monitoring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import dagster as dg
 
 from ..processes import current_owner, describe_owner, owner_alive
-from .landing import TABLE_TAG
 
 PROCESS_TAG = "incremental_assets/process"
 
@@ -42,61 +40,6 @@ def record_process(context: dg.AssetExecutionContext) -> None:
 def table_pools(table: str) -> list[str]:
     """The pools of a table's assets (landing, replica)."""
     return [f"incremental_assets/{table}", f"incremental_assets/replica/{table}"]
-
-
-@dataclass
-class Clearance:
-    """What :func:`end_dead_runs` found: the runs it ended, and those still in the way."""
-
-    ended: list[str] = field(default_factory=list)  # one message per run ended or slot freed
-    live: list[dg.RunRecord] = field(default_factory=list)
-
-    def waiting_on(self) -> str:
-        return ", ".join(
-            f"run {r.dagster_run.run_id} ({r.dagster_run.status.value}, {describe_owner(r.dagster_run.tags.get(PROCESS_TAG))})"
-            for r in self.live
-        )
-
-
-def end_dead_runs(instance: dg.DagsterInstance, table: str) -> Clearance:
-    """End the in-flight runs of ``table`` (and the runs holding its pools) whose process died,
-    free the pool slots of those and of runs already finished, and return the runs still in
-    flight."""
-    found = Clearance()
-    records = {
-        r.dagster_run.run_id: r
-        for r in instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={TABLE_TAG: table}))
-    }
-    holders: set[str] = set()
-    storage = instance.event_log_storage
-    if storage.supports_global_concurrency_limits:
-        for info in storage.get_concurrency_infos(table_pools(table)).values():
-            holders |= info.active_run_ids | {step.run_id for step in info.pending_steps}
-    others = holders - records.keys()
-    if others:
-        for r in instance.get_run_records(dg.RunsFilter(run_ids=sorted(others))):
-            records[r.dagster_run.run_id] = r
-    for run_id in sorted(holders - records.keys()):  # the run was deleted
-        storage.free_concurrency_slots_for_run(run_id)
-        found.ended.append(f"freed the pool slots of deleted run {run_id}")
-    for run_id, record in records.items():
-        run = record.dagster_run
-        owner = run.tags.get(PROCESS_TAG)
-        if run.is_finished:
-            if run_id in holders and owner != current_owner() and owner_alive(owner):
-                # ended from outside (its run worker died, say) while its step process still
-                # copies: its slot keeps the next copy from overlapping it
-                found.live.append(record)
-                continue
-            storage.free_concurrency_slots_for_run(run_id)
-            found.ended.append(f"freed the pool slots of {run.status.value} run {run_id}")
-            continue
-        message = end_if_dead(instance, run, table)
-        if message:
-            found.ended.append(message)
-        else:
-            found.live.append(record)
-    return found
 
 
 def end_if_dead(instance: dg.DagsterInstance, run: dg.DagsterRun, what: str) -> str | None:

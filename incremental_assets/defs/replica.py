@@ -348,11 +348,6 @@ def _groups(keys: list[str], all_keys: Sequence[str]) -> list[tuple[str, str]]:
 MAX_RUNS_PER_TICK = 20
 
 
-def replica_tag(table: ReplicaTable) -> str:
-    """The value of the table tag on merge runs of ``table`` (sensor and ``sync``)."""
-    return f"replica/{table.landing.config.name}"
-
-
 def merge_requests(table: ReplicaTable, windows: list[str]) -> list[tuple[str, str]]:
     """The runs that merge ``windows``: one per run of adjacent windows, at most
     :data:`MAX_RUNS_PER_TICK` (else one run over the whole range: windows in it that are merged

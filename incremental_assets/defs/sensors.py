@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from ..sources import Horizon, Source, TimestampKind
+from ..sources import Source
 from ..state import WatermarkState
 from .landing import RANGE_END_TAG, RANGE_START_TAG, TABLE_TAG, LandingTable, recorded_state
-from .partitions import key_for_time, window
+from .partitions import window
 
 
 class WindowRange:
@@ -62,8 +62,13 @@ def backwards_note(table: LandingTable, source: Source, info, recorded: Watermar
     not copied by a watermark copy (a table restored, ids restarted, values rewritten lower)."""
     if recorded.highest is None:
         return ""
-    top = source.max_watermark(info)
-    if top is not None and top >= recorded.highest:
+    return backwards_message(table, info, recorded, source.max_watermark(info))
+
+
+def backwards_message(table: LandingTable, info, recorded: WatermarkState, top) -> str:
+    """:func:`backwards_note` given the source's highest watermark ``top`` ("" when it is not
+    below the highest one copied)."""
+    if recorded.highest is None or (top is not None and top >= recorded.highest):
         return ""
     kind = info.kind
     seen = "no rows" if top is None else f"MAX({info.watermark_column}) = {kind.to_text(top)}"
@@ -76,20 +81,11 @@ def backwards_note(table: LandingTable, source: Source, info, recorded: Watermar
 
 
 def plan_copy(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
-    """The run a sensor tick would request now (``request`` None when the source has nothing new)."""
-    if table.tracks_changes:
-        return plan_changes(table, source, instance)
-    info = table.describe(source)
-    recorded = recorded_state(instance, table.key, info.kind)
-    warning = backwards_note(table, source, info, recorded)
-    request, horizon = _request(table, source, info, recorded.frontier)
-    if request is not None:
-        return Plan(request, "", warning)
-    if horizon is not None and horizon.held_back and source.has_rows(info, recorded.frontier, None):
-        # rows are there, but open transactions keep the safe horizon below them
-        return Plan(None, f"rows of {table.config.table} wait behind the safe horizon: {horizon.note}", warning,
-                    waiting=True)
-    return Plan(None, f"no new rows in {table.config.table}", warning)
+    """The run a sensor tick would request now for one table (``request`` None when the source has
+    nothing new): :func:`automation.plan_tables` of that table alone."""
+    from .automation import plan_tables
+
+    return plan_tables([table], source, instance)[table.config.name]
 
 
 def plan_changes(table: LandingTable, source: Source, instance: dg.DagsterInstance) -> Plan:
@@ -130,39 +126,6 @@ def retention_warning(instance: dg.DagsterInstance, table: LandingTable, retenti
         return ""
     return (f"the last copy of {table.config.table} was {age} ago, close to the change retention of {retention}: "
             "past it the next copy must re-initialise with a full copy")
-
-
-def _request(table: LandingTable, source: Source, info, frontier) -> tuple[CopyRequest | None, Horizon | None]:
-    """The run to request (None: nothing to copy now), and the safe horizon it was planned with."""
-    kind = info.kind
-    pdef = table.partitions_def
-    current = pdef.get_last_partition_key()
-    name = table.config.name
-    if isinstance(kind, TimestampKind):
-        safe = source.safe_horizon(info, lag=table.config.lag)
-        horizon = safe.value
-        if horizon is None:
-            return None, safe
-        _, current_end = window(pdef, current)
-        hi = min(horizon, current_end)
-        if frontier is not None and frontier >= hi:
-            return None, safe
-        # the run spans the windows from the oldest to the newest row to copy, not from the
-        # configured start (or the frontier) to now: each empty window at either end would cost
-        # a planned event and a materialization, ~30 ms on SQLite storage (the run checks that
-        # no row is left below its first window before it moves the frontier)
-        lowest, highest = source.watermark_range(info, frontier, hi)
-        if lowest is None:
-            return None, safe
-        first, last = key_for_time(pdef, lowest), key_for_time(pdef, highest)
-        if info.watermark_indexed:  # without an index, each empty window asked about is a scan
-            last = stretch_end(pdef, source, info, first, last, hi)
-        reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
-        return CopyRequest(name, first, last, reason), safe
-    if not source.has_rows(info, frontier, None):
-        return None, None
-    reason = "initial load" if frontier is None else f"new rows at or after {kind.to_text(frontier)}"
-    return CopyRequest(name, current, current, reason), None
 
 
 #: empty windows in a row after which a run stops: each window of a run costs Dagster a planned
