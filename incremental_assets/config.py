@@ -16,6 +16,10 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
+#: PyYAML's safe loader, in C where libyaml is there (a discovered state file of hundreds of
+#: tables loads ten times faster)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
 DEMO_CONFIG = PACKAGE_DIR / "demo" / "demo.yaml"
@@ -336,7 +340,7 @@ def _describe_location(raw: Any, loc: tuple) -> str:
 def parse_config(text: str, path: Path | str | None = None) -> ProjectConfig:
     where = str(path) if path else "<config>"
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -274,6 +274,11 @@ class EngineDialect:
         """Complete what reflection left out of ``table``'s column types (a domain's numeric
         precision, an array's declared dimensions, a geometry column...); nothing by default."""
 
+    def refine_tables(self, conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
+        """:meth:`refine_table` for many tables (engines that can do it in one statement do)."""
+        for table in tables:
+            self.refine_table(conn, table)
+
     def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> RunRead | None:
         """How one read of ``select`` (a range of windows in the order of the watermark
         ``column``, which has an index) would serve the windows better than a read of each;
@@ -495,16 +500,21 @@ class Source:
                     conn.rollback()
                     alone += [(name, spec) for name, _, spec in items]
                     continue
+                found: dict[str, tuple[sa.Table, list[dict]]] = {}
+                for ref_name in present:
+                    sa_table = metadata.tables.get(ref_name if schema is None else f"{schema}.{ref_name}")
+                    if sa_table is not None:
+                        found[ref_name] = self.dialect.reflected(
+                            conn, sa_table, [dict(ix) for ix in indexes.get((schema, ref_name), [])])
+                self.dialect.refine_tables(conn, [t for t, _ in found.values()])
                 for name, ref, spec in items:
-                    sa_table = metadata.tables.get(ref.name if schema is None else f"{schema}.{ref.name}")
-                    if sa_table is None:
+                    if ref.name not in found:
                         alone.append((name, spec))
                         continue
-                    found, table_indexes = self.dialect.reflected(conn, sa_table, [dict(ix) for ix in indexes.get((schema, ref.name), [])])
-                    self.dialect.refine_table(conn, found)
+                    sa_table, table_indexes = found[ref.name]
                     kwargs = {k: v for k, v in spec.items() if k != "table"}
                     try:
-                        out[name] = self.table_info(found, indexes=table_indexes, ref=ref, **kwargs)
+                        out[name] = self.table_info(sa_table, indexes=table_indexes, ref=ref, **kwargs)
                     except SourceError as exc:
                         out[name] = exc
         for name, spec in alone:

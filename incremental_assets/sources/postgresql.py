@@ -104,9 +104,16 @@ class PostgreSQLDialect(EngineDialect):
     def refine_table(self, conn: sa.Connection, table: sa.Table) -> None:
         """A domain over ``numeric(p,s)`` keeps its precision and scale (reflection drops them),
         and an array column its declared dimensions."""
+        self.refine_tables(conn, [table])
+
+    def refine_tables(self, conn: sa.Connection, tables) -> None:
+        """:meth:`refine_table` for many tables, in one statement."""
+        if not tables:
+            return
         quote = _compile_dialect().identifier_preparer.quote_identifier  # quotes, never doubles '%'
-        relation = ".".join(quote(p) for p in (table.schema, table.name) if p)
-        for name, ndims, base in conn.execute(REFINE, {"relation": relation}):
+        by_relation = {".".join(quote(p) for p in (t.schema, t.name) if p): t for t in tables}
+        for relation, name, ndims, base in conn.execute(REFINE, {"relations": list(by_relation)}):
+            table = by_relation[relation]
             if name not in table.c:
                 continue
             column = table.c[name]
@@ -303,9 +310,12 @@ class PostgreSQLDialect(EngineDialect):
 
 
 REFINE = sa.text(
-    "SELECT a.attname, a.attndims, CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END "
-    "FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid "
-    "WHERE a.attrelid = to_regclass(:relation) AND a.attnum > 0 AND NOT a.attisdropped"
+    "SELECT r.relation, a.attname, a.attndims, "
+    "CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END "
+    "FROM unnest(CAST(:relations AS text[])) AS r(relation) "
+    "JOIN pg_catalog.pg_attribute AS a ON a.attrelid = to_regclass(r.relation) "
+    "JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid "
+    "WHERE a.attnum > 0 AND NOT a.attisdropped AND (t.typtype = 'd' OR a.attndims > 1)"
 )
 _NUMERIC = re.compile(r"numeric\((\d+)(?:,(\d+))?\)")
 
