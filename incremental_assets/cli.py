@@ -284,6 +284,17 @@ def _run_batch(project, batch, replicas, log_level) -> _Outcome:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    """:func:`_sync` with its progress shown (see display.py)."""
+    from .display import progress_display
+    from .progress import interval_seconds
+
+    summary = sys.stdout
+    interval = args.progress_interval if args.progress_interval is not None else interval_seconds()
+    with progress_display("off" if args.quiet else args.progress, interval=interval, quiet=args.quiet):
+        return _sync(args, summary if args.quiet else None)
+
+
+def _sync(args: argparse.Namespace, summary=None) -> int:
     """Copy (and merge) what is new, source by source: the tables of a source are planned
     together and copied by batched runs, as the source's sensor would request them."""
     from .defs.automation import batches, plan_tables, replica_batches
@@ -372,8 +383,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             else:
                 counts["up to date"] += 1
                 print(f"{name}: up to date")
-    if len(project.tables) > 1:
-        print(f"{len(project.tables)} table(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    if len(project.tables) > 1 or summary is not None:
+        print(f"{len(project.tables)} table(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v), file=summary)
     return 1 if counts["failed"] else 0
 
 
@@ -561,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--wait-timeout", type=float, default=300, metavar="SECONDS",
                       help="wait at most this long for a table's copy already in flight (default 300)")
     sync.add_argument("-v", "--verbose", action="store_true", help="show the runs' logs")
+    sync.add_argument("-q", "--quiet", action="store_true", help="print only the summary (and errors)")
+    sync.add_argument("--progress", choices=["auto", "live", "plain", "off"], default="auto",
+                      help="progress of long copies: a live display on a terminal, plain lines otherwise (default auto)")
+    sync.add_argument("--progress-interval", type=float, default=None, metavar="SECONDS",
+                      help="seconds between two plain progress lines (default $INCREMENTAL_ASSETS_PROGRESS_SECONDS, else 10)")
     sync.set_defaults(func=cmd_sync)
     status = sub.add_parser("status", help="per table, the recorded watermark, how far the source is ahead, and the replica's windows pending merge")
     status.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)

@@ -18,9 +18,10 @@ import dagster as dg
 
 from ..config import ProjectConfig
 from ..landing import LandingError
+from ..progress import MERGING, Progress
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
-from .landing import FULL_SUFFIX, LandingTable
+from .landing import FULL_SUFFIX, LandingTable, log_progress
 from .liveness import record_process
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
@@ -134,6 +135,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         recorded = merged_state(context.instance, table, keys)
         totals = dict.fromkeys(FIGURES, 0)
         files_merged = 0
+        progress = Progress(tc.name, [log_progress(context)], phase=MERGING)
         for partition in keys:
             before = recorded.get(partition)
             merged = before.files if before and before.files is not None else {}
@@ -152,6 +154,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                     figures["deleted"] += replica.delete_older_than(
                         table.target, key, version_column=version, version=snapshot_version, soft_delete=table.soft_delete
                     )
+                progress.add(data.num_rows)
             files_merged += len(todo)
             for name in FIGURES:
                 totals[name] += figures[name]
@@ -165,6 +168,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                 },
                 partition_key=partition,
             )
+        progress.finish()
         context.log.info(
             f"{tc.name}: merged {files_merged} file(s) of {len(keys)} window(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
