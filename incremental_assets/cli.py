@@ -560,6 +560,38 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check the whole setup without copying: a line per source, landing, table and replica
+    check (see preflight.py); exit 0 when all pass, 1 when something would fail, 3 on warnings only."""
+    from .config import DEMO_CONFIG, config_path, load_config
+    from .preflight import FAIL, OK, Verdict, check_project, exit_code
+
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(Verdict(FAIL, "configuration", "load", str(exc)).line())
+        return 2
+    if config.path == DEMO_CONFIG:
+        from .demo import ensure_demo_database
+
+        ensure_demo_database()  # as loading the definitions does
+    if args.table:
+        known = {t.name for t in config.tables}
+        if unknown := [n for n in args.table if n not in known]:
+            raise ConfigError(f"{config.path}: no table named {unknown}; configured tables: {sorted(known)}")
+        config = config.model_copy(update={"tables": [t for t in config.tables if t.name in args.table]})
+    verdicts = [Verdict(OK, "configuration", "load", f"{config_path()}: {len(config.tables)} table(s), "
+                        f"{len(config.sources)} source(s){', a replica' if config.replica else ''}")]
+    print(verdicts[0].line(), flush=True)
+    for verdict in check_project(config):
+        verdicts.append(verdict)
+        print(verdict.line(), flush=True)
+    failed = sum(v.level == FAIL for v in verdicts)
+    warned = sum(v.level == "warn" for v in verdicts)
+    print(f"{len(verdicts)} check(s): {len(verdicts) - failed - warned} ok, {warned} warning(s), {failed} failed")
+    return exit_code(verdicts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="incremental-assets", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help=f"configuration file (default: ${CONFIG_ENV}, else the embedded demo)")
@@ -582,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     status.add_argument("--table", action="append", help="only this table (repeatable)")
     status.set_defaults(func=cmd_status)
+    check = sub.add_parser("check", help="check the setup without copying: configuration, sources, privileges, "
+                                         "tables, watermark indexes, change tracking, landing, replica")
+    check.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    check.add_argument("--table", action="append", help="only this table (repeatable)")
+    check.set_defaults(func=cmd_check)
     discover = sub.add_parser("discover", help="find the tables of sources configured with 'discover' and list them")
     discover.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     discover.set_defaults(func=cmd_discover)

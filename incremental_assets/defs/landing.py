@@ -100,14 +100,7 @@ class LandingTable:
         tc = self.config
         if self.tracks_changes:
             return ""
-        info = self.describe(source)
-        if info.watermark_indexed:
-            return ""
-        return (
-            f"no index leads with {tc.watermark_column!r} on {tc.table!r}: every incremental read scans the table "
-            f"(a run of several windows reads them in one sorted scan). Create one, e.g. "
-            f"{source.create_index_sql(info)}"
-        )
+        return source.missing_index_note(self.describe(source), table=tc.table, column=tc.watermark_column)
 
     @property
     def tracks_changes(self) -> bool:

@@ -1123,6 +1123,36 @@ class Replica:
         layout = self._layout(table, arrow_schema, key, version_column, operation_column)
         return self._ensure(table, layout, on_schema_change, soft_delete=False)[1]
 
+    def ping(self) -> None:
+        """Connect once (:class:`ReplicaError` naming the replica when it cannot: authentication
+        refused, or unreachable after the retries)."""
+        self._connect().close()
+
+    def check_table(
+        self,
+        table: str,
+        arrow_schema: pa.Schema,
+        key: list[str],
+        *,
+        version_column: str,
+        on_schema_change: Literal["fail", "add_columns"] = "add_columns",
+        operation_column: str | None = None,
+    ) -> str:
+        """What :meth:`ensure_table` would find, changing nothing: a :class:`ReplicaError` where it
+        would fail (a column dropped or retyped at the source, no unique key on ``key``, new
+        columns with ``on_schema_change: fail``), else what it would do, in words."""
+        layout = self._layout(table, arrow_schema, key, version_column, operation_column)
+        with self._transaction(table, lock=False, read_only=True) as conn:
+            columns = self._column_types(layout)
+            shape = self.dialect.reflect(conn, self.schema, table)
+            if shape is None:
+                return "missing: the first merge creates it"
+            self._check_table(table, shape, layout, columns)
+        new = [c[0] for c in columns if c[0] not in shape.columns]
+        if new and on_schema_change == "fail":
+            raise self._error(f"the data has new column(s) {new} and on_schema_change is 'fail'", table, new[0])
+        return "compatible" + (f"; the next merge adds column(s) {new}" if new else "")
+
     def _ensure(
         self, table: str, layout: _Layout, on_schema_change: str, *, soft_delete: bool
     ) -> tuple[list[str], list[str]]:

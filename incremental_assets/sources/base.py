@@ -811,6 +811,17 @@ class Source:
             query = query.where(*self.range_filter(info, lo, hi))
         return query
 
+    def missing_index_note(self, info: TableInfo, *, table: str | None = None, column: str | None = None) -> str:
+        """What to tell the user when no index leads with the watermark column ("" when one does),
+        with the statement that creates one; ``table`` and ``column`` as the configuration names them."""
+        if info.watermark_column is None or info.watermark_indexed:
+            return ""
+        return (
+            f"no index leads with {column or info.watermark_column!r} on {table or str(info.ref)!r}: every incremental "
+            f"read scans the table (a run of several windows reads them in one sorted scan). Create one, e.g. "
+            f"{self.create_index_sql(info)}"
+        )
+
     def create_index_sql(self, info: TableInfo) -> str:
         """The statement that creates an index on the watermark column, every name quoted by the
         engine's own rules (for the user to run; nothing here runs it)."""
