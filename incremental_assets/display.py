@@ -47,7 +47,7 @@ class LiveDisplay:
             TextColumn("{task.fields[figures]}"),
             TimeElapsedColumn(),
             console=console,
-            refresh_per_second=10,
+            refresh_per_second=5,
         )
         self._tasks: dict[str, Any] = {}  # rich's TaskID, by table
 

@@ -25,6 +25,8 @@ from tests.helpers import adf_table, create_adf_table, run_cli, write_config
 ROOT = Path(__file__).resolve().parent.parent
 #: rows of the loads: a few updates at the tests' intervals, a few seconds of copying
 ROWS = {"pg_db": 1_000_000, "mariadb_db": 300_000}
+#: the live display redraws 5 times a second: a load that lasts a second or two
+LIVE_ROWS = {"pg_db": 2_000_000, "mariadb_db": 300_000}
 BATCH = 20_000
 LINE = re.compile(r"^progress: big (reading|landing)( done)?: ([\d,]+)( of ~([\d,]+) rows \(estimate, \d+%\)| rows), "
                   r"([\d,]+) rows/s", re.M)
@@ -134,7 +136,7 @@ def _read_pty(command: list[str], env: dict[str, str], timeout: float = 240) -> 
 @pytest.mark.parametrize("engine", ["pg_db", "mariadb_db"])
 def test_the_live_display_moves_on_a_terminal(engine, request, tmp_path, dagster_home):
     db = request.getfixturevalue(engine)
-    rows = ROWS[engine]
+    rows = LIVE_ROWS[engine]
     _big_table(db, rows)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DAGSTER_HOME": str(dagster_home), "COLUMNS": "160"}
     output = _read_pty([sys.executable, "-m", "incremental_assets.cli", "--config", str(_config(tmp_path, db)), "sync"],
