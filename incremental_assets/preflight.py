@@ -154,8 +154,10 @@ def _check_tracking(source: Source, tc: TableConfig) -> Verdict:
         status = change_tracking_status(source, tc.table)
     except SourceError as exc:
         return Verdict(FAIL, subject, "change tracking", str(exc))
+    problems = "; ".join(str(p) for p in status.get("problems") or [])
+    if status.get("native") and problems:  # SQL Server: the problem says which statements fix it
+        return Verdict(FAIL, subject, "change tracking", problems)
     if not status.get("enabled"):
-        problems = "; ".join(str(p) for p in status.get("problems") or [])
         return Verdict(FAIL, subject, "change tracking",
                        f"not enabled{' (' + problems + ')' if problems else ''}; run: incremental-assets "
                        f"enable-change-tracking --table {tc.name}")
