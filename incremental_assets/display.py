@@ -9,14 +9,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, redirect_stdout
 from typing import Any, TextIO
 
-from .progress import ProgressUpdate, Throttled, format_seconds, subscribe
+from .progress import ProgressUpdate, format_seconds, subscribe
 
 MODES = ("auto", "live", "plain", "off")
 
@@ -78,11 +81,61 @@ class LiveDisplay:
         self._tasks.clear()
 
 
-def _print_line(file: TextIO):
-    def show(update: ProgressUpdate) -> None:
-        print(update.describe(), file=file, flush=True)
+class PlainLines:
+    """A line per table every ``interval`` seconds while it is copied or merged (the first once
+    ``interval`` has passed: a shorter copy prints none), and a last line when it is done. A
+    table whose read sends no row for a while (a server sorting a large range before the first
+    row) still gets its line on time: a thread repeats its latest figures, with the time elapsed
+    brought up to date."""
 
-    return show
+    def __init__(self, file: TextIO, interval: float):
+        self.file, self.interval = file, interval
+        self._lock = threading.Lock()
+        self._latest: dict[str, tuple[ProgressUpdate, float]] = {}  # the update, when it came
+        self._due: dict[str, float] = {}
+        self._shown: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="incremental_assets-progress", daemon=True)
+
+    def __enter__(self) -> PlainLines:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __call__(self, update: ProgressUpdate) -> None:
+        now = time.monotonic()
+        with self._lock:
+            table = update.table
+            if update.done:
+                self._latest.pop(table, None)
+                self._due.pop(table, None)
+                if table in self._shown:
+                    self._shown.discard(table)
+                    self._print(update)
+                return
+            self._latest[table] = (update, now)
+            due = self._due.setdefault(table, now + self.interval)
+            if now >= due:
+                self._show(table, update)
+
+    def _show(self, table: str, update: ProgressUpdate) -> None:
+        self._due[table] = time.monotonic() + self.interval
+        self._shown.add(table)
+        self._print(update)
+
+    def _print(self, update: ProgressUpdate) -> None:
+        print(update.describe(), file=self.file, flush=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval / 2)):
+            now = time.monotonic()
+            with self._lock:
+                for table, (update, at) in list(self._latest.items()):
+                    if now >= self._due.get(table, now):
+                        self._show(table, dataclasses.replace(update, elapsed=update.elapsed + now - at))
 
 
 def _own_stdout(stack: ExitStack) -> TextIO:
@@ -119,7 +172,7 @@ def progress_display(mode: str = "auto", *, interval: float, quiet: bool = False
             stack.enter_context(subscribe(live))
             yield live
         elif mode == "plain":
-            stack.enter_context(subscribe(Throttled(_print_line(out), interval)))
+            stack.enter_context(subscribe(stack.enter_context(PlainLines(out, interval))))
             yield None
         else:
             yield None

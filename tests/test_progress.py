@@ -71,10 +71,10 @@ def test_plain_progress_lines_and_the_runs_log(engine, request, tmp_path, capsys
     figures = _figures(out)
     assert len(figures) >= 3, out  # several updates during the load
     counts = [r for r, _, _ in figures]
-    assert counts == sorted(counts) and counts[0] < rows
+    assert counts == sorted(counts) and counts[0] < rows and len(set(counts)) >= 3
     assert figures[-1] == (rows, figures[-1][1], True)  # the last line: all rows, done
     # the total is the engine's estimate, not a count: close to the rows, labelled as an estimate
-    estimates = {t for _, t, _ in figures}
+    estimates = {t for r, t, _ in figures if r}  # (while the run plans, before its first row: no estimate yet)
     assert len(estimates) == 1 and None not in estimates
     assert 0.5 * rows <= estimates.pop() <= 2 * rows
     # the Dagster run's log holds the same lines (the UI shows them while the run goes on)
@@ -170,3 +170,22 @@ def test_throttled_lines_for_long_phases_only():
     assert shown[-1].done and shown[-1].rows == 1000 and shown[-1].fraction == 1.0
     assert all(u.table == "slow" for u in shown)
     assert "slow landing" in shown[0].describe() and "of ~1,000 rows (estimate" in shown[0].describe()
+
+
+def test_plain_lines_keep_coming_while_no_row_arrives():
+    """A read whose first row takes long (a server sorting a large range) still gets its plain
+    line every interval, its time elapsed brought up to date."""
+    import io
+
+    from incremental_assets.display import PlainLines
+
+    out = io.StringIO()
+    with PlainLines(out, 0.1) as lines:
+        progress = Progress("slow", [lines], total=500)
+        time.sleep(0.55)
+        progress.add(500)
+        progress.finish()
+    shown = out.getvalue().splitlines()
+    waiting = [line for line in shown if line.startswith("progress: slow reading: 0 of ~500 rows")]
+    assert len(waiting) >= 3, shown
+    assert shown[-1].startswith("progress: slow landing done: 500 of ~500 rows")
