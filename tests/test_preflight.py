@@ -229,3 +229,31 @@ def test_a_configuration_error(tmp_path, capsys, dagster_home):
     code, lines = _check(capsys, path)
     assert code == 2
     assert "watermark_colum" in _line(lines, "FAIL", "configuration", "load")
+
+
+def test_the_check_as_a_dagster_job(sqlite_db, tmp_path, dagster_home):
+    """The same check from the UI: the job ``check_setup`` passes on a good setup and fails naming
+    what is wrong; loading the definitions opens no connection."""
+    import dagster as dg
+
+    from incremental_assets.definitions import load_definitions
+
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'later.db'}", [adf_table()])
+    defs = load_definitions(config)  # the source does not exist yet: loading does not care
+    assert not (tmp_path / "later.db").exists()
+    job = defs.resolve_job_def("check_setup")
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.is_step_failure)
+        assert "source src: connection" in failure.step_failure_data.user_failure_data.description
+        engine = sa.create_engine(f"sqlite:///{tmp_path / 'later.db'}")
+        from tests.conftest import Database
+
+        create_adf_table(Database(f"sqlite:///{tmp_path / 'later.db'}", engine))
+        engine.dispose()
+        result = job.execute_in_process(instance=instance)
+        assert result.success
+        outputs = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+        table = outputs[0].step_output_data.metadata["verdicts"].value
+        assert "| OK | table data_source_table | index |" in table
