@@ -29,6 +29,7 @@ from typing import TypeVar
 READING = "reading"  # the query runs, no row has arrived yet
 LANDING = "landing"  # rows arrive and are written to the landing store
 MERGING = "merging"  # landed files are merged into the replica
+CHECKING = "checking"  # the replica's rows are compared with the source's (keys and watermarks)
 
 #: environment variable: seconds between two progress lines of a run's log (and of ``sync``'s
 #: plain output, unless ``--progress-interval`` says otherwise)

@@ -477,7 +477,7 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
     last = None if refresh else recorded.frontier
     reader = ChangeReader(source, tc.table, primary_key=tc.primary_key or None, columns=tc.columns)
     progress = Progress(tc.name, [log_progress(context)])
-    with reader.read(last, on_expired=tc.on_expired, batch_size=tc.batch_size) as changes, _finishing(progress):
+    with _finishing(progress), reader.read(last, on_expired=tc.on_expired, batch_size=tc.batch_size) as changes:
         if changes.reinitialized:
             context.log.warning(f"{tc.name}: full copy at version {changes.new_version}: {changes.reason}")
             progress.set_total(source.estimate_rows(table.describe(source)))
