@@ -130,6 +130,21 @@ def subscribe(listener: ProgressListener) -> Iterator[None]:
             _subscribers.remove(listener)
 
 
+def forward(listener: ProgressListener) -> None:
+    """Give ``listener`` every update of every :class:`Progress` made in this process from now on
+    (a worker process sending its updates to the one that shows them)."""
+    with _lock:
+        _subscribers.append(listener)
+
+
+def publish(update: ProgressUpdate) -> None:
+    """Hand ``update``, made elsewhere (in a worker process), to this process's subscribers."""
+    with _lock:
+        listeners = list(_subscribers)
+    for listener in listeners:
+        listener(update)
+
+
 class Progress:
     """One table's progress through its phases. :meth:`add` is the hot path: a counter, and a
     clock reading to decide whether :attr:`tick` has passed since the last update."""

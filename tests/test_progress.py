@@ -189,3 +189,22 @@ def test_plain_lines_keep_coming_while_no_row_arrives():
     waiting = [line for line in shown if line.startswith("progress: slow reading: 0 of ~500 rows")]
     assert len(waiting) >= 3, shown
     assert shown[-1].startswith("progress: slow landing done: 500 of ~500 rows")
+
+
+def test_progress_of_batches_run_by_worker_processes(pg_db, tmp_path, capsys, dagster_home):
+    """``sync --jobs 2`` runs batches in worker processes: their progress is shown all the same."""
+    _big_table(pg_db, ROWS["pg_db"])
+    pg_db.run("CREATE TABLE big_b AS SELECT * FROM big", "CREATE INDEX ix_big_b ON big_b (updated_at)", "ANALYZE big_b")
+    config = write_config(tmp_path, pg_db.url, [
+        {"name": "big", "table": "big", "watermark_column": "updated_at", "batch_size": BATCH,
+         "partitions": {"granularity": "monthly", "start": "2026-01-01"}},
+        {"name": "big_b", "table": "big_b", "watermark_column": "updated_at", "batch_size": BATCH,
+         "partitions": {"granularity": "weekly", "start": "2026-01-01"}},  # another job: another batch
+    ])
+    code, out, err = run_cli(capsys, "--config", str(config), "sync", "--jobs", "2", "--progress", "plain",
+                             "--progress-interval", "0.05")
+    assert code == 0, err
+    for table in ("big", "big_b"):
+        lines = [line for line in out.splitlines() if line.startswith(f"progress: {table} ")]
+        assert len(lines) >= 2, out
+        assert lines[-1].startswith(f"progress: {table} landing done: {ROWS['pg_db']:,} of ~")
