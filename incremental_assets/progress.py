@@ -11,8 +11,10 @@ The cost on the copy loop is a counter and a clock reading per Arrow batch (tens
 rows); ``benchmarks/progress_cost.py`` measures it.
 
 Listeners come from two places: those given to a :class:`Progress` (a Dagster run's log), and
-those :func:`subscribe`\\ d in this process (the CLI's display, around the in-process runs of
-``sync``), so that the engine never needs to know who shows its progress.
+those subscribed in this process (:func:`subscribe`) (the CLI's display, around the in-process runs of
+``sync``), so that the engine never needs to know who shows its progress. A worker process of
+``sync --jobs`` sends its updates to the parent (:func:`forward`), which hands them to its own
+subscribers (:func:`publish`).
 """
 
 from __future__ import annotations
