@@ -76,6 +76,9 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
             retries=config.replica.retries,
             retry_delay_seconds=config.replica.retry_delay_seconds,
         )
+    from .defs.preflight import build_check_setup_job
+
+    jobs.append(build_check_setup_job(config))  # the preflight check, from the UI
     schedules = []
     if config.path == DEMO_CONFIG:
         from .defs.demo import demo_activity

@@ -8,6 +8,7 @@ copied. The next run starts where the latest materialization's ``frontier`` ends
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import dagster as dg
 
 from ..config import ConfigError, ProjectConfig, TableConfig
 from ..landing import LandingError, LandingStore
+from ..progress import Progress, Throttled, interval_seconds
 from ..copying import (
     PlannedSlice,
     SliceCopy,
@@ -111,14 +113,7 @@ class LandingTable:
         tc = self.config
         if self.tracks_changes:
             return ""
-        info = self.describe(source)
-        if info.watermark_indexed:
-            return ""
-        return (
-            f"no index leads with {tc.watermark_column!r} on {tc.table!r}: every incremental read scans the table "
-            f"(a run of several windows reads them in one sorted scan). Create one, e.g. "
-            f"{source.create_index_sql(info)}"
-        )
+        return source.missing_index_note(self.describe(source), table=tc.table, column=tc.watermark_column)
 
     @property
     def tracks_changes(self) -> bool:
@@ -224,6 +219,7 @@ class CopyRun:
     refresh: bool
     horizon: Horizon
     frontier: Any  # where the table's latest record says the next copy starts
+    progress: Progress | None = None
 
     @property
     def name(self) -> str:
@@ -233,6 +229,7 @@ class CopyRun:
         copy = copy_slice(
             self.source, self.info, self.store, table=self.name, slice_=planned,
             batch_size=self.table.config.batch_size, max_rows_per_file=_max_rows(self.context), replace=replace,
+            progress=self.progress,
         )
         _log_copy(self.context, self.table, self.info, copy)
         return copy
@@ -254,11 +251,14 @@ def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
     windows = run.table.windows(keys)
     frontier, horizon = run.frontier, run.horizon.value
     planned = plan_window_slices(windows, frontier, horizon, refresh=run.refresh)
+    if planned and run.progress is not None:
+        run.progress.set_total(run.source.estimate_rows(run.info, planned[0].lo, planned[-1].hi))
     progress = _CopyProgress(run.context, run.table, run.info)
     try:
         copies = copy_window_slices(
             run.source, run.info, run.store, planned, table=run.name, batch_size=run.table.config.batch_size,
             max_rows_per_file=_max_rows(run.context), replace=run.refresh, landed=progress.landed,
+            progress=run.progress,
         )
     finally:
         progress.flush()  # after a failure too: what was landed before it
@@ -289,6 +289,8 @@ def _copy_capture_windows(run: CopyRun, keys: list[str]) -> Copied:
             hi = run.horizon.value
             if hi is None or (frontier is not None and hi <= frontier):
                 continue
+            if run.progress is not None:
+                run.progress.set_total(run.source.estimate_rows(run.info, frontier, hi))
             copy = run.land(PlannedSlice(key, frontier, hi), replace=False)
             copies.append(copy)
             low, high = frontier, hi
@@ -324,6 +326,12 @@ def _log_copy(context, table: LandingTable, info, copy: SliceCopy) -> None:
         f"{info.watermark_column} in [{_text(kind, copy.lo)}, {kind.to_text(copy.hi)}) "
         f"into {len(copy.files)} file(s) in {copy.seconds:.2f}s"
     )
+
+
+def log_progress(context) -> Throttled:
+    """A progress listener writing a line to the run's log every ``$INCREMENTAL_ASSETS_PROGRESS_SECONDS``
+    (10 by default) during a copy or merge that lasts longer than that; nothing for a shorter one."""
+    return Throttled(lambda update: context.log.info(update.describe()), interval_seconds())
 
 
 class _CopyProgress:
@@ -429,8 +437,12 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             context.log.warning(f"{tc.name}: no safe upper bound yet ({horizon.note}); nothing copied this time")
         copier = _copy_windows if isinstance(kind, TimestampKind) else _copy_capture_windows
         keys = list(context.partition_keys)
-        run = CopyRun(context, table, source, info, store, refresh, horizon, frontier)
-        copied = copier(run, keys)
+        progress = Progress(tc.name, [log_progress(context)])
+        run = CopyRun(context, table, source, info, store, refresh, horizon, frontier, progress)
+        try:
+            copied = copier(run, keys)
+        finally:
+            progress.finish()
         copies, mode = copied.copies, copied.mode
         if frontier is None and mode == "incremental" and copies:
             mode = "initial"
@@ -502,9 +514,11 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
     recorded = recorded_state(context.instance, table.key, kind)
     last = None if refresh else recorded.frontier
     reader = ChangeReader(source, tc.table, primary_key=tc.primary_key or None, columns=tc.columns)
-    with reader.read(last, on_expired=tc.on_expired, batch_size=tc.batch_size) as changes:
+    progress = Progress(tc.name, [log_progress(context)])
+    with _finishing(progress), reader.read(last, on_expired=tc.on_expired, batch_size=tc.batch_size) as changes:
         if changes.reinitialized:
             context.log.warning(f"{tc.name}: full copy at version {changes.new_version}: {changes.reason}")
+            progress.set_total(source.estimate_rows(table.describe(source)))
         moved = changes.reinitialized or last is None or changes.new_version != last
         files = []
         if moved:
@@ -512,7 +526,7 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             stem = slice_stem(kind, None if changes.reinitialized else last, changes.new_version)
             if changes.reinitialized:
                 stem += FULL_SUFFIX
-            files = store.write_slice(tc.name, current, stem, changes.schema, changes.batches,
+            files = store.write_slice(tc.name, current, stem, changes.schema, progress.count(changes.batches),
                                       max_rows_per_file=_max_rows(context))
         counts = dict(changes.counts)
         new_version = changes.new_version
@@ -541,6 +555,14 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
         }
     )
+
+
+@contextmanager
+def _finishing(progress: Progress):
+    try:
+        yield progress
+    finally:
+        progress.finish()
 
 
 #: a file holding a full snapshot (change tracking's initial or re-initialising copy)

@@ -18,9 +18,10 @@ import dagster as dg
 
 from ..config import ProjectConfig
 from ..landing import LandingError
+from ..progress import CHECKING, MERGING, Progress
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
-from .landing import FULL_SUFFIX, LandingTable, latest_metadata
+from .landing import FULL_SUFFIX, LandingTable, latest_metadata, log_progress
 from .liveness import record_process
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
@@ -139,37 +140,42 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         recorded = merged_state(context.instance, table, keys)
         totals = dict.fromkeys(FIGURES, 0)
         files_merged = 0
-        for partition in keys:
-            before = recorded.get(partition)
-            merged = before.files if before and before.files is not None else {}
-            current = store.file_versions(tc.name, partition)
-            figures = dict.fromkeys(FIGURES, 0)
-            todo = unmerged(current, merged)
-            for path in todo:
-                data = store.read_arrow(path, schema=schema)
-                result = replica.merge(table.target, data, key, version_column=version, operation_column=operation,
-                                       soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
+        progress = Progress(tc.name, [log_progress(context)], phase=MERGING)
+        try:
+            for partition in keys:
+                before = recorded.get(partition)
+                merged = before.files if before and before.files is not None else {}
+                current = store.file_versions(tc.name, partition)
+                figures = dict.fromkeys(FIGURES, 0)
+                todo = unmerged(current, merged)
+                for path in todo:
+                    data = store.read_arrow(path, schema=schema)
+                    result = replica.merge(table.target, data, key, version_column=version, operation_column=operation,
+                                           soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
+                    for name in FIGURES:
+                        figures[name] += getattr(result, name)
+                    if operation and is_full_snapshot(path) and data.num_rows:
+                        # rows the snapshot no longer holds were deleted at the source meanwhile
+                        snapshot_version = max(data.column(version).to_pylist())
+                        figures["deleted"] += replica.delete_older_than(
+                            table.target, key, version_column=version, version=snapshot_version, soft_delete=table.soft_delete
+                        )
+                    progress.add(data.num_rows)
+                files_merged += len(todo)
                 for name in FIGURES:
-                    figures[name] += getattr(result, name)
-                if operation and is_full_snapshot(path) and data.num_rows:
-                    # rows the snapshot no longer holds were deleted at the source meanwhile
-                    snapshot_version = max(data.column(version).to_pylist())
-                    figures["deleted"] += replica.delete_older_than(
-                        table.target, key, version_column=version, version=snapshot_version, soft_delete=table.soft_delete
-                    )
-            files_merged += len(todo)
-            for name in FIGURES:
-                totals[name] += figures[name]
-            # each window's materialization carries its own figures and the files it now holds merged
-            context.add_asset_metadata(
-                {
-                    "files_merged": len(todo),
-                    **{f"rows_{name}": figures[name] for name in FIGURES},
-                    **_files_record(before, current, todo),
-                    LANDING_EVENT: dg.MetadataValue.int(landed.get(partition, 0)),
-                },
-                partition_key=partition,
-            )
+                    totals[name] += figures[name]
+                # each window's materialization carries its own figures and the files it now holds merged
+                context.add_asset_metadata(
+                    {
+                        "files_merged": len(todo),
+                        **{f"rows_{name}": figures[name] for name in FIGURES},
+                        **_files_record(before, current, todo),
+                        LANDING_EVENT: dg.MetadataValue.int(landed.get(partition, 0)),
+                    },
+                    partition_key=partition,
+                )
+        finally:
+            progress.finish()  # after a failure too: its display ends
         previous = latest_metadata(context.instance, table.key) or {}
         _, through = check_windows(context.instance, store, table, int(previous.get(MERGED_THROUGH) or 0),
                                    merged_now={p: landed.get(p, 0) for p in keys})
@@ -187,7 +193,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                 MERGED_THROUGH: dg.MetadataValue.int(through),
             }
         )
-        yield reconcile(table, source, info, replica, key)
+        yield reconcile(table, source, info, replica, key, [log_progress(context)])
 
     return _asset
 
@@ -317,17 +323,23 @@ def check_windows(instance: dg.DagsterInstance, store, table: ReplicaTable, veri
     return out, (min(waiting) - 1 if waiting else max(landed.values()))
 
 
-def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.AssetCheckResult:
+def reconcile(table: ReplicaTable, source, info, replica, key: list[str], listeners=()) -> dg.AssetCheckResult:
     """Source and replica agree on row count and on an order-independent checksum of keys and
-    watermarks. Rows landing has not copied yet (above the frontier) show as a difference."""
+    watermarks. Rows landing has not copied yet (above the frontier) show as a difference.
+    ``listeners`` follow its progress: the source's rows read, then the replica's."""
     from ..replica import reconcile_source
 
     version = None if table.landing.tracks_changes else table.landing.config.watermark_column
-    with source.connect() as conn:
-        src_count, src_sum = reconcile_source(
-            conn, info.table, key, version, column_timezone=table.landing.config.watermark_timezone
-        )
-    rep_count, rep_sum = replica.reconcile(table.target, key, version)
+    progress = Progress(table.landing.config.name, listeners, phase=CHECKING, total=source.estimate_rows(info))
+    try:
+        with source.connect() as conn:
+            src_count, src_sum = reconcile_source(
+                conn, info.table, key, version, column_timezone=table.landing.config.watermark_timezone, progress=progress
+            )
+        progress.start_phase(CHECKING, total=src_count)  # the replica's rows, as many when they agree
+        rep_count, rep_sum = replica.reconcile(table.target, key, version, progress=progress)
+    finally:
+        progress.finish()
     passed = (src_count, src_sum) == (rep_count, rep_sum)
     return dg.AssetCheckResult(
         asset_key=table.key,

@@ -32,6 +32,7 @@ composite and unknown types as the server's text, named in the log.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import queue
 import re
@@ -45,7 +46,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from .base import EngineDialect, RunRead, register
+from .base import EngineDialect, Explain, RunRead, register
 from .pg_arrow import NoFastPath, _string_array, batch_converter
 from .pg_arrow import column_converter  # noqa: F401  (public names of the parts moved out stay importable here)
 from .pg_plans import CORRELATION, IN_ORDER_CORRELATION  # noqa: F401
@@ -56,7 +57,7 @@ from .pg_query import SliceQuery, _compile_dialect, interval_iso, slice_query
 from .types import arrow_type, base_type, text_fallback
 
 if TYPE_CHECKING:
-    from .base import Source
+    from .base import Source, TableInfo
 
 log = logging.getLogger("incremental_assets")
 T = TypeVar("T")
@@ -169,6 +170,25 @@ class PostgreSQLDialect(EngineDialect):
     #: table stored in another order than its watermark's is read as one scan the server sorts,
     #: rather than a read per window: the server's temporary files hold about that much
     SORTED_READ_MAX_BYTES = 1 << 30
+
+    def estimate_rows(self, conn: sa.Connection, source: Source, info: TableInfo, lo: Any, hi: Any) -> float | None:
+        """The planner's estimate (``EXPLAIN``: the statistics' histogram of the watermark, and
+        ``pg_class.reltuples`` scaled to the table's current size); nothing is read."""
+        plan = conn.execute(Explain("EXPLAIN (FORMAT JSON)", source.select_rows(info, lo, hi))).scalar()
+        plan = json.loads(plan) if isinstance(plan, (str, bytes)) else plan
+        rows = _plan_top(plan).get("Plan Rows")
+        return float(rows) if isinstance(rows, (int, float)) else None
+
+    def missing_privileges(self, conn: sa.Connection) -> str | None:
+        ok = conn.execute(sa.text(
+            "SELECT r.rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') "
+            "FROM pg_roles r WHERE r.rolname = current_user"
+        )).scalar()
+        if ok:
+            return None
+        user = conn.execute(sa.text("SELECT quote_ident(current_user)")).scalar()
+        return (f"role {user} cannot see other roles' transactions in pg_stat_activity, so their start is unknown and "
+                f"holds the horizon back: GRANT pg_read_all_stats TO {user};")
 
     def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> RunRead | None:
         """One read in watermark order serves a run of windows better than a read per window:
