@@ -60,10 +60,20 @@ class LandingTable:
     config: TableConfig
     partitions_def: dg.TimeWindowPartitionsDefinition
     source_key: str
+    #: the asset's key and attributes when a component's translation set them (defs/specs.py)
+    spec: dg.AssetSpec | None = None
+    #: the key of the table's replica asset when a translation set it
+    replica_asset_key: dg.AssetKey | None = None
+    #: the landing store's resource key (one per component instance)
+    landing_key: str = "landing"
 
     @property
     def key(self) -> dg.AssetKey:
-        return dg.AssetKey(["landing", self.config.name])
+        return self.spec.key if self.spec is not None else dg.AssetKey(["landing", self.config.name])
+
+    @property
+    def replica_key(self) -> dg.AssetKey:
+        return self.replica_asset_key or dg.AssetKey(["replica", self.config.name])
 
     @property
     def pool(self) -> str:
@@ -194,7 +204,7 @@ class CopyRun:
     def land(self, planned: PlannedSlice, *, replace: bool) -> SliceCopy:
         copy = copy_slice(
             self.source, self.info, self.store, table=self.name, slice_=planned,
-            batch_size=self.table.config.batch_size, max_rows_per_file=_max_rows(self.context), replace=replace,
+            batch_size=self.table.config.batch_size, max_rows_per_file=_max_rows(self.context, self.table), replace=replace,
         )
         _log_copy(self.context, self.table, self.info, copy)
         return copy
@@ -220,7 +230,7 @@ def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
     try:
         copies = copy_window_slices(
             run.source, run.info, run.store, planned, table=run.name, batch_size=run.table.config.batch_size,
-            max_rows_per_file=_max_rows(run.context), replace=run.refresh, landed=progress.landed,
+            max_rows_per_file=_max_rows(run.context, run.table), replace=run.refresh, landed=progress.landed,
         )
     finally:
         progress.flush()  # after a failure too: what was landed before it
@@ -321,48 +331,37 @@ class _CopyProgress:
             )
 
 
-def _after_crash(context, name: str) -> None:
+def _after_crash(context, table: LandingTable) -> None:
     """Record which process executes this run (so that its death can be told), and remove the
     temporary files that a killed copy of the table left in the landing store."""
     from .liveness import record_process
 
     record_process(context)
-    if removed := context.resources.landing.get().remove_dead_temps(name):
+    name = table.config.name
+    if removed := getattr(context.resources, table.landing_key).get().remove_dead_temps(name):
         context.log.warning(f"{name}: removed {removed} temporary file(s) left by a copy whose process died")
 
 
-def _max_rows(context) -> int | None:
-    return context.resources.landing.max_rows_per_file
+def _max_rows(context, table: LandingTable) -> int | None:
+    return getattr(context.resources, table.landing_key).max_rows_per_file
 
 
 def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.AssetsDefinition:
+    from .specs import asset_attributes, landing_spec
+
     tc = table.config
-    kinds = {"sql", config.landing.format}
-    if config.landing.url.startswith("azure://"):
-        kinds.add("azure")
 
     @dg.asset(
-        key=table.key,
+        **asset_attributes(table.spec or landing_spec(table, config)),
         partitions_def=table.partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=table.pool,
         retry_policy=config.run_retries.policy(),
-        required_resource_keys={table.source_key, "landing"},
-        group_name="landing",
-        kinds=kinds,
-        description=tc.description
-        or (f"Table `{tc.table}` of source `{tc.source}`, copied by change tracking (net inserts, updates, deletes)."
-            if table.tracks_changes else
-            f"Table `{tc.table}` of source `{tc.source}`, copied incrementally by `{tc.watermark_column}`."),
-        metadata={
-            "source": tc.source,
-            "source_table": tc.table,
-            "watermark_column": tc.watermark_column or "(change tracking)",
-        },
+        required_resource_keys={table.source_key, table.landing_key},
     )
     def _asset(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
         try:
-            _after_crash(context, tc.name)
+            _after_crash(context, table)
             return _materialize(context, config)
         except SourceUnavailable:
             raise  # transient: the retry policy tries again later
@@ -375,7 +374,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             return _materialize_changes(context, table, _is_refresh(context, config))
         started = time.perf_counter()
         source: Source = getattr(context.resources, table.source_key).get()
-        store = context.resources.landing.get()
+        store = getattr(context.resources, table.landing_key).get()
         info = table.describe(source)
         kind = info.kind
         if note := table.index_note(source):
@@ -452,7 +451,7 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
     tc = table.config
     started = time.perf_counter()
     source: Source = getattr(context.resources, table.source_key).get()
-    store = context.resources.landing.get()
+    store = getattr(context.resources, table.landing_key).get()
     kind = table.version_kind
     current = _current_window(context, table)
     past = [k for k in context.partition_keys if k != current]
@@ -475,7 +474,7 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             if changes.reinitialized:
                 stem += FULL_SUFFIX
             files = store.write_slice(tc.name, current, stem, changes.schema, changes.batches,
-                                      max_rows_per_file=_max_rows(context))
+                                      max_rows_per_file=_max_rows(context, table))
         counts = dict(changes.counts)
         new_version = changes.new_version
     context.log.info(

@@ -40,10 +40,14 @@ class ReplicaTable:
     target: str
     soft_delete: bool
     on_schema_change: str
+    #: the asset's key and attributes when a component's translation set them (defs/specs.py)
+    spec: dg.AssetSpec | None = None
+    #: the replica database's resource key (one per component instance)
+    replica_key: str = "replica"
 
     @property
     def key(self) -> dg.AssetKey:
-        return dg.AssetKey(["replica", self.landing.config.name])
+        return self.landing.replica_key
 
     @property
     def check_name(self) -> str:
@@ -80,22 +84,18 @@ def merge_key(table: ReplicaTable, info) -> list[str]:
 
 
 def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.AssetsDefinition:
+    from .specs import asset_attributes, replica_spec
+
     tc = table.landing.config
     source_key = table.landing.source_key
 
     @dg.asset(
-        key=table.key,
-        deps=[table.landing.key],
+        **asset_attributes(table.spec or replica_spec(table, config)),
         partitions_def=table.landing.partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=f"incremental_assets/replica/{tc.name}",
         retry_policy=config.run_retries.policy(),
-        required_resource_keys={source_key, "landing", "replica"},
-        group_name="replica",
-        kinds={"sql"},
-        description=f"`{tc.table}` kept equal to the source in replica table `{table.target}`: landed slices "
-        f"merged by key, last writer wins by `{tc.watermark_column}`.",
-        metadata={"replica_table": table.target},
+        required_resource_keys={source_key, table.landing.landing_key, table.replica_key},
         check_specs=[dg.AssetCheckSpec(table.check_name, asset=table.key, blocking=False,
                                        description="Row count and key/version checksum equal the source's.")],
     )
@@ -112,8 +112,8 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         started_at = dt.datetime.now(dt.timezone.utc)
         t0 = time.perf_counter()
         source = getattr(context.resources, source_key).get()
-        store = context.resources.landing.get()
-        replica = context.resources.replica.get()
+        store = getattr(context.resources, table.landing.landing_key).get()
+        replica = getattr(context.resources, table.replica_key).get()
         info = table.landing.describe(source)
         key = merge_key(table, info)
         version, operation, schema = tc.watermark_column, None, info.schema
