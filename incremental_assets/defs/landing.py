@@ -28,8 +28,11 @@ from ..copying import (
 from ..sources import (
     Horizon, IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind,
 )
-from ..state import OPEN, WatermarkState, next_frontier
-from .partitions import partitions_def_for, window
+from ..state import NEW, OPEN, PREVIOUS, WatermarkState, next_frontier
+from .metadata import (
+    PARTITION_ROW_COUNT, progress_metadata, record_empty_windows, table_metadata, version_lag, window_row_counts,
+)
+from .partitions import key_for_time, partitions_def_for, window
 from .resources import source_resource_key
 
 TABLE_TAG = "incremental_assets/table"
@@ -219,6 +222,8 @@ class Copied:
     high: Any
     frontier: Any
     mode: str
+    #: windows proven to hold no row, between the old frontier and the run's first window
+    empty: tuple[str, ...] = ()
 
 
 def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
@@ -239,6 +244,7 @@ def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
     # the first window (a run planned from the oldest row to copy)
     top = _top(copies)
     new_frontier, low = frontier, (planned[0].lo if planned else frontier)
+    empty: tuple[str, ...] = ()
     if top is not None and horizon is not None:
         first = windows[0]
         joined = first.open_start or (frontier is not None and first.start <= frontier)
@@ -246,8 +252,21 @@ def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
             new_frontier = next_frontier(run.info.kind, frontier, top, horizon)
             if not run.refresh:
                 low = frontier
+            if not joined:  # no row lies between the frontier and the first window
+                empty = _windows_within(run.table, frontier, first.start)
     high = max((c.hi for c in copies), default=None)
-    return Copied(copies, low, high, new_frontier, "refresh" if run.refresh else "incremental")
+    return Copied(copies, low, high, new_frontier, "refresh" if run.refresh else "incremental", empty)
+
+
+def _windows_within(table: LandingTable, lo: Any, hi: Any) -> tuple[str, ...]:
+    """The windows wholly inside ``[lo, hi)`` (``lo`` None: from the first window)."""
+    pdef = table.partitions_def
+    first = pdef.get_first_partition_key() if lo is None else key_for_time(pdef, lo)
+    last = key_for_time(pdef, hi)
+    if first is None or last is None or first >= last:
+        return ()
+    keys = pdef.get_partition_keys_in_range(dg.PartitionKeyRange(first, last))[:-1]  # the last holds hi
+    return tuple(k for k in keys if (lo is None or window(pdef, k)[0] >= lo) and window(pdef, k)[1] <= hi)
 
 
 def _copy_capture_windows(run: CopyRun, keys: list[str]) -> Copied:
@@ -403,27 +422,46 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             kind=kind, frontier=copied.frontier, previous=copied.low, new=copied.high, max_copied=top, highest=highest,
             horizon=horizon.value, horizon_note=horizon.note, held_back=horizon.held_back, run_mode=mode,
         )
+        copy_seconds = float(sum(c.seconds for c in copies))
+        counts = _window_counts(context, table, keys, copies, replaced=refresh or mode == "replay")
         metadata = {
             **state.to_metadata(),
-            "dagster/row_count": dg.MetadataValue.int(rows),
+            PARTITION_ROW_COUNT: dg.MetadataValue.int(counts[keys[0]] if len(keys) == 1 else rows),
+            "rows_copied": dg.MetadataValue.int(rows),
             "file_count": len(files),
             "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
             "landing": store.describe(),
+            **table_metadata(f"{store.describe()}/{tc.name}", info.schema),
+            **progress_metadata(source, info, copied.frontier, highest, rows, copy_seconds),
             "null_watermark_rows": nulls,
-            "copy_seconds": dg.MetadataValue.float(round(float(sum(c.seconds for c in copies)), 3)),
+            "copy_seconds": dg.MetadataValue.float(round(copy_seconds, 3)),
             "horizon_seconds": dg.MetadataValue.float(round(horizon_seconds, 3)),
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
         }
         if len(files) > MAX_FILES_SHOWN:
             metadata["files_truncated"] = True
         if len(keys) > 1:
-            _add_partition_metadata(context, keys, copies)
+            _add_partition_metadata(context, keys, copies, counts)
+        if copied.empty:  # recorded before this run's own records: the latest stays the run's
+            record_empty_windows(context.instance, table.key, list(copied.empty),
+                                 {k: v for k, v in state.to_metadata().items() if k not in (PREVIOUS, NEW)})
+            context.log.info(f"{tc.name}: {len(copied.empty)} window(s) before the first one copied hold no row: "
+                             f"recorded as empty ({copied.empty[0]} ... {copied.empty[-1]})")
         return dg.MaterializeResult(metadata=metadata)
 
     return _asset
 
 
-def _add_partition_metadata(context, keys: list[str], copies: list[SliceCopy]) -> None:
+def _window_counts(context, table: LandingTable, keys: list[str], copies: list[SliceCopy], *,
+                   replaced: bool) -> dict[str, int]:
+    """Each window's rows once this run's slices are in (see metadata.window_row_counts)."""
+    added = dict.fromkeys(keys, 0)
+    for copy in copies:
+        added[copy.partition] = added.get(copy.partition, 0) + copy.rows
+    return window_row_counts(context.instance, table.key, added, replaced=replaced)
+
+
+def _add_partition_metadata(context, keys: list[str], copies: list[SliceCopy], counts: dict[str, int]) -> None:
     """A run of several windows: each window's materialization shows its own rows and files (the
     watermarks and the frontier are the run's, the same on each)."""
     by_key: dict[str, list[SliceCopy]] = {k: [] for k in keys}
@@ -432,7 +470,8 @@ def _add_partition_metadata(context, keys: list[str], copies: list[SliceCopy]) -
     for key, mine in by_key.items():
         files = [f.uri for c in mine for f in c.files]
         metadata = {
-            "dagster/row_count": dg.MetadataValue.int(sum(c.rows for c in mine)),
+            PARTITION_ROW_COUNT: dg.MetadataValue.int(counts[key]),
+            "rows_copied": dg.MetadataValue.int(sum(c.rows for c in mine)),
             "file_count": len(files),
             "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
             "files_truncated": len(files) > MAX_FILES_SHOWN,
@@ -477,6 +516,9 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
                                       max_rows_per_file=_max_rows(context, table))
         counts = dict(changes.counts)
         new_version = changes.new_version
+        schema = changes.schema
+    rows = sum(counts.values())
+    window_rows = window_row_counts(context.instance, table.key, {current: rows}, replaced=False)[current]
     context.log.info(
         f"{tc.name} [{current}]: versions ({_text(kind, last)}, {new_version}]: "
         f"{counts.get('I', 0)} insert(s), {counts.get('U', 0)} update(s), {counts.get('D', 0)} delete(s)"
@@ -487,7 +529,10 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             "new_watermark": kind.to_text(new_version),
             "frontier": kind.to_text(new_version),
             "highest_watermark": kind.to_text(new_version),
-            "dagster/row_count": dg.MetadataValue.int(sum(counts.values())),
+            PARTITION_ROW_COUNT: dg.MetadataValue.int(window_rows),
+            "rows_copied": dg.MetadataValue.int(rows),
+            **table_metadata(f"{store.describe()}/{tc.name}", schema),
+            **version_lag(source, tc.table, new_version),
             "rows_inserted": counts.get("I", 0),
             "rows_updated": counts.get("U", 0),
             "rows_deleted": counts.get("D", 0),

@@ -22,6 +22,7 @@ from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
 from .landing import FULL_SUFFIX, LandingTable
 from .liveness import record_process
+from .metadata import ROW_COUNT, table_metadata
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
 #: window's files it holds merged, and the storage id of the window's latest landing
@@ -169,16 +170,21 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
             f"{tc.name}: merged {files_merged} file(s) of {len(keys)} window(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
         )
+        merge_seconds = time.perf_counter() - t0
+        check = reconcile(table, source, info, replica, key)  # its count is the table's total below
+        qualified = f"{replica.schema}.{table.target}" if replica.schema else table.target
         yield dg.MaterializeResult(
             metadata={
                 "merge_started": started_at.isoformat(),
                 "added_columns": dg.MetadataValue.json(added),
                 "replica_table": table.target,
                 "replica": replica.redacted_url,
-                "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
+                "merge_seconds": dg.MetadataValue.float(round(merge_seconds, 3)),
+                ROW_COUNT: dg.MetadataValue.int(int(check.metadata["replica_rows"].value)),
+                **table_metadata(qualified, schema),
             }
         )
-        yield reconcile(table, source, info, replica, key)
+        yield check
 
     return _asset
 

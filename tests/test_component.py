@@ -1,0 +1,244 @@
+"""IncrementalCopyComponent in a dg project: scaffolded by `dg scaffold defs`, checked by `dg check
+defs`, loaded from the defs folder; rows copied through it; translation; two instances."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TYPE = "incremental_assets.IncrementalCopyComponent"
+
+ROWS = [(1, "Ann", "2024-01-02 09:00:00"), (2, "Bob", "2024-01-02 17:30:00"), (3, "Cid", "2024-01-02 23:59:59")]
+
+
+@pytest.fixture(scope="module")
+def registry_path(tmp_path_factory) -> str:
+    """A sys.path entry under which the project's entry points are registered as pyproject.toml
+    declares them: none when the installed project already has them (an install of this tree),
+    else its metadata built from pyproject.toml (setuptools' egg_info)."""
+    found = importlib.metadata.entry_points(group="dagster_dg_cli.registry_modules")
+    if any(ep.value == "incremental_assets" for ep in found) and _installed_here():
+        return ""
+    out = tmp_path_factory.mktemp("metadata")
+    subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "egg_info", "--egg-base", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    return str(out)
+
+
+def _installed_here() -> bool:
+    import incremental_assets
+
+    return Path(incremental_assets.__file__).resolve().parent.parent == ROOT
+
+
+def make_project(path: Path) -> Path:
+    """An empty dg project: pyproject.toml, a package whose definitions load its defs folder."""
+    name = f"proj_{uuid.uuid4().hex[:8]}"
+    (path / name / "defs").mkdir(parents=True)
+    (path / "pyproject.toml").write_text(textwrap.dedent(f"""\
+        [project]
+        name = "{name}"
+        version = "0.1.0"
+
+        [tool.dg]
+        directory_type = "project"
+
+        [tool.dg.project]
+        root_module = "{name}"
+        """))
+    (path / name / "__init__.py").write_text("")
+    (path / name / "defs" / "__init__.py").write_text("")
+    (path / name / "definitions.py").write_text(textwrap.dedent("""\
+        from pathlib import Path
+
+        import dagster as dg
+
+
+        @dg.definitions
+        def defs():
+            return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+        """))
+    return path / name
+
+
+def source_db(path: Path, name="customers", rows=ROWS) -> str:
+    url = f"sqlite:///{path}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {name} (id int PRIMARY KEY, name varchar(20), updated_at datetime)"))
+        conn.execute(sa.text(f"CREATE INDEX ix_{name}_updated ON {name} (updated_at)"))
+        for row in rows:
+            conn.execute(sa.text(f"INSERT INTO {name} VALUES (:i, :n, :u)"), {"i": row[0], "n": row[1], "u": row[2]})
+    engine.dispose()
+    return url
+
+
+def dg_command(project: Path, registry: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    paths = [str(ROOT), registry, str(project)]
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **(env or {})}
+    full.pop("INCREMENTAL_ASSETS_CONFIG", None)
+    return subprocess.run([str(BIN / "dg"), *args], cwd=project, env=full, capture_output=True, text=True, timeout=300)
+
+
+def load_defs(project_root: Path, monkeypatch) -> dg.Definitions:
+    monkeypatch.syspath_prepend(str(project_root))
+    return dg.load_from_defs_folder(path_within_project=project_root)
+
+
+def test_scaffold_check_and_copy_rows(tmp_path, registry_path, monkeypatch):
+    package = make_project(tmp_path)
+    listed = dg_command(tmp_path, registry_path, "list", "components", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert TYPE in [item["key"] for item in __import__("json").loads(listed.stdout)["items"]]
+
+    scaffolded = dg_command(tmp_path, registry_path, "scaffold", "defs", TYPE, "erp")
+    assert scaffolded.returncode == 0, scaffolded.stdout + scaffolded.stderr
+    defs_yaml = package / "defs" / "erp" / "defs.yaml"
+    text = defs_yaml.read_text()
+    assert text.startswith("#") and f"type: {TYPE}" in text and "# replica:" in text  # commented, to edit
+    assert yaml.safe_load(text)["attributes"]["sources"]["erp"]["url"] == "${ERP_URL}"
+
+    # the scaffolded table (customers, by updated_at) against a real SQLite source
+    url = source_db(tmp_path / "erp.db")
+    checked = dg_command(tmp_path, registry_path, "check", "defs", env={"ERP_URL": url})
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    unset = dg_command(tmp_path, registry_path, "check", "defs")
+    assert unset.returncode != 0 and "environment variable ERP_URL is not set" in unset.stdout + unset.stderr
+
+    monkeypatch.setenv("ERP_URL", url)
+    defs = load_defs(tmp_path, monkeypatch)
+    key = dg.AssetKey(["landing", "customers"])
+    assert key in defs.resolve_all_asset_keys()
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("copy_erp").execute_in_process(
+            instance=instance, partition_key="2024-01-02", asset_selection=[key])
+        assert result.success
+        meta = result.asset_materializations_for_node("landing__customers")[0].metadata
+    assert meta["dagster/partition_row_count"].value == 3
+    files = sorted((package / "defs" / "erp" / "landing" / "customers" / "2024-01-02").glob("*.parquet"))
+    assert files, "the landing folder resolves against the defs.yaml's folder"
+    landed = pq.read_table(files[0])
+    assert sorted(landed.column("id").to_pylist()) == [1, 2, 3]
+
+
+TRANSLATED = """\
+type: incremental_assets.IncrementalCopyComponent
+attributes:
+  sources:
+    crm:
+      url: {url}
+  landing: {{url: ./landing}}
+  replica: {{url: "sqlite:///{replica}"}}
+  tables:
+    - name: accounts
+      source: crm
+      table: accounts
+      watermark_column: updated_at
+      partitions: {{granularity: daily, start: "2024-01-01"}}
+  translation:
+    key: "crm/{{{{ layer }}}}/{{{{ table.name }}}}"
+    group_name: crm_{{{{ layer }}}}
+    owners: ["team:sales"]
+    kinds: [sqlite]
+    tags: {{system: crm}}
+    description: "{{{{ table.table }}}} from CRM ({{{{ layer }}}})"
+post_processing:
+  assets:
+    - target: "*"
+      attributes:
+        tags: {{reviewed: "yes"}}
+"""
+
+PLAIN = """\
+type: incremental_assets.IncrementalCopyComponent
+attributes:
+  sources:
+    erp:
+      url: {url}
+  landing: {{url: ./landing}}
+  replica: {{url: "sqlite:///{replica}"}}
+  tables:
+    - name: customers
+      source: erp
+      table: customers
+      watermark_column: updated_at
+      primary_key: [id]
+      partitions: {{granularity: daily, start: "2024-01-01"}}
+"""
+
+
+def test_translation_and_two_instances(tmp_path, monkeypatch):
+    package = make_project(tmp_path)
+    for name, body, table in (("crm", TRANSLATED, "accounts"), ("erp", PLAIN, "customers")):
+        folder = package / "defs" / name
+        folder.mkdir()
+        url = source_db(tmp_path / f"{name}.db", name=table)
+        (folder / "defs.yaml").write_text(body.format(url=url, replica=tmp_path / f"{name}_replica.db"))
+    defs = load_defs(tmp_path, monkeypatch)
+
+    keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
+    assert keys == {"crm/landing/accounts", "crm/replica/accounts", "landing/customers", "replica/customers"}
+    landing = defs.resolve_assets_def(dg.AssetKey(["crm", "landing", "accounts"]))
+    spec = next(iter(landing.specs))
+    assert spec.group_name == "crm_landing" and spec.owners == ["team:sales"]
+    assert spec.tags["system"] == "crm" and spec.tags["reviewed"] == "yes"  # translation, then post_processing
+    assert "sqlite" in spec.kinds and spec.description == "accounts from CRM (landing)"
+    replica = defs.resolve_assets_def(dg.AssetKey(["crm", "replica", "accounts"]))
+    assert dg.AssetKey(["crm", "landing", "accounts"]) in replica.dependency_keys
+    plain = next(iter(defs.resolve_assets_def(dg.AssetKey(["landing", "customers"])).specs))
+    assert plain.group_name == "landing" and "system" not in plain.tags
+
+    # each instance its own landing and replica resources, sensor and job
+    assert {"landing_crm", "landing_erp", "replica_crm", "replica_erp", "source_crm", "source_erp"} <= set(defs.resources)
+    assert {s.name for s in defs.sensors} == {"incremental_copy_crm_sensor", "incremental_copy_erp_sensor"}
+
+    # a run through the translated keys lands and merges (the accounts table declares its key)
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_job_def("copy_crm")
+        assert set(job.asset_layer.executable_asset_keys) == {dg.AssetKey(["crm", "landing", "accounts"]),
+                                                              dg.AssetKey(["crm", "replica", "accounts"])}
+        result = job.execute_in_process(instance=instance, partition_key="2024-01-02")
+        assert result.success
+        merged = instance.fetch_materializations(dg.AssetKey(["crm", "replica", "accounts"]), limit=1).records
+    assert merged
+    rows = sa.create_engine(f"sqlite:///{tmp_path / 'crm_replica.db'}").connect().execute(
+        sa.text("SELECT count(*) FROM accounts")).scalar()
+    assert rows == 3
+    assert sorted(p.name for p in (package / "defs" / "crm" / "landing" / "accounts").iterdir()) == ["2024-01-02"]
+
+
+def test_an_attribute_error_names_the_defs_file_the_table_and_the_key(tmp_path, monkeypatch):
+    package = make_project(tmp_path)
+    folder = package / "defs" / "erp"
+    folder.mkdir()
+    body = PLAIN.format(url="sqlite:///x.db", replica=tmp_path / "r.db").replace("watermark_column:", "watermark_colum:")
+    (folder / "defs.yaml").write_text(body)
+    with pytest.raises(Exception) as raised:
+        load_defs(tmp_path, monkeypatch)
+    text = str(raised.value) + "".join(str(c) for c in (raised.value.__cause__, raised.value.__context__) if c)
+    assert str(folder / "defs.yaml") in text
+    assert "tables[0] (table 'customers'): key 'watermark_colum': unknown key" in text
+
+
+def test_the_command_line_reads_a_component_file_without_translation(tmp_path):
+    from incremental_assets.config import ConfigError, load_config
+
+    path = tmp_path / "defs.yaml"
+    path.write_text(PLAIN.format(url="sqlite:///x.db", replica=tmp_path / "r.db"))
+    assert [t.name for t in load_config(path).tables] == ["customers"]
+    path.write_text(TRANSLATED.format(url="sqlite:///x.db", replica=tmp_path / "r.db"))
+    with pytest.raises(ConfigError, match="key 'translation'"):
+        load_config(path)
