@@ -184,12 +184,14 @@ class FreshnessConfig(_Model):
     when its latest materialization is older than these windows (docs/metadata.md)."""
 
     enabled: bool = True
-    fail_window_minutes: float = pydantic.Field(gt=0)
+    fail_window_minutes: float | None = pydantic.Field(None, gt=0)
     warn_window_minutes: float | None = pydantic.Field(None, gt=0)
 
     @pydantic.model_validator(mode="after")
     def _windows(self) -> FreshnessConfig:
-        if self.warn_window_minutes is not None and self.warn_window_minutes >= self.fail_window_minutes:
+        if self.enabled and self.fail_window_minutes is None:
+            raise ValueError("key 'fail_window_minutes': required (or enabled: false)")
+        if self.warn_window_minutes is not None and self.warn_window_minutes >= (self.fail_window_minutes or 0):
             raise ValueError("key 'warn_window_minutes': must be below fail_window_minutes")
         return self
 

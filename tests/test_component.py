@@ -242,3 +242,44 @@ def test_the_command_line_reads_a_component_file_without_translation(tmp_path):
     path.write_text(TRANSLATED.format(url="sqlite:///x.db", replica=tmp_path / "r.db"))
     with pytest.raises(ConfigError, match="key 'translation'"):
         load_config(path)
+
+
+def test_the_metadata_a_dagster_user_expects(tmp_path, monkeypatch):
+    """Each window's row count, the table's name and columns, and figures to plot: the rows not
+    copied yet and how far the copy is behind the source's newest row; a freshness policy."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
+    rows = [*ROWS, (4, "Dee", now.strftime("%Y-%m-%d %H:%M:%S"))]  # held back by lag_seconds below
+    package = make_project(tmp_path)
+    folder = package / "defs" / "erp"
+    folder.mkdir()
+    body = PLAIN.format(url=source_db(tmp_path / "erp.db", rows=rows), replica=tmp_path / "replica.db")
+    body = body.replace("      primary_key: [id]\n", "      primary_key: [id]\n      lag_seconds: 3600\n")
+    (folder / "defs.yaml").write_text(body + "  freshness: {fail_window_minutes: 1440, warn_window_minutes: 360}\n")
+    defs = load_defs(tmp_path, monkeypatch)
+    landing_key, replica_key = dg.AssetKey(["landing", "customers"]), dg.AssetKey(["replica", "customers"])
+    policy = next(iter(defs.resolve_assets_def(landing_key).specs)).freshness_policy
+    assert policy.fail_window.to_timedelta() == dt.timedelta(days=1)
+    assert policy.warn_window.to_timedelta() == dt.timedelta(hours=6)
+
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("copy_erp").execute_in_process(instance=instance, partition_key="2024-01-02")
+        assert result.success
+        landing = result.asset_materializations_for_node("landing__customers")[0].metadata
+        replica = instance.fetch_materializations(replica_key, limit=1).records[0].asset_materialization.metadata
+
+    assert landing["dagster/partition_row_count"].value == 3
+    assert "dagster/row_count" not in landing  # a slice's rows are not the table's
+    assert landing["dagster/table_name"].value.endswith("/landing/customers")
+    columns = landing["dagster/column_schema"].value.columns
+    assert [c.name for c in columns] == ["id", "name", "updated_at"] and "timestamp" in columns[2].type
+    assert landing["rows_ahead"].value == 1  # the row the lag holds back
+    behind = (now - dt.datetime(2024, 1, 2, 23, 59, 59)).total_seconds()
+    assert abs(landing["lag_seconds"].value - behind) < 5
+    assert landing["source_newest_watermark"].value.startswith(now.strftime("%Y-%m-%dT%H:%M"))
+    assert landing["rows_per_second"].value > 0
+    assert landing["frontier"].value == "2024-01-02T23:59:59.000001+00:00"  # watermarks stay text beside them
+    assert replica["dagster/row_count"].value == 3  # the replica table's total
+    assert replica["dagster/table_name"].value == "customers"
+    assert [c.name for c in replica["dagster/column_schema"].value.columns] == ["id", "name", "updated_at"]

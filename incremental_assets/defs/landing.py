@@ -442,9 +442,12 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             metadata["files_truncated"] = True
         if len(keys) > 1:
             _add_partition_metadata(context, keys, copies, counts)
-        if copied.empty:  # recorded before this run's own records: the latest stays the run's
-            record_empty_windows(context.instance, table.key, list(copied.empty),
-                                 {k: v for k, v in state.to_metadata().items() if k not in (PREVIOUS, NEW)})
+        if copied.empty:
+            # before this run's own records, so the latest record stays the run's; with the state
+            # as it was before the run, so that were the run's records lost, the next run would
+            # start where this one did, as after a crash
+            before = {k: v for k, v in recorded.to_metadata().items() if k not in (PREVIOUS, NEW)}
+            record_empty_windows(context.instance, table.key, list(copied.empty), before)
             context.log.info(f"{tc.name}: {len(copied.empty)} window(s) before the first one copied hold no row: "
                              f"recorded as empty ({copied.empty[0]} ... {copied.empty[-1]})")
         return dg.MaterializeResult(metadata=metadata)

@@ -71,8 +71,8 @@ def window_row_counts(instance: dg.DagsterInstance, key: dg.AssetKey, added: dic
 def record_empty_windows(instance: dg.DagsterInstance, key: dg.AssetKey, windows: list[str],
                          metadata: dict[str, Any]) -> None:
     """Record ``windows``, proven to hold no row, as materialized with no row and no file, with
-    the run's watermark ``metadata`` (so whichever record is read last, the frontier is the
-    run's). Runless events: a few milliseconds each, no step."""
+    the watermark ``metadata`` of the table's state before the run. Runless events: a few
+    milliseconds each, no step."""
     for window in windows:
         instance.report_runless_asset_event(dg.AssetMaterialization(
             asset_key=key, partition=window,

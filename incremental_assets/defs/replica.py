@@ -173,6 +173,8 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         merge_seconds = time.perf_counter() - t0
         check = reconcile(table, source, info, replica, key)  # its count is the table's total below
         qualified = f"{replica.schema}.{table.target}" if replica.schema else table.target
+        total = check.metadata["replica_rows"].value
+        assert isinstance(total, int)
         yield dg.MaterializeResult(
             metadata={
                 "merge_started": started_at.isoformat(),
@@ -180,7 +182,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                 "replica_table": table.target,
                 "replica": replica.redacted_url,
                 "merge_seconds": dg.MetadataValue.float(round(merge_seconds, 3)),
-                ROW_COUNT: dg.MetadataValue.int(int(check.metadata["replica_rows"].value)),
+                ROW_COUNT: dg.MetadataValue.int(total),
                 **table_metadata(qualified, schema),
             }
         )
