@@ -283,3 +283,32 @@ def test_the_metadata_a_dagster_user_expects(tmp_path, monkeypatch):
     assert replica["dagster/row_count"].value == 3  # the replica table's total
     assert replica["dagster/table_name"].value == "customers"
     assert [c.name for c in replica["dagster/column_schema"].value.columns] == ["id", "name", "updated_at"]
+
+
+def test_windows_before_the_first_row_are_recorded_empty_and_merged(tmp_path, capsys, dagster_home):
+    """A healthy table does not look mostly missing: the windows from `start` to the first row are
+    recorded as empty by the initial load, and the replica merges them (no file) like any other."""
+    from incremental_assets import cli
+    from incremental_assets.config import load_config
+    from incremental_assets.defs.landing import landing_tables
+
+    url = source_db(tmp_path / "erp.db")
+    config = tmp_path / "config.yaml"
+    # the instance's attributes as a standalone file: the same schema
+    config.write_text(yaml.safe_dump(yaml.safe_load(PLAIN.format(url=url, replica=tmp_path / "replica.db"))["attributes"]))
+    assert cli.main(["--config", str(config), "sync"]) == 0
+    out = capsys.readouterr().out
+    assert "customers: [2024-01-02] 3 row(s)" in out
+    keys = landing_tables(load_config(config))[0].partitions_def.get_partition_keys()
+    with dg.DagsterInstance.get() as instance:
+        def windows(layer):
+            records = instance.fetch_materializations(dg.AssetKey([layer, "customers"]), limit=10_000).records
+            return {r.partition_key: {k: v.value for k, v in r.asset_materialization.metadata.items()} for r in records}
+
+        landing, replica = windows("landing"), windows("replica")
+    assert landing["2024-01-01"]["empty_window"] is True and landing["2024-01-01"]["dagster/partition_row_count"] == 0
+    assert landing["2024-01-02"]["dagster/partition_row_count"] == 3
+    assert sorted(landing) == [k for k in keys if k <= "2024-01-02"]
+    assert sorted(replica) == sorted(landing)  # sync merged the empty window too: nothing pending
+    assert cli.main(["--config", str(config), "status"]) == 0
+    assert "0 windows pending merge" in capsys.readouterr().out
