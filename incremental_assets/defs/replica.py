@@ -170,22 +170,24 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
             f"{tc.name}: merged {files_merged} file(s) of {len(keys)} window(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
         )
-        merge_seconds = time.perf_counter() - t0
-        check = reconcile(table, source, info, replica, key)  # its count is the table's total below
         qualified = f"{replica.schema}.{table.target}" if replica.schema else table.target
+        metadata = {
+            "merge_started": started_at.isoformat(),
+            "added_columns": dg.MetadataValue.json(added),
+            "replica_table": table.target,
+            "replica": replica.redacted_url,
+            "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
+            **table_metadata(qualified, schema),
+        }
+        try:
+            check = reconcile(table, source, info, replica, key)  # its count is the table's total
+        except Exception:
+            yield dg.MaterializeResult(metadata=metadata)  # the merge is recorded whatever the check
+            raise
         total = check.metadata["replica_rows"].value
-        assert isinstance(total, int)
-        yield dg.MaterializeResult(
-            metadata={
-                "merge_started": started_at.isoformat(),
-                "added_columns": dg.MetadataValue.json(added),
-                "replica_table": table.target,
-                "replica": replica.redacted_url,
-                "merge_seconds": dg.MetadataValue.float(round(merge_seconds, 3)),
-                ROW_COUNT: dg.MetadataValue.int(total),
-                **table_metadata(qualified, schema),
-            }
-        )
+        if isinstance(total, int):
+            metadata[ROW_COUNT] = dg.MetadataValue.int(total)
+        yield dg.MaterializeResult(metadata=metadata)
         yield check
 
     return _asset
