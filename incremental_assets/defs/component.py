@@ -122,7 +122,9 @@ class IncrementalCopyComponent(dg.Component, dg.Resolvable):
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         from ..definitions import build_definitions, prepare_demo
 
-        path = context.path / "defs.yaml"
+        path = context.path / "defs.yaml"  # errors name it; relative folders resolve beside it
+        if not path.exists():  # built in Python (a component.py, a test)
+            path = context.path / "component.py"
         prepare_demo(path)
         return build_definitions(self.config(path), translate=self.translation, namespace=_namespace(context))
 
