@@ -205,8 +205,15 @@ def test_translation_and_two_instances(tmp_path, monkeypatch):
     assert {"landing_crm", "landing_erp", "replica_crm", "replica_erp", "source_crm", "source_erp"} <= set(defs.resources)
     assert {s.name for s in defs.sensors} == {"incremental_copy_crm_sensor", "incremental_copy_erp_sensor"}
 
-    # a run through the translated keys lands and merges (the accounts table declares its key)
+    # the source's sensor requests the translated keys; a run through them lands and merges (the
+    # accounts table declares its key)
     with dg.instance_for_test() as instance:
+        sensor = defs.resolve_sensor_def("incremental_copy_crm_sensor")
+        with dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs) as context:
+            request = sensor.evaluate_tick(context).run_requests[0]
+        assert request.job_name == "copy_crm" and request.partition_key == "2024-01-02"
+        assert set(request.asset_selection) == {dg.AssetKey(["crm", "landing", "accounts"]),
+                                                dg.AssetKey(["crm", "replica", "accounts"])}
         job = defs.resolve_job_def("copy_crm")
         assert set(job.asset_layer.executable_asset_keys) == {dg.AssetKey(["crm", "landing", "accounts"]),
                                                               dg.AssetKey(["crm", "replica", "accounts"])}
