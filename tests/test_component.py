@@ -294,7 +294,7 @@ def test_the_metadata_a_dagster_user_expects(tmp_path, monkeypatch):
 
 def test_windows_before_the_first_row_are_recorded_empty_and_merged(tmp_path, capsys, dagster_home):
     """A healthy table does not look mostly missing: the windows from `start` to the first row are
-    recorded as empty by the initial load, and the replica merges them (no file) like any other."""
+    recorded as empty by the initial load, on landing and on the replica (merged: no file)."""
     from incremental_assets import cli
     from incremental_assets.config import load_config
     from incremental_assets.defs.landing import landing_tables
@@ -316,6 +316,6 @@ def test_windows_before_the_first_row_are_recorded_empty_and_merged(tmp_path, ca
     assert landing["2024-01-01"]["empty_window"] is True and landing["2024-01-01"]["dagster/partition_row_count"] == 0
     assert landing["2024-01-02"]["dagster/partition_row_count"] == 3
     assert sorted(landing) == [k for k in keys if k <= "2024-01-02"]
-    assert sorted(replica) == sorted(landing)  # sync merged the empty window too: nothing pending
+    assert sorted(replica) == sorted(landing) and replica["2024-01-01"]["files_merged"] == 0
     assert cli.main(["--config", str(config), "status"]) == 0
     assert "0 windows pending merge" in capsys.readouterr().out

@@ -163,7 +163,7 @@ def test_replica_down_keeps_landing_and_merge_reruns(sqlite_db, tmp_path, capsys
     assert code == 0, err
     assert "1 inserted" in out
     # the merge read the window that was landed; the windows before the first row, recorded as
-    # empty by the copy (docs/metadata.md), are merged with no file
+    # empty by the copy (docs/metadata.md), are recorded merged with no file
     with dg.DagsterInstance.get() as instance:
         merged = instance.fetch_materializations(dg.AssetKey(["replica", "customer_table"]), limit=1000).records
         empty = {r.partition_key for r in instance.fetch_materializations(

@@ -369,6 +369,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
     from .specs import asset_attributes, landing_spec
 
     tc = table.config
+    replicated = config.replica_target(tc) is not None
 
     @dg.asset(
         **asset_attributes(table.spec or landing_spec(table, config)),
@@ -447,7 +448,8 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             # as it was before the run, so that were the run's records lost, the next run would
             # start where this one did, as after a crash
             before = {k: v for k, v in recorded.to_metadata().items() if k not in (PREVIOUS, NEW)}
-            record_empty_windows(context.instance, table.key, list(copied.empty), before)
+            record_empty_windows(context.instance, table.key, list(copied.empty), before,
+                                 table.replica_key if replicated else None)
             context.log.info(f"{tc.name}: {len(copied.empty)} window(s) before the first one copied hold no row: "
                              f"recorded as empty ({copied.empty[0]} ... {copied.empty[-1]})")
         return dg.MaterializeResult(metadata=metadata)

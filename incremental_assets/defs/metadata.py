@@ -69,14 +69,26 @@ def window_row_counts(instance: dg.DagsterInstance, key: dg.AssetKey, added: dic
 
 
 def record_empty_windows(instance: dg.DagsterInstance, key: dg.AssetKey, windows: list[str],
-                         metadata: dict[str, Any]) -> None:
+                         metadata: dict[str, Any], replica_key: dg.AssetKey | None = None) -> None:
     """Record ``windows``, proven to hold no row, as materialized with no row and no file, with
-    the watermark ``metadata`` of the table's state before the run. Runless events: a few
-    milliseconds each, no step."""
+    the watermark ``metadata`` of the table's state before the run; and, for a replicated table,
+    as merged (no file to merge), so the replica's sensor and ``sync`` do not see them pending.
+    Runless events: a few milliseconds each, no step."""
     for window in windows:
         instance.report_runless_asset_event(dg.AssetMaterialization(
             asset_key=key, partition=window,
             metadata={**metadata, PARTITION_ROW_COUNT: dg.MetadataValue.int(0), "file_count": 0, EMPTY_WINDOW: True},
+        ))
+    if replica_key is None:
+        return
+    from .replica import LANDING_EVENT, MERGED_FILES
+
+    landed = instance.get_latest_storage_id_by_partition(key, dg.DagsterEventType.ASSET_MATERIALIZATION, set(windows))
+    for window in windows:
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key=replica_key, partition=window,
+            metadata={MERGED_FILES: dg.MetadataValue.json({}), LANDING_EVENT: dg.MetadataValue.int(landed[window]),
+                      "files_merged": 0, EMPTY_WINDOW: True},
         ))
 
 
