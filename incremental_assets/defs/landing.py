@@ -450,8 +450,8 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             before = {k: v for k, v in recorded.to_metadata().items() if k not in (PREVIOUS, NEW)}
             record_empty_windows(context.instance, table.key, list(copied.empty), before,
                                  table.replica_key if replicated else None)
-            context.log.info(f"{tc.name}: {len(copied.empty)} window(s) before the first one copied hold no row: "
-                             f"recorded as empty ({copied.empty[0]} ... {copied.empty[-1]})")
+            context.log.info(f"{tc.name}: {len(copied.empty)} window(s) between the frontier and the first one "
+                             f"copied hold no row: recorded as empty ({copied.empty[0]} ... {copied.empty[-1]})")
         return dg.MaterializeResult(metadata=metadata)
 
     return _asset
