@@ -83,6 +83,10 @@ SCAFFOLD_YAML = textwrap.dedent("""\
     """)
 
 
+def _described(description: str) -> dg.Resolver:
+    return dg.Resolver.default(description=description)
+
+
 #: a translation: ``spec`` and the table's data -> the asset's spec
 TableTranslation = Annotated[
     TranslationFn[TableAsset],
@@ -104,13 +108,21 @@ class IncrementalCopyComponent(dg.Component, dg.Resolvable):
     ``{{ spec }}`` in scope.
     """
 
-    sources: dict[str, Any]
-    tables: list[Any] | None = None
-    landing: dict[str, Any] | None = None
-    replica: dict[str, Any] | None = None
-    sensors: dict[str, Any] | None = None
-    run_retries: dict[str, Any] | None = None
-    freshness: dict[str, Any] | None = None
+    # typed loosely here: config.py validates them, as it does a configuration file
+    sources: Annotated[dict[str, Any], _described(
+        "Source databases by name: url (SQLAlchemy; ${VAR} for passwords), retries, discover, ...")]
+    tables: Annotated[list[Any] | None, _described(
+        "The tables to copy: name, source, table, mode, watermark_column, primary_key, partitions, ...")] = None
+    landing: Annotated[dict[str, Any] | None, _described(
+        "Where slices land: url (a folder, relative to this file, or azure://container/prefix), format")] = None
+    replica: Annotated[dict[str, Any] | None, _described(
+        "The SQL database every landed slice is merged into: url, schema, on_schema_change")] = None
+    sensors: Annotated[dict[str, Any] | None, _described(
+        "The sources' sensors: enabled, interval_seconds, max_tables_per_run")] = None
+    run_retries: Annotated[dict[str, Any] | None, _described(
+        "Dagster's retry policy for transient failures: max_retries, delay_seconds")] = None
+    freshness: Annotated[dict[str, Any] | None, _described(
+        "Every table's freshness policy: fail_window_minutes, warn_window_minutes")] = None
     translation: TableTranslation | None = None
 
     def config(self, path: Path | None = None) -> ProjectConfig:
