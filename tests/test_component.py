@@ -345,3 +345,15 @@ def test_change_tracking_metadata(sqlite_db, tmp_path, capsys, dagster_home):
     assert (last["rows_copied"], last["dagster/partition_row_count"]) == (1, 4)  # the same window: 3 + 1
     assert [c.name for c in last["dagster/column_schema"].columns][-2:] == ["SYS_CHANGE_VERSION", "SYS_CHANGE_OPERATION"]
     assert last["watermark_lag"] == 0
+
+
+def test_a_translation_giving_two_assets_one_key_is_refused(tmp_path):
+    from incremental_assets import IncrementalCopyComponent
+    from incremental_assets.config import ConfigError
+
+    tables = [{"name": n, "source": "erp", "table": n, "watermark_column": "updated_at"} for n in ("a", "b")]
+    component = IncrementalCopyComponent(sources={"erp": {"url": f"sqlite:///{tmp_path / 'x.db'}"}}, tables=tables,
+                                         translation=lambda spec, data: spec.replace_attributes(key=["erp", "same"]))
+    with pytest.raises(ConfigError, match="asset key 'erp/same' is given to the landing of table 'b' and to the "
+                                          "landing of table 'a'"):
+        dg.build_defs_for_component(component)
