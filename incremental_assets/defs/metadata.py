@@ -33,16 +33,20 @@ def table_metadata(table_name: str, schema: pa.Schema) -> dict[str, Any]:
 
 
 def progress_metadata(source, info, frontier: Any, highest: Any, rows: int, copy_seconds: float) -> dict[str, Any]:
-    """After a watermark copy: rows at or above the frontier (one indexed statement), the lag of
-    the highest value copied behind the source's newest, and the copy's rows per second."""
+    """After a watermark copy: the copy's rows per second; and, where an index leads with the
+    watermark column (without one the statement would scan the table, as the copy did), rows
+    at or above the frontier and the lag of the highest value copied behind the source's newest."""
+    out: dict[str, Any] = {}
+    if copy_seconds > 0:
+        out[ROWS_PER_SECOND] = dg.MetadataValue.float(round(rows / copy_seconds, 1))
+    if not info.watermark_indexed:
+        return out
     ahead, _, newest = source.slice_stats(info, frontier, None)
     newest = newest if highest is None or (newest is not None and newest > highest) else highest
-    out: dict[str, Any] = {ROWS_AHEAD: dg.MetadataValue.int(ahead)}
+    out[ROWS_AHEAD] = dg.MetadataValue.int(ahead)
     out.update({k: dg.MetadataValue.float(v) for k, v in lag(info.kind, newest, highest).items()})
     if newest is not None:
         out[SOURCE_NEWEST] = info.kind.to_text(newest)
-    if copy_seconds > 0:
-        out[ROWS_PER_SECOND] = dg.MetadataValue.float(round(rows / copy_seconds, 1))
     return out
 
 
