@@ -226,7 +226,7 @@ def _print_landing(name: str, batch, outcome: _Outcome, key) -> int | None:
         return None
     metas = outcome.metas.get(key, [])
     meta = metas[-1] if metas else {}
-    rows = sum(m.get("dagster/row_count", 0) for m in metas)
+    rows = sum(m.get("rows_copied", 0) for m in metas)
     print(
         f"{name}: [{batch.describe()}] {rows} row(s), "
         f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "

@@ -10,8 +10,12 @@ from ..config import ProjectConfig
 from ..preflight import FAIL, WARN, check_project
 
 
-def build_check_setup_job(config: ProjectConfig) -> dg.JobDefinition:
-    @dg.op(name="preflight_check", description="Check the sources, privileges, tables, indexes, change tracking, landing "
+def build_check_setup_job(config: ProjectConfig, namespace: str | None = None) -> dg.JobDefinition:
+    """The job ``check_setup`` (``check_setup_<namespace>`` for a component instance, so that
+    several instances of one project each have theirs)."""
+    suffix = "_" + "".join(ch if ch.isalnum() else "_" for ch in namespace) if namespace else ""
+
+    @dg.op(name=f"preflight_check{suffix}", description="Check the sources, privileges, tables, indexes, change tracking, landing "
                                            "and replica without copying; fails when a copy or merge would fail.")
     def _check(context: dg.OpExecutionContext) -> dg.Output[None]:
         verdicts = []
@@ -32,7 +36,7 @@ def build_check_setup_job(config: ProjectConfig) -> dg.JobDefinition:
         return dg.Output(None, metadata={"verdicts": dg.MetadataValue.md(table),
                                          "warnings": sum(v.level == WARN for v in verdicts)})
 
-    @dg.job(name="check_setup", description="The preflight check of `incremental-assets check`, run where the runs run.")
+    @dg.job(name=f"check_setup{suffix}", description="The preflight check of `incremental-assets check`, run where the runs run.")
     def _job():
         _check()
 

@@ -23,6 +23,7 @@ from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
 from .landing import FULL_SUFFIX, LandingTable, latest_metadata, log_progress
 from .liveness import record_process
+from .metadata import ROW_COUNT, table_metadata
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
 #: window's files it holds merged, and the storage id of the window's latest landing
@@ -46,10 +47,14 @@ class ReplicaTable:
     target: str
     soft_delete: bool
     on_schema_change: str
+    #: the asset's key and attributes when a component's translation set them (defs/specs.py)
+    spec: dg.AssetSpec | None = None
+    #: the replica database's resource key (one per component instance)
+    replica_key: str = "replica"
 
     @property
     def key(self) -> dg.AssetKey:
-        return dg.AssetKey(["replica", self.landing.config.name])
+        return self.landing.replica_key
 
     @property
     def check_name(self) -> str:
@@ -86,22 +91,18 @@ def merge_key(table: ReplicaTable, info) -> list[str]:
 
 
 def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.AssetsDefinition:
+    from .specs import asset_attributes, replica_spec
+
     tc = table.landing.config
     source_key = table.landing.source_key
 
     @dg.asset(
-        key=table.key,
-        deps=[table.landing.key],
+        **asset_attributes(table.spec or replica_spec(table, config)),
         partitions_def=table.landing.partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=f"incremental_assets/replica/{tc.name}",
         retry_policy=config.run_retries.policy(),
-        required_resource_keys={source_key, "landing", "replica"},
-        group_name="replica",
-        kinds={"sql"},
-        description=f"`{tc.table}` kept equal to the source in replica table `{table.target}`: landed slices "
-        f"merged by key, last writer wins by `{tc.watermark_column}`.",
-        metadata={"replica_table": table.target},
+        required_resource_keys={source_key, table.landing.landing_key, table.replica_key},
         check_specs=[dg.AssetCheckSpec(table.check_name, asset=table.key, blocking=False,
                                        description="Row count and key/version checksum equal the source's.")],
     )
@@ -118,8 +119,8 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         started_at = dt.datetime.now(dt.timezone.utc)
         t0 = time.perf_counter()
         source = getattr(context.resources, source_key).get()
-        store = context.resources.landing.get()
-        replica = context.resources.replica.get()
+        store = getattr(context.resources, table.landing.landing_key).get()
+        replica = getattr(context.resources, table.replica_key).get()
         info = table.landing.describe(source, along=table.landing.run_peers(context))
         key = merge_key(table, info)
         version, operation, schema = tc.watermark_column, None, info.schema
@@ -183,17 +184,26 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
             f"{tc.name}: merged {files_merged} file(s) of {len(keys)} window(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
         )
-        yield dg.MaterializeResult(
-            metadata={
-                "merge_started": started_at.isoformat(),
-                "added_columns": dg.MetadataValue.json(added),
-                "replica_table": table.target,
-                "replica": replica.redacted_url,
-                "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
-                MERGED_THROUGH: dg.MetadataValue.int(through),
-            }
-        )
-        yield reconcile(table, source, info, replica, key, [log_progress(context)])
+        qualified = f"{replica.schema}.{table.target}" if replica.schema else table.target
+        metadata = {
+            "merge_started": started_at.isoformat(),
+            "added_columns": dg.MetadataValue.json(added),
+            "replica_table": table.target,
+            "replica": replica.redacted_url,
+            "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
+            **table_metadata(qualified, schema),
+            MERGED_THROUGH: dg.MetadataValue.int(through),
+        }
+        try:
+            check = reconcile(table, source, info, replica, key, [log_progress(context)])  # its count is the table's total
+        except Exception:
+            yield dg.MaterializeResult(metadata=metadata)  # the merge is recorded whatever the check
+            raise
+        total = check.metadata["replica_rows"].value
+        if isinstance(total, int):
+            metadata[ROW_COUNT] = dg.MetadataValue.int(total)
+        yield dg.MaterializeResult(metadata=metadata)
+        yield check
 
     return _asset
 
