@@ -14,6 +14,7 @@ use_system_memory_pool()
 
 from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config  # noqa: E402
 from .defs.automation import build_source_sensor, copy_jobs  # noqa: E402
+from .defs.io import LANDING_IO_MANAGER_KEY, LandingIOManager  # noqa: E402
 from .defs.landing import build_landing_asset, landing_tables  # noqa: E402
 from .defs.replica import build_replica_asset, replica_tables  # noqa: E402
 from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key  # noqa: E402
@@ -69,6 +70,9 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
 
         azure = azure_blob_resource(os.environ)
     resources["landing"] = AzureLandingResource(**landing, azure=azure) if azure else LandingResource(**landing)
+    # downstream assets that declare a landing asset as an input read its windows' files
+    resources[LANDING_IO_MANAGER_KEY] = LandingIOManager(
+        landing=resources["landing"], primary_keys={t.name: list(t.primary_key) for t in config.tables if t.primary_key})
     if config.replica is not None:
         resources["replica"] = ReplicaResource(
             url=_secret_or_template(config.replica.url),

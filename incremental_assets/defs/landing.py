@@ -29,6 +29,7 @@ from ..sources import (
     Horizon, IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind,
 )
 from ..state import OPEN, WatermarkState, next_frontier
+from .io import LANDING_IO_MANAGER_KEY
 from .partitions import partitions_def_for, window
 from .resources import source_resource_key
 
@@ -348,6 +349,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         pool=table.pool,
         retry_policy=config.run_retries.policy(),
         required_resource_keys={table.source_key, "landing"},
+        io_manager_key=LANDING_IO_MANAGER_KEY,  # downstream inputs read the landed files (defs/io.py)
         group_name="landing",
         kinds=kinds,
         description=tc.description
