@@ -14,7 +14,7 @@ use_system_memory_pool()
 
 from .config import DEMO_CONFIG, ProjectConfig, config_path, env_var_name, load_config  # noqa: E402
 from .defs.automation import build_source_sensor, copy_jobs  # noqa: E402
-from .defs.io import LANDING_IO_MANAGER_KEY, LandingIOManager  # noqa: E402
+from .defs.io import LANDING_IO_MANAGER_KEY, landing_io_manager  # noqa: E402
 from .defs.landing import build_landing_asset, landing_tables  # noqa: E402
 from .defs.replica import build_replica_asset, replica_tables  # noqa: E402
 from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key  # noqa: E402
@@ -71,8 +71,7 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         azure = azure_blob_resource(os.environ)
     resources["landing"] = AzureLandingResource(**landing, azure=azure) if azure else LandingResource(**landing)
     # downstream assets that declare a landing asset as an input read its windows' files
-    resources[LANDING_IO_MANAGER_KEY] = LandingIOManager(
-        landing=resources["landing"], primary_keys={t.name: list(t.primary_key) for t in config.tables if t.primary_key})
+    resources[LANDING_IO_MANAGER_KEY] = landing_io_manager({t.name: t.primary_key for t in config.tables})
     if config.replica is not None:
         resources["replica"] = ReplicaResource(
             url=_secret_or_template(config.replica.url),
@@ -82,10 +81,14 @@ def build_definitions(config: ProjectConfig) -> dg.Definitions:
         )
     schedules = []
     if config.path == DEMO_CONFIG:
-        from .defs.demo import demo_activity
+        from .defs.demo import demo_activity, demo_downstream
 
         demo_jobs, schedules = demo_activity()
         jobs += demo_jobs
+        demo_table = next(t for t in tables if t.config.name == "data_source_table")
+        downstream, follows = demo_downstream(demo_table.key, demo_table.partitions_def, "LastModifytime")
+        assets.append(downstream)
+        sensors.append(follows)
     # a run copies (and merges) a batch of tables, a step each, in its own process: a process per
     # step would cost more than most incremental copies (see defs/automation.py)
     return dg.Definitions(assets=assets, sensors=sensors, resources=resources, jobs=jobs, schedules=schedules,

@@ -14,7 +14,8 @@ will). The input's metadata (``dg.AssetIn(key, metadata={...})``) may say:
 
 - ``changes``: ``"log"`` (default: a change-tracked table's change log as landed) or
   ``"latest_state"`` (each key's latest row, deletes applied: see ``latest_state``);
-- ``key``: the key columns for ``latest_state`` (default: the table's ``primary_key``);
+- ``key``: the key columns for ``latest_state`` (default: the table's ``primary_key`` as
+  configured, else as its latest copy recorded it: the source's primary key);
 - ``batch_size``: rows per batch of a ``RecordBatchReader`` (default 65,536);
 - ``dtype_backend``: pandas dtypes, ``"numpy_nullable"`` (default) or ``"pyarrow"``.
 
@@ -25,6 +26,7 @@ docs/downstream.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -40,13 +42,29 @@ LANDING_IO_MANAGER_KEY = "landing_io_manager"
 _CHANGES = ("log", "latest_state")
 
 
-class LandingIOManager(dg.ConfigurableIOManager):
+def landing_io_manager(primary_keys: Mapping[str, Sequence[str]]) -> dg.IOManagerDefinition:
+    """The landing assets' IO manager, on the ``landing`` resource's store. ``primary_keys``: each
+    table's key columns as configured (``primary_key``), for ``changes: latest_state``."""
+    keys = {name: list(key) for name, key in primary_keys.items() if key}
+
+    @dg.io_manager(
+        required_resource_keys={"landing"},
+        description="Loads landing/<table> inputs: the rows of the input's windows, as the type the input is "
+                    "annotated with; the landing assets write their files themselves.",
+    )
+    def _landing_io_manager(context: dg.InitResourceContext) -> LandingIOManager:
+        return LandingIOManager(context.resources.landing, keys)
+
+    return _landing_io_manager
+
+
+class LandingIOManager(dg.IOManager):
     """Loads ``landing/<table>`` inputs from the landing store: the rows of the input's windows,
     as the type the input is annotated with (see the module's documentation)."""
 
-    landing: LandingResource
-    #: each table's key columns as configured (``primary_key``), for ``changes: latest_state``
-    primary_keys: dict[str, list[str]] = {}
+    def __init__(self, landing: LandingResource, primary_keys: dict[str, list[str]]):
+        self.landing = landing
+        self.primary_keys = primary_keys
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         # a landing asset has written its files when it returns; there is nothing else to store
@@ -70,18 +88,27 @@ class LandingIOManager(dg.ConfigurableIOManager):
                                          f"one of {list(_CHANGES)}, got {changes!r}")
         wanted = _annotation(context)
         if changes == "latest_state":
-            key = options.get("key") or self.primary_keys.get(table)
-            if not key:
-                raise dg.Failure(description=(
-                    f"input {context.asset_key.to_user_string()}: 'changes: latest_state' needs the table's key "
-                    f"columns: set primary_key in table {table!r} of the configuration, or metadata "
-                    "{'key': [...]} on the input"))
             if not rows.is_change_log:
                 raise dg.Failure(description=(
                     f"input {context.asset_key.to_user_string()}: 'changes: latest_state' needs a table copied by "
                     f"change tracking; {table!r} has no SYS_CHANGE_VERSION / SYS_CHANGE_OPERATION columns"))
+            key = options.get("key") or self.primary_keys.get(table) or _landed_key(context)
+            if not key:
+                raise dg.Failure(description=(
+                    f"input {context.asset_key.to_user_string()}: 'changes: latest_state' needs the table's key "
+                    f"columns, and no copy of {table!r} has recorded them yet: set primary_key in table {table!r} "
+                    "of the configuration, or metadata {'key': [...]} on the input"))
             return _convert(rows.latest_state(list(key)), wanted, options)
         return _convert(rows, wanted, options)
+
+
+def _landed_key(context: dg.InputContext) -> list[str] | None:
+    """The key the latest copy of a change-tracked table recorded (the source's primary key)."""
+    from .landing import latest_metadata
+
+    metadata = latest_metadata(context.instance, context.asset_key) or {}
+    key = metadata.get("primary_key")
+    return list(key) if isinstance(key, list) else None
 
 
 def _annotation(context: dg.InputContext) -> Any:

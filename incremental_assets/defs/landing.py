@@ -499,6 +499,8 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             "reinitialize_reason": changes.reason,
             "run_mode": "initial" if last is None and not refresh else ("refresh" if refresh else "incremental"),
             "watermark_kind": "change_version",
+            # the change log's key, for downstream readers of its latest state (defs/io.py)
+            "primary_key": dg.MetadataValue.json(list(reader.info.primary_key)),
             "file_count": len(files),
             "files": dg.MetadataValue.json([f.uri for f in files][:MAX_FILES_SHOWN]),
             "landing": store.describe(),
