@@ -4,6 +4,7 @@
 import dagster as dg
 
 from ..demo import add_demo_row
+from .io import windows_landed_since
 
 
 @dg.op
@@ -72,16 +73,3 @@ def demo_downstream(landing: dg.AssetKey, partitions_def: dg.PartitionsDefinitio
         yield from windows_landed_since(context, landing)
 
     return rows_per_day, follows_landing
-
-
-def windows_landed_since(context: dg.SensorEvaluationContext, landing: dg.AssetKey):
-    """A run request per window of ``landing`` materialized since the cursor (a storage id)."""
-    after = int(context.cursor) if context.cursor else None
-    result = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=landing, after_storage_id=after), limit=1000, ascending=True)
-    if not result.records:
-        return
-    last = result.records[-1].storage_id
-    for partition in sorted({r.partition_key for r in result.records if r.partition_key}):
-        yield dg.RunRequest(run_key=f"{partition}@{last}", partition_key=partition)
-    context.update_cursor(str(last))

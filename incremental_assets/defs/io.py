@@ -148,3 +148,19 @@ def _convert(data: LandedRows | pa.Table, wanted: type | None, options: dict[str
     if _is(wanted, "polars", "DataFrame"):
         return to_polars(table)
     return table
+
+
+def windows_landed_since(context: dg.SensorEvaluationContext, landing: dg.AssetKey):
+    """For a sensor of one's own that follows a landing asset: a run request per window of
+    ``landing`` materialized since the sensor's cursor (a storage id), which it then moves on.
+    Each request names its window (``partition_key``): the sensor's target must have the landing
+    asset's partitions. See docs/downstream.md, "Following landing"."""
+    after = int(context.cursor) if context.cursor else None
+    result = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=landing, after_storage_id=after), limit=1000, ascending=True)
+    if not result.records:
+        return
+    last = result.records[-1].storage_id
+    for partition in sorted({r.partition_key for r in result.records if r.partition_key}):
+        yield dg.RunRequest(run_key=f"{partition}@{last}", partition_key=partition)
+    context.update_cursor(str(last))

@@ -167,8 +167,14 @@ class LandedRows:
 
     def to_table(self) -> pa.Table:
         """Every row, in one table."""
+        tables = []
+        for f in self.files:  # each file read once; its schema comes with it
+            data = self._read_file(f)
+            self._schemas.setdefault(f.path, data.schema)
+            tables.append(data)
         schema = self.schema
-        return pa.Table.from_batches(list(self._batches(schema, None)), schema=schema)
+        batches = [_conform(b, schema) for data in tables for b in data.to_batches()]
+        return pa.Table.from_batches(batches, schema=schema)
 
     def to_batches(self, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[pa.RecordBatch]:
         """Batches of at most ``batch_size`` rows, file by file: memory holds one batch (and a
@@ -226,17 +232,16 @@ class LandedRows:
                 return pq.ParquetFile(handle, pre_buffer=True).read()
         return self.store.read_arrow(f.path, schema=self.given_schema)
 
-    def _batches(self, schema: pa.Schema, batch_size: int | None) -> Iterator[pa.RecordBatch]:
+    def _batches(self, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
         for f in self.files:
             if f.format == "parquet":
                 with self._open(f) as handle:
                     parquet = pq.ParquetFile(handle, pre_buffer=True)
-                    if batch_size is None:
-                        batches: Iterable[pa.RecordBatch] = parquet.read().to_batches()
-                    else:
-                        batches = parquet.iter_batches(batch_size=batch_size)
-                    for batch in batches:
-                        yield _conform(batch, schema)
+                    # a row group at a time: pre-buffering (coalesced ranged reads) covers the row
+                    # groups of one call, and one is what memory should hold
+                    for group in range(parquet.num_row_groups):
+                        for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[group]):
+                            yield _conform(batch, schema)
             else:
                 data = self._read_file(f)
                 for batch in data.to_batches(max_chunksize=batch_size):
