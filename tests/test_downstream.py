@@ -62,6 +62,15 @@ def sync_all(capsys, config, table: str, rows: int, *, env=None) -> None:
     raise AssertionError(f"{table}: {rows} rows never landed:\n" + "\n".join(outputs))
 
 
+@pytest.fixture(params=["local", "azurite"])
+def landing_url(request, tmp_path, monkeypatch):
+    if request.param == "local":
+        return str(tmp_path / "landing")
+    container = request.getfixturevalue("azure_container")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", container.connection_string)
+    return f"azure://{container.name}/landed"
+
+
 # --------------------------------------------------------------------------- every input type, exact types
 
 ORDERS = [
@@ -73,12 +82,12 @@ ORDERS = [
 ]
 
 
-def orders_source(pg_db, tmp_path, **landing):
+def orders_source(pg_db, tmp_path, landing=None):
     pg_db.run("CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric(12,2), tags text[], changed timestamptz NOT NULL)")
     for row in ORDERS:
         pg_db.run("INSERT INTO orders VALUES (:i, :a, :t, :c)", params=dict(zip("iatc", row)))
     return write_config(tmp_path, pg_db.url, [{"name": "orders", "table": "orders", "watermark_column": "changed",
-                                               "partitions": {"start": "2024-01-01"}}], **landing)
+                                               "partitions": {"start": "2024-01-01"}}], landing=landing)
 
 
 def as_rows(records) -> list[tuple]:
@@ -86,8 +95,8 @@ def as_rows(records) -> list[tuple]:
 
 
 @pytest.mark.postgres
-def test_each_input_type_gets_the_window_rows_with_their_exact_types(pg_db, tmp_path, capsys):
-    config = orders_source(pg_db, tmp_path)
+def test_each_input_type_gets_the_window_rows_with_their_exact_types(pg_db, tmp_path, capsys, landing_url):
+    config = orders_source(pg_db, tmp_path, landing_url)
     sync_all(capsys, config, "orders", len(ORDERS))
     defs = load_definitions(config)
     daily = dg.DailyPartitionsDefinition("2024-01-01", end_offset=1)
@@ -243,15 +252,6 @@ def test_a_missing_extra_is_named(sqlite_db, tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------- local and Azure, larger than a batch
 
 
-@pytest.fixture(params=["local", "azurite"])
-def landing_url(request, tmp_path, monkeypatch):
-    if request.param == "local":
-        return str(tmp_path / "landing")
-    container = request.getfixturevalue("azure_container")
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", container.connection_string)
-    return f"azure://{container.name}/landed"
-
-
 def test_a_window_larger_than_a_batch_streams_in_batches(sqlite_db, tmp_path, capsys, landing_url):
     create_adf_table(sqlite_db, rows=[])
     start = dt.datetime(2017, 9, 1)
@@ -302,13 +302,13 @@ def test_a_blob_rewritten_while_it_is_read_fails_clearly(azure_container):
 # --------------------------------------------------------------------------- change tracking
 
 
-def test_change_tracked_table_gives_its_change_log_or_its_latest_state(sqlite_db, tmp_path, capsys):
+def test_change_tracked_table_gives_its_change_log_or_its_latest_state(sqlite_db, tmp_path, capsys, landing_url):
     sqlite_db.run(
         'CREATE TABLE people ("PersonID" int NOT NULL PRIMARY KEY, "Name" varchar(255), "Age" int)',
         "INSERT INTO people VALUES (1, 'aaaa', 21), (2, 'bbbb', 24), (3, 'cccc', 20)",
     )
     config = write_config(tmp_path, sqlite_db.url, [{"name": "people", "table": "people", "mode": "change_tracking",
-                                                      "partitions": {"start": "2026-01-01"}}])
+                                                      "partitions": {"start": "2026-01-01"}}], landing=landing_url)
     assert run_cli(capsys, "--config", str(config), "enable-change-tracking", "--table", "people")[0] == 0
     sync(capsys, config)
     sqlite_db.run("INSERT INTO people VALUES (4, 'new', 50)", 'UPDATE people SET "Age" = 10 WHERE "PersonID" = 1')
