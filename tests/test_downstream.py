@@ -358,6 +358,34 @@ def test_latest_state_takes_a_full_copy_as_the_whole_table():
         latest_state(log, ["PersonID"])
 
 
+def test_landed_rows_start_their_latest_state_at_the_last_full_copy(tmp_path):
+    """Windows as a change-tracked table lands them: yesterday's changes, then today a full copy
+    (the recorded version had expired), then a change; a key inserted yesterday and deleted while
+    the version had expired is not in the full copy, and not in the latest state."""
+    from incremental_assets.landing.local import LocalLandingStore
+
+    store = LocalLandingStore(tmp_path / "landing", create=True)
+    schema = pa.schema([("id", pa.int64()), ("v", pa.string()), ("SYS_CHANGE_VERSION", pa.int64()),
+                        ("SYS_CHANGE_OPERATION", pa.string())])
+
+    def land(window, stem, rows):
+        store.write_slice("t", window, stem, schema, [pa.RecordBatch.from_pylist(
+            [dict(zip(schema.names, r)) for r in rows], schema=schema)])
+
+    land("2026-01-01", "start__00000000000000000003__full", [(1, "a", 3, "I")])
+    land("2026-01-01", "00000000000000000003__00000000000000000005", [(2, "b", 5, "I")])
+    land("2026-01-02", "start__00000000000000000020__full", [(1, "a2", 20, "I")])
+    land("2026-01-02", "00000000000000000020__00000000000000000021", [(3, "c", 21, "I")])
+    rows = read_windows(store, "t", ["2026-01-01", "2026-01-02"])
+    assert rows.snapshot_version == 20
+    assert rows.to_table().column("id").to_pylist() == [1, 2, 1, 3]  # the log as landed, in order
+    assert rows.latest_state(["id"]).to_pylist() == [
+        {"id": 1, "v": "a2", "SYS_CHANGE_VERSION": 20, "SYS_CHANGE_OPERATION": "I"},
+        {"id": 3, "v": "c", "SYS_CHANGE_VERSION": 21, "SYS_CHANGE_OPERATION": "I"}]
+    # yesterday alone: its own full copy and change
+    assert sorted(read_windows(store, "t", ["2026-01-01"]).latest_state(["id"]).column("id").to_pylist()) == [1, 2]
+
+
 # --------------------------------------------------------------------------- the demo
 
 

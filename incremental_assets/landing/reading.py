@@ -160,7 +160,13 @@ class LandedRows:
         snapshots = [f for f in self.files if f.full_snapshot]
         if not snapshots:
             return None
-        top = pc.max(self._read_file(snapshots[-1]).column(CHANGE_VERSION))
+        last = snapshots[-1]
+        if last.format == "parquet":
+            with self._open(last) as handle:
+                versions = pq.ParquetFile(handle).read(columns=[CHANGE_VERSION]).column(CHANGE_VERSION)
+        else:
+            versions = self._read_file(last).column(CHANGE_VERSION)
+        top = pc.max(versions)
         return top.as_py() if top.is_valid else None
 
     # ---- reading ------------------------------------------------------------------------
