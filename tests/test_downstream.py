@@ -415,3 +415,15 @@ def test_demo_downstream_follows_landing(tmp_path, monkeypatch):
         table = record.asset_materialization.metadata["rows_per_day"].value
         assert [(r.data["day"], r.data["rows"]) for r in table.records] == [
             ("2017-09-01", 1), ("2017-09-02", 1), ("2017-09-03", 1), ("2017-09-04", 1), ("2017-09-05", 1)]
+
+
+def test_an_asset_of_ones_own_cannot_store_its_output_with_the_landing_io_manager(sqlite_db, tmp_path, capsys):
+    defs = adf_source(sqlite_db, tmp_path, capsys)
+
+    @dg.asset(io_manager_key="landing_io_manager")
+    def misplaced() -> int:
+        return 1
+
+    result = materialize(defs, [misplaced], raise_on_error=False)
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "give misplaced another io_manager_key" in str(failure.step_failure_data.error)

@@ -68,7 +68,11 @@ class LandingIOManager(dg.IOManager):
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         # a landing asset has written its files when it returns; there is nothing else to store
-        return None
+        if obj is not None:
+            name = context.asset_key.to_user_string() if context.has_asset_key else context.step_key
+            raise dg.Failure(description=(
+                f"{name}: the IO manager {LANDING_IO_MANAGER_KEY!r} stores nothing (it reads the landing assets' "
+                f"files); give {name} another io_manager_key"))
 
     def load_input(self, context: dg.InputContext) -> Any:
         table = context.asset_key.path[-1]
