@@ -19,7 +19,7 @@ will). The input's metadata (``dg.AssetIn(key, metadata={...})``) may say:
 - ``batch_size``: rows per batch of a ``RecordBatchReader`` (default 65,536);
 - ``dtype_backend``: pandas dtypes, ``"numpy_nullable"`` (default) or ``"pyarrow"``.
 
-The landing assets write their files themselves: storing their (empty) output does nothing.
+The landing assets write their files themselves: the IO manager only reads (it refuses an output).
 The reading is the engine's (``landing/reading.py``); this is its Dagster face. See
 docs/downstream.md.
 """
