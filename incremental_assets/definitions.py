@@ -17,6 +17,7 @@ from .config import (  # noqa: E402
     CONFIG_ENV, DEMO_CONFIG, DEMO_DIR_ENV, PROJECT_DIR, ProjectConfig, config_path, env_var_name, load_config,
 )
 from .defs.automation import build_source_sensor, copy_jobs  # noqa: E402
+from .defs.io import io_manager_key, landing_io_manager  # noqa: E402
 from .defs.landing import build_landing_asset, landing_tables  # noqa: E402
 from .defs.replica import build_replica_asset, replica_tables  # noqa: E402
 from .defs.resources import LandingResource, ReplicaResource, SourceResource, source_resource_key  # noqa: E402
@@ -81,6 +82,8 @@ def build_definitions(config: ProjectConfig, *, translate: Translate | None = No
 
         azure = azure_blob_resource(os.environ)
     resources[landing_key] = AzureLandingResource(**landing, azure=azure) if azure else LandingResource(**landing)
+    # downstream assets that declare a landing asset as an input read its windows' files
+    resources[io_manager_key(landing_key)] = landing_io_manager({t.name: t.primary_key for t in config.tables}, landing_key)
     if config.replica is not None:
         resources[replica_key] = ReplicaResource(
             url=_secret_or_template(config.replica.url),
@@ -93,10 +96,14 @@ def build_definitions(config: ProjectConfig, *, translate: Translate | None = No
     jobs.append(build_check_setup_job(config, namespace))  # the preflight check, from the UI
     schedules = []
     if config.path == DEMO_CONFIG:
-        from .defs.demo import demo_activity
+        from .defs.demo import demo_activity, demo_downstream
 
         demo_jobs, schedules = demo_activity()
         jobs += demo_jobs
+        demo_table = next(t for t in tables if t.config.name == "data_source_table")
+        downstream, follows = demo_downstream(demo_table.key, demo_table.partitions_def, "LastModifytime")
+        assets.append(downstream)
+        sensors.append(follows)
     # a run copies (and merges) a batch of tables, a step each, in its own process: a process per
     # step would cost more than most incremental copies (see defs/automation.py)
     return dg.Definitions(assets=assets, sensors=sensors, resources=resources, jobs=jobs, schedules=schedules,

@@ -36,6 +36,7 @@ from .metadata import (
     PARTITION_ROW_COUNT, progress_metadata, record_empty_windows, table_metadata, version_lag, window_row_counts,
 )
 from .partitions import key_for_time, partitions_def_for, window
+from .io import io_manager_key
 from .resources import source_resource_key
 
 TABLE_TAG = "incremental_assets/table"
@@ -424,6 +425,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         pool=table.pool,
         retry_policy=config.run_retries.policy(),
         required_resource_keys={table.source_key, table.landing_key},
+        io_manager_key=io_manager_key(table.landing_key),  # downstream inputs read the landed files (defs/io.py)
     )
     def _asset(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
         try:
@@ -598,6 +600,8 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             "reinitialize_reason": changes.reason,
             "run_mode": "initial" if last is None and not refresh else ("refresh" if refresh else "incremental"),
             "watermark_kind": "change_version",
+            # the change log's key, for downstream readers of its latest state (defs/io.py)
+            "primary_key": dg.MetadataValue.json(list(reader.info.primary_key)),
             "file_count": len(files),
             "files": dg.MetadataValue.json([f.uri for f in files][:MAX_FILES_SHOWN]),
             "landing": store.describe(),
