@@ -42,6 +42,8 @@ freshness:
   enabled: false
 telemetry:
   enabled: false
+python_logs:
+  python_log_level: INFO
 run_monitoring:
   enabled: true
   start_timeout_seconds: 180
