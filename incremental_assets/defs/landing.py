@@ -29,6 +29,7 @@ from ..sources import (
     Horizon, IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind,
 )
 from ..state import OPEN, WatermarkState, next_frontier
+from .schema import arrow_columns, columns_metadata
 from .partitions import partitions_def_for, window
 from .resources import source_resource_key
 
@@ -382,7 +383,8 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             context.log.warning(f"{tc.name}: {note}")
         nulls = check_null_watermarks(source, info, tc.null_watermark, tc.name)
         refresh = _is_refresh(context, config)
-        recorded = recorded_state(context.instance, table.key, kind)
+        previous = latest_metadata(context.instance, table.key)
+        recorded = WatermarkState.from_metadata(previous, kind)
         frontier = recorded.frontier
         t0 = time.perf_counter()
         horizon = source.safe_horizon(info, lag=tc.lag)
@@ -414,6 +416,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             "copy_seconds": dg.MetadataValue.float(round(float(sum(c.seconds for c in copies)), 3)),
             "horizon_seconds": dg.MetadataValue.float(round(horizon_seconds, 3)),
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
+            **columns_metadata(context, tc.name, arrow_columns(info.schema), previous),
         }
         if len(files) > MAX_FILES_SHOWN:
             metadata["files_truncated"] = True
@@ -461,7 +464,8 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             f"{tc.name}: change tracking cannot re-read past window(s) {past[:3]}: it serves the changes since a "
             f"version up to now. Backfill the current window ({current}) to re-initialise with a full copy"
         )
-    recorded = recorded_state(context.instance, table.key, kind)
+    previous = latest_metadata(context.instance, table.key)
+    recorded = WatermarkState.from_metadata(previous, kind)
     last = None if refresh else recorded.frontier
     reader = ChangeReader(source, tc.table, primary_key=tc.primary_key or None, columns=tc.columns)
     with reader.read(last, on_expired=tc.on_expired, batch_size=tc.batch_size) as changes:
@@ -501,6 +505,7 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             "files": dg.MetadataValue.json([f.uri for f in files][:MAX_FILES_SHOWN]),
             "landing": store.describe(),
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
+            **columns_metadata(context, tc.name, arrow_columns(changes.schema), previous),
         }
     )
 

@@ -20,7 +20,8 @@ from ..config import ProjectConfig
 from ..landing import LandingError
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
-from .landing import FULL_SUFFIX, LandingTable
+from .landing import FULL_SUFFIX, LandingTable, latest_metadata
+from .schema import column_schema
 from .liveness import record_process
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
@@ -33,6 +34,8 @@ MERGED_FILES = "merged_files"
 MERGED_BASE = "merged_files_base"
 LANDING_EVENT = "landing_storage_id"
 FILES_SINCE_BASE = 64
+#: the replica table's columns that the source no longer has (dropped or renamed there): kept
+NOT_IN_SOURCE = "columns_not_in_source"
 
 @dataclass(frozen=True)
 class ReplicaTable:
@@ -122,12 +125,22 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
             from ..tracking.base import change_schema
 
             version, operation, schema = SYS_CHANGE_VERSION, SYS_CHANGE_OPERATION, change_schema(info.schema)
-        added = replica.ensure_table(
+        changes = replica.adapt_table(
             table.target, schema, key, version_column=version, on_schema_change=table.on_schema_change,
             operation_column=operation,
         )
+        added, widened = changes.added, dict(changes.widened)
         if added:
             context.log.warning(f"replica table {table.target!r}: added column(s) {added} (schema drift)")
+        if widened:
+            context.log.warning(f"replica table {table.target!r}: widened column(s) "
+                                + ", ".join(f"{c} ({w})" for c, w in widened.items()) + " (schema drift)")
+        before = latest_metadata(context.instance, table.key) or {}
+        if changes.kept and changes.kept != before.get(NOT_IN_SOURCE):
+            context.log.warning(
+                f"replica table {table.target!r}: column(s) {changes.kept} are no longer in the source (dropped or "
+                "renamed there): kept in the replica, NULL in new rows, as they were in rows merged before"
+            )
         keys = list(context.partition_keys)
         # the landing events first, then the files: a window landed meanwhile stays pending
         landed = landing_events(context.instance, table, keys)
@@ -146,6 +159,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                                        soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
                 for name in FIGURES:
                     figures[name] += getattr(result, name)
+                widened.update(result.widened_columns)
                 if operation and is_full_snapshot(path) and data.num_rows:
                     # rows the snapshot no longer holds were deleted at the source meanwhile
                     snapshot_version = max(data.column(version).to_pylist())
@@ -173,6 +187,9 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
             metadata={
                 "merge_started": started_at.isoformat(),
                 "added_columns": dg.MetadataValue.json(added),
+                "widened_columns": dg.MetadataValue.json(widened),
+                NOT_IN_SOURCE: dg.MetadataValue.json(changes.kept),
+                "dagster/column_schema": column_schema(changes.columns),
                 "replica_table": table.target,
                 "replica": replica.redacted_url,
                 "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
