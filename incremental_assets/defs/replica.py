@@ -135,8 +135,8 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         if widened:
             context.log.warning(f"replica table {table.target!r}: widened column(s) "
                                 + ", ".join(f"{c} ({w})" for c, w in widened.items()) + " (schema drift)")
-        before = latest_metadata(context.instance, table.key) or {}
-        if changes.kept and changes.kept != before.get(NOT_IN_SOURCE):
+        last = latest_metadata(context.instance, table.key) or {}
+        if changes.kept and changes.kept != last.get(NOT_IN_SOURCE):
             context.log.warning(
                 f"replica table {table.target!r}: column(s) {changes.kept} are no longer in the source (dropped or "
                 "renamed there): kept in the replica, NULL in new rows, as they were in rows merged before"
