@@ -420,22 +420,53 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         }
         if len(files) > MAX_FILES_SHOWN:
             metadata["files_truncated"] = True
-        if len(keys) > 1:
-            _add_partition_metadata(context, keys, copies)
+        # a window this run added no file to, whose rows another run landed since this run was
+        # planned (two syncs, a sync and a sensor), keeps its record's figures: no empty record over a real one
+        kept = {} if refresh else _landed_before(context.instance, table.key, keys, copies)
+        if len(keys) > 1 or kept:
+            _add_partition_metadata(context, keys, copies, kept)
         return dg.MaterializeResult(metadata=metadata)
 
     return _asset
 
 
-def _add_partition_metadata(context, keys: list[str], copies: list[SliceCopy]) -> None:
-    """A run of several windows: each window's materialization shows its own rows and files (the
-    watermarks and the frontier are the run's, the same on each)."""
+#: a window's figures that a run adding nothing to it keeps from its latest record
+WINDOW_FIGURES = ("dagster/row_count", "file_count", "files", "files_truncated")
+
+
+def _landed_before(instance: dg.DagsterInstance, key: dg.AssetKey, keys: list[str], copies: list[SliceCopy]) -> dict[str, dict]:
+    """The windows of ``keys`` this run landed no file in whose latest record names files: that
+    record's figures, and the run that landed them, by window."""
+    idle = set(keys) - {c.partition for c in copies if c.files}
+    if not idle:
+        return {}
+    latest = instance.get_latest_storage_id_by_partition(key, dg.DagsterEventType.ASSET_MATERIALIZATION, idle)
+    if not latest:
+        return {}
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, storage_ids=list(latest.values())), limit=len(latest)).records
+    out = {}
+    for record in records:
+        meta = record.asset_materialization.metadata
+        count = meta.get("file_count")
+        if record.partition_key in idle and count is not None and count.value:
+            out[record.partition_key] = {
+                **{k: meta[k] for k in WINDOW_FIGURES if k in meta},
+                "landed_by_run": meta.get("landed_by_run", dg.MetadataValue.text(record.run_id)),
+            }
+    return out
+
+
+def _add_partition_metadata(context, keys: list[str], copies: list[SliceCopy], kept: dict[str, dict]) -> None:
+    """Each window's materialization shows its own rows and files (the watermarks and the
+    frontier are the run's, the same on each); one this run added nothing to keeps those of its
+    latest record, ``kept`` (with the run that landed them)."""
     by_key: dict[str, list[SliceCopy]] = {k: [] for k in keys}
     for copy in copies:
         by_key[copy.partition].append(copy)
     for key, mine in by_key.items():
         files = [f.uri for c in mine for f in c.files]
-        metadata = {
+        metadata = kept.get(key) or {
             "dagster/row_count": dg.MetadataValue.int(sum(c.rows for c in mine)),
             "file_count": len(files),
             "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
