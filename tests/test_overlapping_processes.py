@@ -117,7 +117,7 @@ def _windows_tell_the_truth(instance: dg.DagsterInstance, tmp_path: Path) -> int
 def test_two_syncs_at_once_double_nothing(pg_db, tmp_path, dagster_home):
     _source_table(pg_db, 1, 1500, create=True)
     config = _config(tmp_path, pg_db.url, replica=pg_db.url)
-    for round_, (first, last) in enumerate([(0, 0), (1501, 1800)]):
+    for first, last in [(0, 0), (1501, 1800)]:
         if first:
             _source_table(pg_db, first, last, create=False)
         procs = [_cli(config, dagster_home, "sync") for _ in range(2)]
@@ -162,7 +162,7 @@ def test_a_run_planned_before_a_sync_copied_its_rows_records_no_empty_window(pg_
 
 
 @pytest.mark.integration
-def test_daemon_sync_and_a_command_line_materialization_together(pg_db, tmp_path):
+def test_daemon_sync_and_a_command_line_materialization_together(pg_db, tmp_path, monkeypatch):
     """``dagster-daemon`` with its sensor running, ``sync`` in another process and ``dagster asset
     materialize`` in a third, while rows keep arriving: the replica ends equal to the source,
     every row landed once, and every window's latest materialization tells the truth."""
@@ -173,10 +173,11 @@ def test_daemon_sync_and_a_command_line_materialization_together(pg_db, tmp_path
               "INSERT INTO t SELECT g, 'v' || g, :start + g * interval '1 minute' FROM generate_series(1, 600) g",
               params={"start": now - dt.timedelta(days=2)})
     config = _config(tmp_path, pg_db.url, replica=pg_db.url, start=(now - dt.timedelta(days=3)).strftime("%Y-%m-%d"),
-                     interval=2)
+                     interval=5)
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
     log = (tmp_path / "daemon.log").open("w")
     daemon = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "incremental_assets.definitions"],
@@ -189,23 +190,24 @@ def test_daemon_sync_and_a_command_line_materialization_together(pg_db, tmp_path
             [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "incremental_assets.definitions",
              "--select", "landing/t", "--partition", today],
             env=_env(home, config), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(601, 661):  # rows keep arriving, stamped now
+        for i in range(601, 661):  # rows keep arriving, stamped now, while all three work
             pg_db.run("INSERT INTO t VALUES (:i, :v, now() AT TIME ZONE 'UTC')", params={"i": i, "v": f"v{i}"})
             time.sleep(0.1)
         sync_out = sync.communicate(timeout=600)[0]
         assert sync.returncode == 0, sync_out
         materialize_out = materialize.communicate(timeout=600)[0]
         assert materialize.returncode == 0, materialize_out[-3000:]
-        time.sleep(2.5)  # past the safe horizon of the last rows
+        # rows only the sensor can copy now
+        pg_db.run("INSERT INTO t SELECT g, 'v' || g, now() AT TIME ZONE 'UTC' FROM generate_series(661, 700) g")
 
-        with dg.DagsterInstance.from_config(str(home)) as instance:
+        with dg.DagsterInstance.get() as instance:
             def settled() -> bool:
                 landed = _landed_ids(tmp_path)
                 replica = pg_db.rows("SELECT count(*) FROM t_replica") if _has_replica(pg_db) else [(0,)]
                 runs = instance.get_run_records(dg.RunsFilter(statuses=[
                     dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                     dg.DagsterRunStatus.STARTED]))
-                return len(landed) == 660 and replica == [(660,)] and not runs
+                return len(landed) == 700 and replica == [(700,)] and not runs
 
             deadline = time.monotonic() + 240
             while not settled():
@@ -217,6 +219,9 @@ def test_daemon_sync_and_a_command_line_materialization_together(pg_db, tmp_path
             assert _windows_tell_the_truth(instance, tmp_path) >= 3
             failed = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
             assert not failed, [r.dagster_run.run_id for r in failed]
+            runs = [r.dagster_run for r in instance.get_run_records()]
+            assert any("dagster/sensor_name" in r.tags for r in runs)  # the daemon's sensor copied and merged
+            assert any(r.tags.get("incremental_assets/source") is None for r in runs)  # the command line's run
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
