@@ -612,6 +612,50 @@ def test_widened_source_types_widen_the_replica_or_name_the_statement(any_db, re
     assert replica.adapt_table("w", big.schema, ["id"], version_column=V).widened == {}
 
 
+def test_wall_clock_timestamps_becoming_instants(any_db, replica):
+    """timestamp -> timestamptz at the source: PostgreSQL converts a column holding no value, and
+    for one holding values gives the statement to run (their zone is the user's to say); once run,
+    the merge goes on. The other engines' timestamp columns hold UTC instants already."""
+    def rows(ids, tz, with_value):
+        when = [dt.datetime(2024, 1, i, tzinfo=UTC if tz else None) for i in ids]
+        return pa.table({"id": pa.array(ids, pa.int64()), V: pa.array(when, pa.timestamp("us", tz=tz)),
+                         "seen": pa.array([w if with_value else None for w in when], pa.timestamp("us", tz=tz))})
+
+    replica.merge("z", rows([1], None, False), ["id"], version_column=V)
+    instants = rows([2], None, False).set_column(2, "seen", pa.array([None], pa.timestamp("us", tz="UTC")))
+    engine = any_db.engine.dialect.name
+    if engine == "mysql":  # DATETIME(6) holds UTC instants already
+        assert replica.merge("z", rows([3], "UTC", True), ["id"], version_column=V).inserted == 1
+        return
+    if engine == "postgresql":  # a column holding no value yet: converted
+        assert list(replica.merge("z", instants, ["id"], version_column=V).widened_columns) == ["seen"]
+        statement = "; ".join(
+            f'ALTER TABLE "{t}" ALTER COLUMN "{V}" TYPE timestamp with time zone USING "{V}" AT TIME ZONE \'UTC\''
+            for t in ("z", "z__deleted"))
+    else:
+        with pytest.raises(ReplicaError, match=r"column 'seen'.*change it by running") as caught:
+            replica.merge("z", instants, ["id"], version_column=V)
+        with any_db.engine.begin() as conn:  # SQLite changes no type in place: the statements given
+            for one in str(caught.value).split("change it by running: ")[1].split("; "):
+                conn.exec_driver_sql(one)
+        assert replica.merge("z", instants, ["id"], version_column=V).inserted == 1
+        statement = "; ".join(
+            f'ALTER TABLE "{t}" RENAME COLUMN "{V}" TO "{V}__old"; ALTER TABLE "{t}" ADD COLUMN "{V}" TIMESTAMPTZ; '
+            f'UPDATE "{t}" SET "{V}" = "{V}__old" || \'+00:00\'; ALTER TABLE "{t}" DROP COLUMN "{V}__old"'
+            for t in ("z", "z__deleted"))
+    # the version column holds values: the statements to run, for the table and its tombstones
+    with pytest.raises(ReplicaError, match=rf"column '{V}': has type .*reads them as UTC.*change it by running") as caught:
+        replica.merge("z", rows([3], "UTC", True), ["id"], version_column=V)
+    assert str(caught.value).endswith(statement)
+    with any_db.engine.begin() as conn:
+        for one in statement.split("; "):
+            conn.exec_driver_sql(one)
+    assert replica.merge("z", rows([3], "UTC", True), ["id"], version_column=V).inserted == 1
+    assert read(any_db, "z", columns=("id", V), kinds=(None, "timestamp")) == [
+        (1, canonical(dt.datetime(2024, 1, 1, tzinfo=UTC), "timestamp")), (2, canonical(dt.datetime(2024, 1, 2, tzinfo=UTC), "timestamp")),
+        (3, canonical(dt.datetime(2024, 1, 3, tzinfo=UTC), "timestamp"))]
+
+
 def test_existing_table_without_the_key_as_primary_key_fails(any_db, replica):
     q = lambda n: quoted(any_db, n)  # noqa: E731
     any_db.run(f"CREATE TABLE {q('nokey')} ({q('PersonID')} INT, {q('Name')} VARCHAR(255), {q(V)} TIMESTAMP NULL)")

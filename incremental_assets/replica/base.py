@@ -1244,8 +1244,11 @@ class Replica:
                         f"the data has changed shape ({'; '.join(what)}) and on_schema_change is 'fail'", table,
                         (new[0][0] if new else kept[0] if kept else retyped[0].name),
                     )
+                tombstones = self._qualified(table + TOMBSTONE_SUFFIX)
                 for f in retyped:
-                    changes.widened[f.name] = self._widen(conn, table, T, f, shape.columns[f.name], f.name in layout.key)
+                    companion = tombstones if f.name in layout.key or f.name == layout.version else None
+                    changes.widened[f.name] = self._widen(conn, table, T, f, shape.columns[f.name], f.name in layout.key,
+                                                          companion=companion)
                 for name, type_sql, _ in new:
                     self._execute(conn, self.dialect.add_column_sql(T, q(name), type_sql))
                     changes.added.append(name)
@@ -1283,10 +1286,14 @@ class Replica:
             raise self._error(f"the soft-delete flag has type {flag}, not boolean", table, DELETED)
         return kept, retyped
 
-    def _widen(self, conn: sa.Connection, table: str, name: str, f: pa.Field, st: SqlType, is_key: bool) -> str:
+    def _widen(
+        self, conn: sa.Connection, table: str, name: str, f: pa.Field, st: SqlType, is_key: bool, *,
+        companion: str | None = None,
+    ) -> str:
         """Change column ``f.name`` of ``name`` (of type ``st``) to a type that holds its values and
-        the data's, where the engine does it without loss; else fail giving the statement to run.
-        Returns ``"old -> new"``."""
+        the data's, where the engine does it without loss; else fail giving the statement to run,
+        and the one for the same column of ``companion`` (the tombstone table, for a key or
+        version column). Returns ``"old -> new"``."""
         column = self._q(f.name)
         target = widened(st, f.type)
         using, zone_change = None, False
@@ -1313,6 +1320,8 @@ class Replica:
         if zone_change:
             why += (" (its values hold no time zone: the statement reads them as UTC; if they were wall-clock times "
                     "of another zone, name that zone in it instead)")
+        if companion is not None and type_sql is not None:
+            sql += "; " + (self.dialect.alter_type_sql(companion, column, type_sql, not_null=is_key, using=using) or "")
         raise self._error(f"{why}; change it by running: {sql}", table, f.name)
 
     def _all_null(self, conn: sa.Connection, name: str, column: str) -> bool:
