@@ -7,7 +7,7 @@ Builds ``bench_orders_<rows>`` (9 mixed columns, ``modified`` timestamptz indexe
 in the database ``bench`` of the local PostgreSQL (created if missing), then measures each case
 in its own subprocess (wall time, rows/s, peak RSS of that process via ``wait4`` in a launcher) and prints a
 table with each time's ratio to ``COPY (SELECT ...) TO STDOUT (FORMAT binary)``; the table is
-saved to ``benchmarks/results/latest.md`` with the date and the machine. See README.md.
+saved to ``benchmarks/results/latest.md`` with the date and the machine. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -800,7 +800,7 @@ def main(argv=None) -> int:
         case("ConnectorX arrow stream -> Parquet", "connectorx")
     except ImportError:
         results["ConnectorX arrow stream -> Parquet"] = None
-    results["dlt (pyarrow backend) -> Parquet"] = None  # not installed in .venv (see README)
+    results["dlt (pyarrow backend) -> Parquet"] = None  # not installed in .venv (see benchmarks/README.md)
     try:
         import dlt  # noqa: F401
 

@@ -221,31 +221,27 @@ def _wait_for_runs_in_flight(project, source: str, tables, timeout: float) -> se
 
 
 class _Outcome:
-    """What a batched run did, table by table."""
+    """What a batched run did, table by table (plain values: it crosses from a worker process)."""
 
-    def __init__(self, result, project):
-        self.result = result
+    def __init__(self, result, project, keys):
+        self.run_id = result.run_id
         self.metas: dict = {}
         for event in result.get_asset_materialization_events():
             meta = {k: v.value for k, v in event.materialization.metadata.items()}
             self.metas.setdefault(event.asset_key, []).append(meta)
-        self.failures = {e.step_key: _step_failure([e]) for e in result.all_events if e.is_step_failure}
-        self.checks = {c.asset_key: c for c in result.get_asset_check_evaluations()}
-        self._ops = {}
-        self._project = project
+        by_step = {e.step_key: _step_failure([e]) for e in result.all_events if e.is_step_failure}
+        self.failures = {key: by_step.get(project.defs.resolve_assets_def(key).op.name) for key in keys}
+        self.checks = {c.asset_key: c.passed for c in result.get_asset_check_evaluations()}
 
     def failure(self, key) -> str | None:
-        op = self._ops.get(key)
-        if op is None:
-            op = self._ops[key] = self._project.defs.resolve_assets_def(key).op.name
-        return self.failures.get(op)
+        return self.failures.get(key)
 
 
 def _print_landing(name: str, batch, outcome: _Outcome, key) -> int | None:
     """The table's line for a batched run's copy: rows copied, or None when it failed."""
     failure = outcome.failure(key)
     if failure is not None:
-        print(f"{name}: FAILED run {outcome.result.run_id}: {failure}", file=sys.stderr)
+        print(f"{name}: FAILED run {outcome.run_id}: {failure}", file=sys.stderr)
         return None
     metas = outcome.metas.get(key, [])
     meta = metas[-1] if metas else {}
@@ -254,18 +250,18 @@ def _print_landing(name: str, batch, outcome: _Outcome, key) -> int | None:
         f"{name}: [{batch.describe()}] {rows} row(s), "
         f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
         f"frontier {_fmt(meta.get('frontier'))}, {sum(m.get('file_count', 0) for m in metas)} file(s), "
-        f"run {outcome.result.run_id}"
+        f"run {outcome.run_id}"
     )
     if not rows and meta.get("held_back"):
         print(f"{name}: stopping: {meta['horizon_note']}")
-    return rows if not meta.get("held_back") else 0
+    return rows
 
 
 def _print_merge(name: str, rt, outcome: _Outcome) -> bool | None:
     """The table's line for a batched run's merge: whether it succeeded (None: nothing merged)."""
     failure = outcome.failure(rt.key)
     if failure is not None:
-        print(f"{name}: FAILED replica merge, run {outcome.result.run_id}: {failure}", file=sys.stderr)
+        print(f"{name}: FAILED replica merge, run {outcome.run_id}: {failure}", file=sys.stderr)
         return False
     metas = outcome.metas.get(rt.key, [])
     files = sum(m.get("files_merged", 0) for m in metas)
@@ -276,7 +272,7 @@ def _print_merge(name: str, rt, outcome: _Outcome) -> bool | None:
         return sum(m.get(figure, 0) for m in metas)
 
     check = outcome.checks.get(rt.key)
-    said = "" if check is None else (" reconciles with the source" if check.passed else " differs from the source")
+    said = "" if check is None else (" reconciles with the source" if check else " differs from the source")
     print(
         f"{name}: merged {files} file(s) of {len(metas)} window(s) into replica {rt.target!r}: "
         f"{total('rows_inserted')} inserted, {total('rows_updated')} updated, {total('rows_unchanged')} unchanged, "
@@ -299,16 +295,76 @@ def _run_batch(project, batch, replicas, log_level) -> _Outcome:
         raise_on_error=False,
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
-    return _Outcome(result, project)
+    return _Outcome(result, project, request.asset_selection)
+
+
+#: the worker processes' own project (``--jobs``), loaded once per process
+_WORKER: dict = {}
+
+
+def _worker_start(only: list[str] | None) -> None:
+    _prepare_environment(None)  # the configuration and DAGSTER_HOME come in the environment
+    use_system_memory_pool()
+    _WORKER["project"] = _Project(only)
+
+
+def _worker_run(source: str, names: list[str], first_key: str, last_key: str, replica_only: bool,
+                log_level: str) -> _Outcome:
+    from .defs.automation import Batch
+
+    project = _WORKER["project"]
+    by_name = {t.config.name: t for t in project.tables}
+    tables = [by_name[n] for n in names]
+    batch = Batch(source, first_key, last_key, tables, replica_only=replica_only)
+    return _run_batch(project, batch, project.replicas(tables), log_level)
+
+
+class _Runner:
+    """Runs a sync's batches: in this process, or (``--jobs`` above 1, and more than one batch at
+    hand) in worker processes, each loading the definitions once and running a batch at a time,
+    as the daemon's run queue runs several runs at once. Outcomes come back in batch order."""
+
+    def __init__(self, project, only: list[str] | None, jobs: int, log_level: str):
+        self.project, self.only, self.jobs, self.log_level = project, only, jobs, log_level
+        self._pool = None
+
+    def run(self, batches, replicas):
+        if self.jobs <= 1 or len(batches) < 2:
+            for batch in batches:
+                yield batch, _run_batch(self.project, batch, replicas, self.log_level)
+            return
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawned, not forked: the parent holds connections and threads a fork would share
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_start, initargs=(self.only,))
+        futures = [self._pool.submit(_worker_run, b.source, [t.config.name for t in b.tables], b.first_key,
+                                     b.last_key, b.replica_only, self.log_level) for b in batches]
+        for batch, future in zip(batches, futures):
+            yield batch, future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Copy (and merge) what is new, source by source: the tables of a source are planned
     together and copied by batched runs, as the source's sensor would request them."""
-    from .defs.automation import batches, plan_tables, replica_batches
-
     project = _Project(args.table)
     log_level = "INFO" if args.verbose else "ERROR"
+    runner = _Runner(project, args.table, args.jobs, log_level)
+    try:
+        return _sync(args, project, runner)
+    finally:
+        runner.close()
+
+
+def _sync(args: argparse.Namespace, project, runner: _Runner) -> int:
+    from .defs.automation import batches, plan_tables, replica_batches
+
     max_tables = project.config.sensors.max_tables_per_run
     counts = {"copied": 0, "merged": 0, "up to date": 0, "waiting": 0, "failed": 0}
     store = project.store
@@ -344,8 +400,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             if not runs:
                 break
             again = []
-            for batch in runs:
-                outcome = _run_batch(project, batch, replicas, log_level)
+            for batch, outcome in runner.run(runs, replicas):
                 for table in batch.tables:
                     name = table.config.name
                     rows = _print_landing(name, batch, outcome, table.key)
@@ -360,7 +415,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
                             continue
                         if ok:
                             merged.add(name)
-                    if rows:
+                    held = any(m.get("held_back") for m in outcome.metas.get(table.key, []))
+                    if rows and not held:
                         again.append(table)  # more may have come: planned again
             remaining = again
         # whatever landed is merged, by this sync or not (a failed merge, a window landed from the
@@ -369,8 +425,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                                          project.instance, store, {}, max_tables=max_tables)
         for name, why in behind.items():
             print(f"{name}: replica behind: {why}")
-        for batch in merges:
-            outcome = _run_batch(project, batch, replicas, log_level)
+        for batch, outcome in runner.run(merges, replicas):
             for table in batch.tables:
                 name = table.config.name
                 ok = _print_merge(name, replicas[name], outcome)
@@ -579,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="at most this many rounds of runs per source (default 100)")
     sync.add_argument("--wait-timeout", type=float, default=300, metavar="SECONDS",
                       help="wait at most this long for a table's copy already in flight (default 300)")
+    sync.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                      help="run at most N batches of tables at once, each in a process of its own "
+                           "(default: the cores, at most 4; 1 runs every batch in this process)")
     sync.add_argument("-v", "--verbose", action="store_true", help="show the runs' logs")
     sync.set_defaults(func=cmd_sync)
     status = sub.add_parser("status", help="per table, the recorded watermark, how far the source is ahead, and the replica's windows pending merge")

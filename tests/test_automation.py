@@ -123,3 +123,35 @@ def test_tables_with_a_run_in_flight_wait_for_it(pg_db, tmp_path):
         assert not data.run_requests and "copy in flight" in (data.skip_message or "")
         instance.report_run_canceled(run)
         assert tick(defs, instance).run_requests
+
+
+@pytest.mark.parametrize("db_fixture", ["pg_db", "mariadb_db"])
+def test_sync_runs_batches_in_worker_processes(request, db_fixture, tmp_path, capsys):
+    """``sync --jobs 2`` runs a source's batches in two worker processes at once: one line per
+    table in order, every table landed and merged, and a broken table failing alone."""
+    from tests.helpers import run_cli
+
+    db = request.getfixturevalue(db_fixture)
+    create_tables(db)
+    config = write_config(tmp_path, db, max_tables_per_run=3)
+    code, out, err = run_cli(capsys, "--config", str(config), "discover")
+    assert code == 0, err
+    db.run("ALTER TABLE t05 RENAME COLUMN updated_at TO changed_at")  # its copy fails: column gone
+    code, out, err = run_cli(capsys, "--config", str(config), "sync", "--jobs", "2")
+    assert code == 1
+    assert "t05" in err and "updated_at" in err
+    with dg.DagsterInstance.get() as instance:
+        runs = instance.get_run_records(dg.RunsFilter(tags={"incremental_assets/source": "erp"}))
+        pids = {r.dagster_run.tags["incremental_assets/process"].rsplit("-", 2)[1] for r in runs}
+    assert len(runs) == 3 and len(pids) == 2  # 8 tables, 3 a run: the batches ran in two worker processes
+    for i in range(N):
+        if i == 5:
+            continue
+        name = f"t{i:02d}"
+        lines = [line for line in out.splitlines() if line.startswith(f"{name}: ")]
+        assert lines, name
+        if i % 4 == 3:  # empty: nothing landed, nothing merged
+            assert lines == [f"{name}: up to date"]
+        else:
+            assert replica_rows(tmp_path, name) == [(1, i), (2, i)], name
+    assert f"{N} table(s): 8 copied, 3 up to date, 1 failed" in out

@@ -137,6 +137,47 @@ def test_window_landed_by_materialize_is_merged_by_next_sync(sqlite_db, tmp_path
     replica.engine.dispose()
 
 
+def _merged_through(instance) -> tuple[int, int]:
+    """(the replica's latest ``landing_merged_through``, the landing's latest storage id)."""
+    records = {r.asset_entry.asset_key: r for r in instance.get_asset_records([REPLICA, LANDING])}
+    replica, landing = records[REPLICA], records[LANDING]
+    through = replica.asset_entry.last_materialization.asset_materialization.metadata["landing_merged_through"].value
+    return through, landing.asset_entry.last_materialization_storage_id
+
+
+def test_replica_records_how_far_every_landing_is_merged(sqlite_db, tmp_path, capsys):
+    """Each merge records the landing event up to which every window is merged, which lets the
+    sensor and sync skip a table with nothing landed since; a window landed and not merged keeps
+    it below that window's event until a merge takes it."""
+    source_table(sqlite_db, (1, "John", "2017-09-01 00:56:00"), (2, "Mike", "2017-10-02 00:00:00"))
+    replica = Database(f"sqlite:///{tmp_path / 'replica.db'}", sa.create_engine(f"sqlite:///{tmp_path / 'replica.db'}"))
+    config = write_config(tmp_path, sqlite_db.url, [MONTHLY], replica={"url": replica.url})
+    assert run_cli(capsys, "--config", str(config), "sync")[0] == 0
+    with dg.DagsterInstance.get() as instance:
+        through, landed = _merged_through(instance)
+        assert through == landed
+
+    # an old window landed again (a backfill), its merge not run: the record stays below it
+    sqlite_db.run("UPDATE customer_table SET Name = 'John v2' WHERE PersonID = 1")
+    from incremental_assets.definitions import load_definitions
+
+    defs = load_definitions(config)
+    landing = defs.resolve_assets_def(LANDING)
+    with dg.DagsterInstance.get() as instance:
+        assert dg.materialize([landing], instance=instance, partition_key="2017-09-01",
+                              run_config={"ops": {landing.op.name: {"config": {"refresh": True}}}}).success
+        through_before, landed = _merged_through(instance)
+        assert through_before < landed
+    code, out, err = run_cli(capsys, "--config", str(config), "sync")
+    assert code == 0, err
+    assert "1 window(s) pending merge (2017-09-01" in out
+    assert replica_rows(replica) == [(1, "John v2"), (2, "Mike")]
+    with dg.DagsterInstance.get() as instance:
+        through, landed = _merged_through(instance)
+        assert through == landed > through_before
+    replica.engine.dispose()
+
+
 def test_sensor_requests_a_failed_window_again(sqlite_db, tmp_path):
     source_table(sqlite_db, (1, "John", "2017-09-01 00:56:00"))
     replica = Database(f"sqlite:///{tmp_path / 'replica.db'}", sa.create_engine(f"sqlite:///{tmp_path / 'replica.db'}"))

@@ -809,3 +809,52 @@ def test_empty_table_has_no_integer_horizon(any_db, sources):
     assert source.safe_horizon(info).value is None
     assert read(source, info, None, None).num_rows == 0
     assert source.slice_stats(info, None, None) == (0, None, None)
+
+
+def _table_info_digest(info):
+    return (str(info.ref), info.columns, str(info.schema), info.watermark_column, type(info.kind).__name__,
+            info.watermark_indexed, info.primary_key)
+
+
+def test_many_tables_are_described_together_as_each_alone(any_db, sources):
+    """Planning hundreds of tables reflects them in a batch: every table's description (types,
+    key, watermark index) is what reflecting it alone gives, and a table's error stays its own."""
+    name = any_db.engine.dialect.name
+    ts = "TIMESTAMP" if name != "mysql" else "DATETIME(6)"
+    statements = []
+    for i in range(4):
+        statements.append(f"CREATE TABLE t{i} (id INTEGER PRIMARY KEY, amount NUMERIC(12, 3), note VARCHAR(20), "
+                          f"updated_at {ts} NOT NULL)")
+        if i % 2 == 0:
+            statements.append(f"CREATE INDEX t{i}_updated ON t{i} (updated_at)")
+    statements.append(f"CREATE TABLE nokey (v INTEGER, updated_at {ts} NOT NULL)")
+    if name == "postgresql":
+        statements += [
+            "CREATE DOMAIN money4 AS numeric(14, 4)",
+            "CREATE TABLE typed (id int PRIMARY KEY, m money4, grid int[][], updated_at timestamptz NOT NULL)",
+        ]
+    any_db.run(*statements)
+    source = sources(any_db)
+    specs = {f"t{i}": {"table": f"t{i}", "watermark_column": "updated_at"} for i in range(4)}
+    specs["nokey"] = {"table": "nokey", "watermark_column": "updated_at", "primary_key": ["id"]}
+    specs["missing"] = {"table": "no_such_table", "watermark_column": "updated_at"}
+    specs["nowm"] = {"table": "t1", "watermark_column": "changed_at"}
+    if name == "postgresql":
+        specs["typed"] = {"table": "typed", "watermark_column": "updated_at"}
+        specs["folded"] = {"table": "T2", "watermark_column": "UPDATED_AT"}
+    batched = source.describe_tables(specs)
+    assert set(batched) == set(specs)
+    for key, spec in specs.items():
+        kwargs = {k: v for k, v in spec.items() if k != "table"}
+        try:
+            alone = source.describe_table(spec["table"], **kwargs)
+        except SourceError as exc:
+            assert isinstance(batched[key], SourceError), key
+            assert str(batched[key]) == str(exc)
+            continue
+        assert not isinstance(batched[key], SourceError), (key, batched[key])
+        assert _table_info_digest(batched[key]) == _table_info_digest(alone), key
+    assert batched["t0"].watermark_indexed and not batched["t1"].watermark_indexed
+    assert "no primary key column" in str(batched["nokey"]) and "no_such_table" in str(batched["missing"])
+    if name == "postgresql":
+        assert batched["typed"].schema.field("m").type == pa.decimal128(14, 4)

@@ -22,7 +22,7 @@ import dagster as dg
 from ..config import ProjectConfig
 from ..sources import Horizon, Source, SourceError, TimestampKind
 from ..state import WatermarkState
-from .landing import PLAN_TTL_SECONDS, SOURCE_TAG, LandingTable
+from .landing import PLAN_TTL_SECONDS, SOURCE_TAG, LandingTable, describe_tables
 from .partitions import key_for_time, window
 from .liveness import IN_FLIGHT
 from .sensors import CopyRequest, Plan, WindowRange, backwards_message, plan_changes, stretch_end
@@ -56,12 +56,14 @@ def plan_tables(tables: Sequence[LandingTable], source: Source, instance: dg.Dag
     if not watermarked:
         return plans
     infos = {}
+    described = describe_tables(watermarked, source, max_age=PLAN_TTL_SECONDS)
     for table in list(watermarked):
-        try:
-            infos[table.config.name] = table.describe(source, max_age=PLAN_TTL_SECONDS)
-        except SourceError as exc:  # this table's problem: the others go on
-            plans[table.config.name] = Plan(None, f"cannot plan {table.config.table}: {exc}", str(exc))
+        found = described[table.config.name]
+        if isinstance(found, SourceError):  # this table's problem: the others go on
+            plans[table.config.name] = Plan(None, f"cannot plan {table.config.table}: {found}", str(found))
             watermarked.remove(table)
+        else:
+            infos[table.config.name] = found
     if not watermarked:
         return plans
     states = {t.config.name: WatermarkState.from_metadata(metadata[t.config.name], infos[t.config.name].kind)
@@ -210,14 +212,24 @@ def replica_batches(source: str, tables: Sequence[LandingTable], replicas: dict,
     window landed from the UI: see :func:`replica.pending_windows`), batched like copies; and, per
     table, why it is behind. ``verified`` (updated): per table, the landing event up to which
     everything is known merged; a table with no landing event after it is not looked at again."""
-    from .replica import check_windows, merge_requests
+    from .replica import MERGED_THROUGH, check_windows, merge_requests
 
     mine = [t for t in tables if t.config.name in replicas]
     if not mine:
         return [], {}
     latest = {}
-    for record in instance.get_asset_records([t.key for t in mine]):
-        latest[record.asset_entry.asset_key] = record.asset_entry.last_materialization_storage_id or 0
+    replica_names = {replicas[t.config.name].key: t.config.name for t in mine}
+    for record in instance.get_asset_records([t.key for t in mine] + list(replica_names)):
+        entry = record.asset_entry
+        if entry.asset_key in replica_names:  # what its latest merge found merged
+            event = entry.last_materialization
+            meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+            through = meta.get(MERGED_THROUGH)
+            name = replica_names[entry.asset_key]
+            if through is not None and isinstance(through.value, int):
+                verified[name] = max(verified.get(name, 0), through.value)
+        else:
+            latest[entry.asset_key] = entry.last_materialization_storage_id or 0
     groups: dict[tuple, Batch] = {}
     out: list[Batch] = []
     behind: dict[str, str] = {}

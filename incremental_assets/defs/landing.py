@@ -7,7 +7,8 @@ copied. The next run starts where the latest materialization's ``frontier`` ends
 
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -61,6 +62,8 @@ class LandingTable:
     config: TableConfig
     partitions_def: dg.TimeWindowPartitionsDefinition
     source_key: str
+    #: the tables of the same source by name, this one included (shared by all of them)
+    peers: dict[str, "LandingTable"] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def key(self) -> dg.AssetKey:
@@ -70,28 +73,38 @@ class LandingTable:
     def pool(self) -> str:
         return f"incremental_assets/{self.config.name}"
 
-    def describe(self, source: Source, *, max_age: float = DESCRIBE_TTL_SECONDS) -> TableInfo:
+    def describe(self, source: Source, *, max_age: float = DESCRIBE_TTL_SECONDS,
+                 along: Sequence["LandingTable"] = ()) -> TableInfo:
         """The table as reflected at most ``max_age`` seconds ago: a sync that plans and then
         copies reflects once, and a copy sees a schema change within seconds. Sensors, which only
-        probe the watermark column, pass a longer age (:data:`PLAN_TTL_SECONDS`)."""
-        tc = self.config
-        key = (source.url, tc.table, tc.watermark_column, tuple(tc.columns or ()), tc.watermark_timezone, tuple(tc.primary_key))
-        cached = _DESCRIBED.get(key)
-        if cached and time.monotonic() - cached[0] < max_age:
-            return cached[1]
-        info = self._reflect(source)
-        _DESCRIBED[key] = (time.monotonic(), info)
-        return info
+        probe the watermark column, pass a longer age (:data:`PLAN_TTL_SECONDS`). When it must
+        reflect, the tables ``along`` (a run's other tables of the same source) whose reflection
+        is due too are reflected with it, in one batch (:func:`describe_tables`)."""
+        found = describe_tables([self, *along], source, max_age=max_age)[self.config.name]
+        if isinstance(found, SourceError):
+            raise found
+        return found
 
-    def _reflect(self, source: Source) -> TableInfo:
+    def run_peers(self, context: dg.AssetExecutionContext) -> list["LandingTable"]:
+        """The other tables of this source that the step's run copies or merges: reflected
+        together with this one when its reflection is due."""
+        names = {key.path[-1] for key in (context.run.asset_selection or ())
+                 if len(key.path) == 2 and key.path[0] in ("landing", "replica")}
+        return [t for name, t in self.peers.items() if name in names and name != self.config.name]
+
+    def _cache_key(self, source: Source) -> tuple:
         tc = self.config
-        return source.describe_table(
-            tc.table,
-            watermark_column=tc.watermark_column,  # None with change tracking
-            columns=tc.columns,
-            column_timezone=tc.watermark_timezone,
-            primary_key=tc.primary_key or None,
-        )
+        return (source.url, tc.table, tc.watermark_column, tuple(tc.columns or ()), tc.watermark_timezone, tuple(tc.primary_key))
+
+    def _describe_spec(self) -> dict[str, Any]:
+        tc = self.config
+        return {
+            "table": tc.table,
+            "watermark_column": tc.watermark_column,  # None with change tracking
+            "columns": tc.columns,
+            "column_timezone": tc.watermark_timezone,
+            "primary_key": tc.primary_key or None,
+        }
 
     def index_note(self, source: Source) -> str:
         """What to tell the user when no index leads with the watermark column ("" when one does,
@@ -124,6 +137,31 @@ class LandingTable:
             start, end = window(self.partitions_def, k)
             out.append(Window(k, start, end, open_start=(k == first)))
         return out
+
+
+def describe_tables(tables: Sequence[LandingTable], source: Source, *,
+                    max_age: float = DESCRIBE_TTL_SECONDS) -> dict[str, TableInfo | SourceError]:
+    """Each table (of one source) as reflected at most ``max_age`` seconds ago, or the error
+    describing it raised; those due are reflected together (:meth:`Source.describe_tables`), and
+    the batch takes along every due table of the same source in ``tables``: hundreds of tables
+    cost a few catalog statements, not a reflection each."""
+    now = time.monotonic()
+    out: dict[str, TableInfo | SourceError] = {}
+    due: dict[str, LandingTable] = {}
+    for table in tables:
+        cached = _DESCRIBED.get(table._cache_key(source))
+        if cached and now - cached[0] < max_age:
+            out[table.config.name] = cached[1]
+        else:
+            due[table.config.name] = table
+    if due:
+        found = source.describe_tables({name: t._describe_spec() for name, t in due.items()})
+        stamp = time.monotonic()
+        for name, info in found.items():
+            if isinstance(info, TableInfo):
+                _DESCRIBED[due[name]._cache_key(source)] = (stamp, info)
+            out[name] = info
+    return out
 
 
 def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict[str, Any] | None:
@@ -377,7 +415,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
         started = time.perf_counter()
         source: Source = getattr(context.resources, table.source_key).get()
         store = context.resources.landing.get()
-        info = table.describe(source)
+        info = table.describe(source, along=table.run_peers(context))
         kind = info.kind
         if note := table.index_note(source):
             context.log.warning(f"{tc.name}: {note}")
@@ -546,4 +584,11 @@ FULL_SUFFIX = "__full"
 
 
 def landing_tables(config: ProjectConfig) -> list[LandingTable]:
-    return [LandingTable(t, partitions_def_for(t), source_resource_key(t.source)) for t in config.tables]
+    peers: dict[str, dict[str, LandingTable]] = {}
+    out = []
+    for t in config.tables:
+        mine = peers.setdefault(t.source, {})
+        table = LandingTable(t, partitions_def_for(t), source_resource_key(t.source), mine)
+        mine[t.name] = table
+        out.append(table)
+    return out

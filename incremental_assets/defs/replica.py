@@ -36,6 +36,11 @@ LANDING_EVENT = "landing_storage_id"
 FILES_SINCE_BASE = 64
 #: the replica table's columns that the source no longer has (dropped or renamed there): kept
 NOT_IN_SOURCE = "columns_not_in_source"
+#: metadata of every replica materialization: the storage id up to which every landing
+#: materialization of the table (all windows) is known merged once this merge is done. The
+#: source's sensor and ``sync`` read it, with the landing's latest, from the asset records of all
+#: tables in one query: a table with nothing landed since is not looked at window by window.
+MERGED_THROUGH = "landing_merged_through"
 
 @dataclass(frozen=True)
 class ReplicaTable:
@@ -117,7 +122,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         source = getattr(context.resources, source_key).get()
         store = context.resources.landing.get()
         replica = context.resources.replica.get()
-        info = table.landing.describe(source)
+        info = table.landing.describe(source, along=table.landing.run_peers(context))
         key = merge_key(table, info)
         version, operation, schema = tc.watermark_column, None, info.schema
         if table.landing.tracks_changes:
@@ -135,8 +140,8 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         if widened:
             context.log.warning(f"replica table {table.target!r}: widened column(s) "
                                 + ", ".join(f"{c} ({w})" for c, w in widened.items()) + " (schema drift)")
-        last = latest_metadata(context.instance, table.key) or {}
-        if changes.kept and changes.kept != last.get(NOT_IN_SOURCE):
+        previous = latest_metadata(context.instance, table.key) or {}
+        if changes.kept and changes.kept != previous.get(NOT_IN_SOURCE):
             context.log.warning(
                 f"replica table {table.target!r}: column(s) {changes.kept} are no longer in the source (dropped or "
                 "renamed there): kept in the replica, NULL in new rows, as they were in rows merged before"
@@ -179,6 +184,8 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                 },
                 partition_key=partition,
             )
+        _, through = check_windows(context.instance, store, table, int(previous.get(MERGED_THROUGH) or 0),
+                                   merged_now={p: landed.get(p, 0) for p in keys})
         context.log.info(
             f"{tc.name}: merged {files_merged} file(s) of {len(keys)} window(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
@@ -193,6 +200,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                 "replica_table": table.target,
                 "replica": replica.redacted_url,
                 "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
+                MERGED_THROUGH: dg.MetadataValue.int(through),
             }
         )
         yield reconcile(table, source, info, replica, key)
@@ -290,19 +298,25 @@ def pending_windows(instance: dg.DagsterInstance, store, table: ReplicaTable) ->
     return check_windows(instance, store, table)[0]
 
 
-def check_windows(instance: dg.DagsterInstance, store, table: ReplicaTable, verified: int = 0) -> tuple[dict[str, str], int]:
+def check_windows(instance: dg.DagsterInstance, store, table: ReplicaTable, verified: int = 0, *,
+                  merged_now: dict[str, int] | None = None) -> tuple[dict[str, str], int]:
     """:func:`pending_windows`, and the storage id up to which every landing materialization is
     now known merged (just below the latest landing event of the first pending window, so that a
     pending window is always read again). ``verified``: such an id from before; windows whose
-    latest landing event is not after it are not read again."""
+    latest landing event is not after it are not read again. ``merged_now``: windows a merge
+    step has just merged (not recorded yet), each with the landing event it merged."""
     landed = landing_events(instance, table)
     if not landed:
         return {}, verified
+    merged_now = merged_now or {}
     merged_ids = _latest_ids(instance, table.key, list(landed))
-    recent = [p for p, event in landed.items() if event > verified and p in merged_ids]
+    recent = [p for p, event in landed.items()
+              if event > verified and p in merged_ids and not event <= merged_now.get(p, 0)]
     recorded = merged_state(instance, table, recent) if recent else {}
     out: dict[str, str] = {}
     for partition in sorted(landed):  # time window keys sort in time order
+        if landed[partition] <= merged_now.get(partition, 0):
+            continue  # merged by the step asking
         if partition not in merged_ids:
             out[partition] = "landed, never merged"
             continue

@@ -924,6 +924,11 @@ def reconcile_source(
 # -- the replica ----------------------------------------------------------------------------------
 
 
+#: how long a table ensured for a layout is taken as it was (a merge step ensures it, then
+#: merges each landed file into it): a change made to the replica table by hand is seen after it
+ENSURED_TTL_SECONDS = 10.0
+
+
 class Replica:
     """One replica database. Table and column names are used as given (quoted by the dialect)."""
 
@@ -953,6 +958,8 @@ class Replica:
         self.retry_delay = retry_delay
         self.chunk_rows = chunk_rows
         self._prepared = False
+        #: tables ensured lately, by table and layout: (when, the table's columns)
+        self._ensured: dict[tuple, tuple[float, tuple[str, ...]]] = {}
         try:
             parsed = make_url(url)
         except Exception:
@@ -1055,7 +1062,12 @@ class Replica:
             with conn.begin():
                 if lock:
                     self.dialect.lock(conn, name)
-                yield conn
+                try:
+                    yield conn
+                except BaseException:
+                    # what failed may have been the table's shape: the next merge looks at it again
+                    self._ensured = {memo: v for memo, v in self._ensured.items() if memo[0] != table}
+                    raise
         except sa.exc.DBAPIError as exc:
             raise self._error(scrub(str(exc.orig), self.url).strip(), table) from None
         except TimeoutError as exc:  # waiting for another merge of the table
@@ -1220,9 +1232,26 @@ class Replica:
     def _ensure(
         self, table: str, layout: _Layout, on_schema_change: str, *, soft_delete: bool
     ) -> tuple[list[str], SchemaChanges]:
-        """Returns (the table's columns, what changed)."""
+        """Returns (the table's columns, what changed). The same table ensured for the same
+        layout moments ago (a merge step's :meth:`adapt_table`, then its :meth:`merge` of each
+        file) is not reflected again: see :data:`ENSURED_TTL_SECONDS`; it is then as it was, unchanged."""
         if on_schema_change not in ("fail", "add_columns"):
             raise self._error(f"on_schema_change must be 'fail' or 'add_columns', not {on_schema_change!r}", table)
+        memo = (table, layout.schema, tuple(layout.key), layout.version, on_schema_change, soft_delete)
+        ensured = self._ensured.get(memo)
+        if ensured is not None and time.monotonic() - ensured[0] < ENSURED_TTL_SECONDS:
+            _, existing, seen = ensured
+            return list(existing), SchemaChanges(kept=list(seen.kept), columns=dict(seen.columns))
+        existing, changes = self._ensure_now(table, layout, on_schema_change, soft_delete=soft_delete)
+        if changes.created or changes.added or changes.widened:
+            # the table changed: what was ensured for other layouts is out of date
+            self._ensured = {m: v for m, v in self._ensured.items() if m[0] != table}
+        self._ensured[memo] = (time.monotonic(), tuple(existing), changes)
+        return existing, changes
+
+    def _ensure_now(
+        self, table: str, layout: _Layout, on_schema_change: str, *, soft_delete: bool
+    ) -> tuple[list[str], SchemaChanges]:
         q, T = self._q, self._qualified(table)
         changes = SchemaChanges()
         with self._transaction(table) as conn:
