@@ -958,8 +958,8 @@ class Replica:
         self.retry_delay = retry_delay
         self.chunk_rows = chunk_rows
         self._prepared = False
-        #: tables ensured lately, by table and layout: (when, the table's columns)
-        self._ensured: dict[tuple, tuple[float, tuple[str, ...]]] = {}
+        #: tables ensured lately, by table and layout: (when, the table's columns, what was found)
+        self._ensured: dict[tuple, tuple[float, tuple[str, ...], SchemaChanges]] = {}
         try:
             parsed = make_url(url)
         except Exception:
@@ -1240,8 +1240,8 @@ class Replica:
         memo = (table, layout.schema, tuple(layout.key), layout.version, on_schema_change, soft_delete)
         ensured = self._ensured.get(memo)
         if ensured is not None and time.monotonic() - ensured[0] < ENSURED_TTL_SECONDS:
-            _, existing, seen = ensured
-            return list(existing), SchemaChanges(kept=list(seen.kept), columns=dict(seen.columns))
+            _, columns, seen = ensured
+            return list(columns), SchemaChanges(kept=list(seen.kept), columns=dict(seen.columns))
         existing, changes = self._ensure_now(table, layout, on_schema_change, soft_delete=soft_delete)
         if changes.created or changes.added or changes.widened:
             # the table changed: what was ensured for other layouts is out of date
