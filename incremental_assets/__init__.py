@@ -4,6 +4,22 @@ Dagster assets."""
 import os
 import sys
 
+#: what ``import incremental_assets`` offers Dagster's tools (``dg list components``), loaded on
+#: first use: the command line's commands that do not need Dagster do not import it
+__all__ = ["IncrementalCopyComponent"]
+
+
+def __getattr__(name: str):
+    if name == "IncrementalCopyComponent":
+        from .defs.component import IncrementalCopyComponent
+
+        return IncrementalCopyComponent
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
 
 def use_system_memory_pool() -> None:
     """Arrow allocates with the system allocator in this process from here on, unless

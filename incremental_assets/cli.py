@@ -245,7 +245,7 @@ def _print_landing(name: str, batch, outcome: _Outcome, key) -> int | None:
         return None
     metas = outcome.metas.get(key, [])
     meta = metas[-1] if metas else {}
-    rows = sum(m.get("dagster/row_count", 0) for m in metas)
+    rows = sum(m.get("rows_copied", 0) for m in metas)
     print(
         f"{name}: [{batch.describe()}] {rows} row(s), "
         f"watermark {_fmt(meta.get('previous_watermark'))} -> {_fmt(meta.get('new_watermark'))}, "
@@ -302,9 +302,13 @@ def _run_batch(project, batch, replicas, log_level) -> _Outcome:
 _WORKER: dict = {}
 
 
-def _worker_start(only: list[str] | None) -> None:
+def _worker_start(only: list[str] | None, updates=None) -> None:
     _prepare_environment(None)  # the configuration and DAGSTER_HOME come in the environment
     use_system_memory_pool()
+    if updates is not None:  # the copies' progress goes to the parent, which shows it
+        from .progress import forward
+
+        forward(updates.put)
     _WORKER["project"] = _Project(only)
 
 
@@ -327,6 +331,8 @@ class _Runner:
     def __init__(self, project, only: list[str] | None, jobs: int, log_level: str):
         self.project, self.only, self.jobs, self.log_level = project, only, jobs, log_level
         self._pool = None
+        self._updates = None
+        self._relay = None
 
     def run(self, batches, replicas):
         if self.jobs <= 1 or len(batches) < 2:
@@ -337,9 +343,16 @@ class _Runner:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
+            import threading
+
             # spawned, not forked: the parent holds connections and threads a fork would share
-            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_worker_start, initargs=(self.only,))
+            context = multiprocessing.get_context("spawn")
+            self._updates = context.Queue()  # the workers' progress, shown here (see progress.py)
+            self._relay = threading.Thread(target=_relay, args=(self._updates,), name="incremental_assets-relay",
+                                           daemon=True)
+            self._relay.start()
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_worker_start,
+                                             initargs=(self.only, self._updates))
         futures = [self._pool.submit(_worker_run, b.source, [t.config.name for t in b.tables], b.first_key,
                                      b.last_key, b.replica_only, self.log_level) for b in batches]
         for batch, future in zip(batches, futures):
@@ -348,21 +361,39 @@ class _Runner:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+        if self._relay is not None:
+            self._updates.put(None)
+            self._relay.join()
+
+
+def _relay(updates) -> None:
+    """Hand the workers' progress updates to this process's display, until None comes."""
+    from .progress import publish
+
+    while (update := updates.get()) is not None:
+        publish(update)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Copy (and merge) what is new, source by source: the tables of a source are planned
-    together and copied by batched runs, as the source's sensor would request them."""
-    project = _Project(args.table)
-    log_level = "INFO" if args.verbose else "ERROR"
-    runner = _Runner(project, args.table, args.jobs, log_level)
-    try:
-        return _sync(args, project, runner)
-    finally:
-        runner.close()
+    together and copied by batched runs, as the source's sensor would request them. Their
+    progress is shown meanwhile (see display.py)."""
+    from .display import progress_display
+    from .progress import interval_seconds
+
+    summary = sys.stdout if args.quiet else None  # --quiet: the summary alone, where it would have gone
+    interval = args.progress_interval if args.progress_interval is not None else interval_seconds()
+    with progress_display("off" if args.quiet else args.progress, interval=interval, quiet=args.quiet):
+        project = _Project(args.table)
+        log_level = "INFO" if args.verbose else "ERROR"
+        runner = _Runner(project, args.table, args.jobs, log_level)
+        try:
+            return _sync(args, project, runner, summary)
+        finally:
+            runner.close()
 
 
-def _sync(args: argparse.Namespace, project, runner: _Runner) -> int:
+def _sync(args: argparse.Namespace, project, runner: _Runner, summary=None) -> int:
     from .defs.automation import batches, plan_tables, replica_batches
 
     max_tables = project.config.sensors.max_tables_per_run
@@ -446,8 +477,8 @@ def _sync(args: argparse.Namespace, project, runner: _Runner) -> int:
             else:
                 counts["up to date"] += 1
                 print(f"{name}: up to date")
-    if len(project.tables) > 1:
-        print(f"{len(project.tables)} table(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    if len(project.tables) > 1 or summary is not None:
+        print(f"{len(project.tables)} table(s): " + ", ".join(f"{v} {k}" for k, v in counts.items() if v), file=summary)
     return 1 if counts["failed"] else 0
 
 
@@ -623,6 +654,38 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check the whole setup without copying: a line per source, landing, table and replica
+    check (see preflight.py); exit 0 when all pass, 1 when something would fail, 3 on warnings only."""
+    from .config import DEMO_CONFIG, config_path, load_config
+    from .preflight import FAIL, OK, Verdict, check_project, exit_code
+
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(Verdict(FAIL, "configuration", "load", str(exc)).line())
+        return 2
+    if config.path == DEMO_CONFIG:
+        from .demo import ensure_demo_database
+
+        ensure_demo_database()  # as loading the definitions does
+    if args.table:
+        known = {t.name for t in config.tables}
+        if unknown := [n for n in args.table if n not in known]:
+            raise ConfigError(f"{config.path}: no table named {unknown}; configured tables: {sorted(known)}")
+        config = config.model_copy(update={"tables": [t for t in config.tables if t.name in args.table]})
+    verdicts = [Verdict(OK, "configuration", "load", f"{config_path()}: {len(config.tables)} table(s), "
+                        f"{len(config.sources)} source(s){', a replica' if config.replica else ''}")]
+    print(verdicts[0].line(), flush=True)
+    for verdict in check_project(config):
+        verdicts.append(verdict)
+        print(verdict.line(), flush=True)
+    failed = sum(v.level == FAIL for v in verdicts)
+    warned = sum(v.level == "warn" for v in verdicts)
+    print(f"{len(verdicts)} check(s): {len(verdicts) - failed - warned} ok, {warned} warning(s), {failed} failed")
+    return exit_code(verdicts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="incremental-assets", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help=f"configuration file (default: ${CONFIG_ENV}, else the embedded demo)")
@@ -638,11 +701,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run at most N batches of tables at once, each in a process of its own "
                            "(default: the cores, at most 4; 1 runs every batch in this process)")
     sync.add_argument("-v", "--verbose", action="store_true", help="show the runs' logs")
+    sync.add_argument("-q", "--quiet", action="store_true", help="print only the summary (and errors)")
+    sync.add_argument("--progress", choices=["auto", "live", "plain", "off"], default="auto",
+                      help="progress of long copies: a live display on a terminal, plain lines otherwise (default auto)")
+    sync.add_argument("--progress-interval", type=float, default=None, metavar="SECONDS",
+                      help="seconds between two plain progress lines (default $INCREMENTAL_ASSETS_PROGRESS_SECONDS, else 10)")
     sync.set_defaults(func=cmd_sync)
     status = sub.add_parser("status", help="per table, the recorded watermark, how far the source is ahead, and the replica's windows pending merge")
     status.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     status.add_argument("--table", action="append", help="only this table (repeatable)")
     status.set_defaults(func=cmd_status)
+    check = sub.add_parser("check", help="check the setup without copying: configuration, sources, privileges, "
+                                         "tables, watermark indexes, change tracking, landing, replica")
+    check.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    check.add_argument("--table", action="append", help="only this table (repeatable)")
+    check.set_defaults(func=cmd_check)
     discover = sub.add_parser("discover", help="find the tables of sources configured with 'discover' and list them")
     discover.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     discover.set_defaults(func=cmd_discover)

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .landing import LandedFile, LandingStore, StagedSlice
+from .progress import Progress
 from .sources import Source, SourceError, TableInfo, TimestampKind
 from .sources.base import RunRead
 from .sources.watermarks import WatermarkKind
@@ -105,9 +106,12 @@ def _scalar_value(scalar: pa.Scalar) -> Any:
     return scalar.as_py()
 
 
-def _track_max(batches: Iterable[pa.RecordBatch], column: str, out: SliceCopy, kind: WatermarkKind) -> Iterator[pa.RecordBatch]:
+def _track_max(batches: Iterable[pa.RecordBatch], column: str, out: SliceCopy, kind: WatermarkKind,
+               progress: Progress | None = None) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         out.rows += batch.num_rows
+        if progress is not None:
+            progress.add(batch.num_rows)
         if batch.num_rows:
             top = pc.max(batch.column(column))
             if top.is_valid:
@@ -142,28 +146,30 @@ def copy_slice(
     max_rows_per_file: int | None = None,
     replace: bool = False,
     batches: Iterable[pa.RecordBatch] | None = None,
+    progress: Progress | None = None,
 ) -> SliceCopy:
     """Land one slice. With ``replace`` every other file of the partition is deleted afterwards
     (a refresh); otherwise orphans of unrecorded attempts at or after ``lo`` are deleted first.
-    ``batches``: the slice's read, when it was started ahead (see :class:`ReadAhead`)."""
+    ``batches``: the slice's read, when it was started ahead (see :class:`ReadAhead`); ``progress``
+    is told of the rows as they pass."""
     if batches is None:
         batches = source.read_slice(info, slice_.lo, slice_.hi, batch_size=batch_size)
     copy, staged = _stage_slice(info, store, table=table, slice_=slice_, batches=batches,
-                                max_rows_per_file=max_rows_per_file, replace=replace)
+                                max_rows_per_file=max_rows_per_file, replace=replace, progress=progress)
     _publish_slice(store, copy, staged, table=table, replace=replace)
     return copy
 
 
 def _stage_slice(info: TableInfo, store: LandingStore, *, table: str, slice_: PlannedSlice,
                  batches: Iterable[pa.RecordBatch], max_rows_per_file: int | None, replace: bool,
-                 durable: bool = True) -> tuple[SliceCopy, StagedSlice]:
+                 durable: bool = True, progress: Progress | None = None) -> tuple[SliceCopy, StagedSlice]:
     """:func:`copy_slice` up to the publication of its files (``durable``: see :meth:`LandingStore.stage_slice`)."""
     kind = info.kind
     result = SliceCopy(slice_.partition, slice_.lo, slice_.hi)
     started = time.perf_counter()
     if not replace:
         remove_orphans(store, table, slice_.partition, kind, slice_.lo)
-    tracked = _track_max(batches, info.watermark_column, result, kind)
+    tracked = _track_max(batches, info.watermark_column, result, kind, progress)
     staged = store.stage_slice(
         table, slice_.partition, slice_stem(kind, slice_.lo, slice_.hi), info.schema, tracked,
         max_rows_per_file=max_rows_per_file, durable=durable,
@@ -531,7 +537,8 @@ def _bound_count(value: dt.datetime, arrow: pa.TimestampType) -> int:
     return micros * 1_000 if arrow.unit == "ns" else int(-(-micros // _UNITS[arrow.unit]))
 
 
-def _copy_ordered_read(source, info, store, planned, counts, how, *, table, batch_size, max_rows_per_file, replace, landed):
+def _copy_ordered_read(source, info, store, planned, counts, how, *, table, batch_size, max_rows_per_file, replace, landed,
+                       progress):
     log.info("%s: %d windows from one read in watermark order (%r: %s)", table, len(planned), info.watermark_column, how)
     split = OrderedSplit(
         source.read_slice(info, planned[0].lo, planned[-1].hi, batch_size=batch_size, ordered=True), info.watermark_column
@@ -544,7 +551,7 @@ def _copy_ordered_read(source, info, store, planned, counts, how, *, table, batc
                 continue
             publisher.submit(*_stage_slice(
                 info, store, table=table, slice_=slice_, batches=split.below(hi) if has_rows else iter(()),
-                max_rows_per_file=max_rows_per_file, replace=replace, durable=False,
+                max_rows_per_file=max_rows_per_file, replace=replace, durable=False, progress=progress,
             ))
         return publisher.finish()
     finally:
@@ -552,7 +559,8 @@ def _copy_ordered_read(source, info, store, planned, counts, how, *, table, batc
         split.close()
 
 
-def _copy_storage_order(source, info, store, planned, counts, *, table, batch_size, max_rows_per_file, replace, landed):
+def _copy_storage_order(source, info, store, planned, counts, *, table, batch_size, max_rows_per_file, replace, landed,
+                        progress):
     """The windows from one read in storage order (:class:`StorageOrderSplit`). Their files stay
     staged until the read has ended: only then is it known which windows got all their rows.
     Dirty windows are read again, each on its own; then the files are published in window order."""
@@ -564,7 +572,7 @@ def _copy_storage_order(source, info, store, planned, counts, *, table, batch_si
         source.read_slice(info, planned[0].lo, planned[-1].hi, batch_size=batch_size, storage_order=True),
         info.watermark_column, counts, flags,
     )
-    options = {"table": table, "max_rows_per_file": max_rows_per_file, "replace": replace}
+    options = {"table": table, "max_rows_per_file": max_rows_per_file, "replace": replace, "progress": progress}
     staged: dict[int, tuple[SliceCopy, StagedSlice]] = {}
     try:
         try:
@@ -580,7 +588,10 @@ def _copy_storage_order(source, info, store, planned, counts, *, table, batch_si
                      table, len(split.dirty), ", ".join(planned[i].partition for i in sorted(split.dirty)))
         for i in sorted(split.dirty):
             if i in staged:
-                staged.pop(i)[1].discard()
+                dropped, stage = staged.pop(i)
+                stage.discard()
+                if progress is not None:
+                    progress.add(-dropped.rows)  # counted again by its own read
             slice_ = planned[i]
             copy, stage = staged[i] = _stage_slice(
                 info, store, slice_=slice_, batches=source.read_slice(info, slice_.lo, slice_.hi, batch_size=batch_size), **options
@@ -620,6 +631,7 @@ def copy_window_slices(
     max_rows_per_file: int | None = None,
     replace: bool = False,
     landed: Callable[[SliceCopy], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[SliceCopy]:
     """Land ``planned`` slices in order, skipping empty ones (found up front with one statement per
     hundred windows, not one read each), and starting each slice's read while the one before is
@@ -627,12 +639,13 @@ def copy_window_slices(
     the next slice is written (:class:`Publisher`); ``landed`` is called once a slice is published.
     With ``replace`` (a refresh) an empty window is not skipped but emptied: its files go.
     Without an index on the watermark, or where the server reads them from the index in order,
-    the slices come from one read instead (:func:`ordered_read_bounds`)."""
+    the slices come from one read instead (:func:`ordered_read_bounds`). ``progress`` is told
+    of the rows as they pass."""
     ordered = ordered_read_bounds(source, info, planned)
     if ordered is not None:
         counts, run = ordered
         options = {"table": table, "batch_size": batch_size, "max_rows_per_file": max_rows_per_file,
-                   "replace": replace, "landed": landed}
+                   "replace": replace, "landed": landed, "progress": progress}
         if run.storage_order and store.cheap_publish and (run.rows or 0) >= STORAGE_ORDER_WINDOW_ROWS * len(planned):
             return _copy_storage_order(source, info, store, planned, counts, **options)
         return _copy_ordered_read(source, info, store, planned, counts, run.how, **options)
@@ -656,7 +669,7 @@ def copy_window_slices(
                 batches = current if current is not None else source.read_slice(info, slice_.lo, slice_.hi, batch_size=batch_size)
             publisher.submit(*_stage_slice(
                 info, store, table=table, slice_=slice_, batches=batches,
-                max_rows_per_file=max_rows_per_file, replace=replace, durable=False,
+                max_rows_per_file=max_rows_per_file, replace=replace, durable=False, progress=progress,
             ))
         return publisher.finish()
     finally:

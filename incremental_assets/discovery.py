@@ -190,7 +190,7 @@ def read_state(path: Path) -> dict[str, list[Found]] | None:
     if not path.exists():
         return None
     try:
-        body = yaml.safe_load(path.read_text()) or {}
+        body = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
         out: dict[str, list[Found]] = {}
         for name, entry in (body.get("sources") or {}).items():
             found = []

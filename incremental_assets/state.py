@@ -21,6 +21,7 @@ counts and checksums against the source) reveals it, and change tracking copies 
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,36 @@ HELD_BACK = "held_back"
 RUN_MODE = "run_mode"
 KIND = "watermark_kind"
 
+#: numeric metadata of a landing materialization, to plot (the watermarks above stay text)
+#: how far the copy is behind the source's newest row after the run: seconds (timestamps) ...
+LAG_SECONDS = "lag_seconds"
+#: ... or watermark units (integers, rowversions; change versions for change tracking)
+WATERMARK_LAG = "watermark_lag"
+#: rows at or above the frontier when the run ended (not copied yet: held back, or new)
+ROWS_AHEAD = "rows_ahead"
+#: rows copied per second of copying
+ROWS_PER_SECOND = "rows_per_second"
+#: the source's newest watermark when the run ended (text, beside the lag)
+SOURCE_NEWEST = "source_newest_watermark"
+#: a window recorded without a copy: it holds no row (docs/metadata.md, "Empty windows")
+EMPTY_WINDOW = "empty_window"
+
 #: the text of an open lower bound
 OPEN = "(start)"
+
+
+def lag(kind: WatermarkKind, newest: Any, highest: Any) -> dict[str, float]:
+    """How far ``highest`` (the highest value copied) is behind ``newest`` (the source's newest
+    value), as :data:`LAG_SECONDS` for timestamps or :data:`WATERMARK_LAG` otherwise; zero when
+    nothing newer exists; nothing when nothing was copied yet."""
+    if highest is None:
+        return {}
+    timestamps = isinstance(highest, dt.datetime)
+    if newest is None or newest <= highest:
+        return {LAG_SECONDS if timestamps else WATERMARK_LAG: 0.0}
+    if timestamps:
+        return {LAG_SECONDS: round((newest - highest).total_seconds(), 3)}
+    return {WATERMARK_LAG: float(newest - highest)}
 
 
 

@@ -22,13 +22,15 @@ def test_demo_definitions_have_partitioned_assets_sensors_and_pools(tmp_path, mo
     defs = load_definitions()
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     tables = {"data_source_table", "customer_table", "project_table"}
-    assert keys == {f"landing/{t}" for t in tables} | {f"replica/{t}" for t in tables}
+    # and the demo's own asset downstream of a landing asset
+    assert keys == {f"landing/{t}" for t in tables} | {f"replica/{t}" for t in tables} | {
+        "demo/data_source_table_rows_per_day"}
     asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
     assert asset.partitions_def.get_first_partition_key() == "2017-09-01"
     assert asset.backfill_policy is not None
     assert asset.op.pool == "incremental_assets/data_source_table"
-    # one sensor for the source's tables, not one per table
-    assert [s.name for s in defs.sensors] == ["incremental_copy_demo_sensor"]
+    # one sensor for the source's tables, not one per table (and the demo's downstream asset's)
+    assert [s.name for s in defs.sensors] == ["incremental_copy_demo_sensor", "demo_rows_per_day_follows_landing"]
     assert defs.resolve_sensor_def("incremental_copy_demo_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     replica = defs.resolve_assets_def(dg.AssetKey(["replica", "data_source_table"]))
     assert replica.partitions_def == asset.partitions_def

@@ -10,6 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.helpers import ADF_ROWS, after_horizon, fresh_time, adf_table, create_adf_table, insert_rows, landed, landed_rows, run_cli, write_config
+from incremental_assets.config import load_config
+from incremental_assets.defs.landing import landing_tables
 
 
 pytestmark = pytest.mark.usefixtures("dagster_home")
@@ -37,7 +39,11 @@ def test_adf_tutorial_one_table_copies_only_new_rows(request, db_fixture, tmp_pa
     assert landed_rows(landing, "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS]
     first = materializations(dagster_home)[-1]
     assert first["previous_watermark"] == "(start)"
-    assert first["dagster/row_count"] == 5
+    assert first["rows_copied"] == first["dagster/partition_row_count"] == 5
+    assert first["dagster/table_name"].endswith("/landing/data_source_table")
+    assert [c.name for c in first["dagster/column_schema"].columns] == ["PersonID", "Name", "LastModifytime"]
+    assert first["rows_ahead"] == 0 and first["lag_seconds"] == 0
+    assert first["source_newest_watermark"] == "2017-09-05T08:06:00+00:00"
     assert first["max_watermark_copied"] == "2017-09-05T08:06:00+00:00"
     # the frontier stops just above the highest value copied, not at the window's end or the clock
     assert first["frontier"] == "2017-09-05T08:06:00.000001+00:00"
@@ -54,8 +60,14 @@ def test_adf_tutorial_one_table_copies_only_new_rows(request, db_fixture, tmp_pa
     assert sorted(data.column("PersonID").to_pylist()) == [1, 2, 3, 4, 5, 6, 7]  # nothing twice
     last = materializations(dagster_home)[-1]
     assert last["previous_watermark"] == first["frontier"]
-    assert last["dagster/row_count"] == 2
+    assert last["rows_copied"] == last["dagster/partition_row_count"] == 2
     assert last["partition"] == now.strftime("%Y-%m-01")
+    # the months between hold no row: recorded as empty, so the table does not look mostly missing
+    empty = [m for m in materializations(dagster_home) if m.get("empty_window")]
+    assert empty and {m["dagster/partition_row_count"] for m in empty} == {0}
+    assert empty[0]["partition"] == "2017-10-01" and empty[-1]["partition"] < last["partition"]
+    assert len({m["partition"] for m in materializations(dagster_home)}) == len(
+        landing_tables(load_config(config))[0].partitions_def.get_partition_keys())
 
     # nothing new: nothing runs
     code, out, _ = run_cli(capsys, "--config", str(config), "sync")
@@ -327,10 +339,16 @@ def test_a_run_spans_the_windows_holding_rows_not_every_window_since_the_start(s
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
     assert code == 0, err
     assert "[2017-09-01...2017-09-05] 5 row(s)" in out
-    done = materializations(dagster_home)
+    done = [m for m in materializations(dagster_home) if not m.get("empty_window")]
     assert sorted(m["partition"] for m in done) == [f"2017-09-0{d}" for d in range(1, 6)]
+    # the windows before the first row are recorded as empty (no row, no file), not left missing
+    empty = [m for m in materializations(dagster_home) if m.get("empty_window")]
+    assert sorted(m["partition"] for m in empty) == [
+        k for k in landing_tables(load_config(config))[0].partitions_def.get_partition_keys() if k < "2017-09-01"]
+    assert all(m["dagster/partition_row_count"] == 0 and m["file_count"] == 0 for m in empty)
+    assert {m["frontier"] for m in empty} == {""}  # the state before the run: nothing copied yet
     # each window's materialization shows its own row and file, the watermarks are the run's
-    assert all(m["dagster/row_count"] == 1 and m["file_count"] == 1 for m in done)
+    assert all(m["dagster/partition_row_count"] == 1 and m["rows_copied"] == 1 and m["file_count"] == 1 for m in done)
     assert all(len(m["files"]) == 1 and f"/{m['partition']}/" in m["files"][0] for m in done)
     assert {m["frontier"] for m in done} == {"2017-09-05T08:06:00.000001+00:00"}  # just above the highest copied
     assert done[-1]["previous_watermark"] == "(start)"
@@ -349,7 +367,7 @@ def test_a_run_spans_the_windows_holding_rows_not_every_window_since_the_start(s
         asset = defs.resolve_assets_def(dg.AssetKey(["landing", "data_source_table"]))
         assert dg.materialize([asset], instance=instance, partition_key=request.partition_key, tags=request.tags).success
     kept = materializations(dagster_home)[-1]
-    assert kept["partition"] == f"{now:%Y-%m-%d}" and kept["dagster/row_count"] == 1
+    assert kept["partition"] == f"{now:%Y-%m-%d}" and kept["rows_copied"] == 1
     assert kept["frontier"] == "2017-09-05T08:06:00.000001+00:00"  # row 7 lies between it and the run's window
 
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
@@ -372,9 +390,14 @@ def test_rows_far_apart_are_copied_in_a_run_each_not_one_over_the_empty_windows(
     lines = out.splitlines()
     assert lines[0].startswith("data_source_table: [2017-09-01...2017-09-05] 5 row(s), watermark (start) -> 2017-09-06T00:00:00")
     assert lines[1].startswith("data_source_table: [2017-11-20...2017-11-22] 2 row(s), watermark 2017-09-05T08:06:00.000001+00:00 -> ")
-    done = materializations(dagster_home)
+    everything = materializations(dagster_home)
+    done = [m for m in everything if not m.get("empty_window")]
     assert sorted(m["partition"] for m in done) == [f"2017-09-0{d}" for d in range(1, 6)] + ["2017-11-20", "2017-11-21", "2017-11-22"]
     assert done[-1]["frontier"] == "2017-11-22T12:00:00.000001+00:00"
+    # the windows before the first row and in the gap are recorded as empty; none after the last row
+    empty = sorted(m["partition"] for m in everything if m.get("empty_window"))
+    keys = landing_tables(load_config(config))[0].partitions_def.get_partition_keys()
+    assert empty == [k for k in keys if k < "2017-09-01" or "2017-09-05" < k < "2017-11-20"]
     assert landed_rows(str(tmp_path / "landing"), "data_source_table") == [(p, n) for p, n, _ in ADF_ROWS] + [(6, "later"), (7, "later")]
     assert "up to date" in run_cli(capsys, "--config", str(config), "sync")[1]
 

@@ -193,7 +193,7 @@ def tables_in_flight(instance: dg.DagsterInstance, source: str, tables: Sequence
     from .liveness import end_if_dead
 
     names = {t.key: t.config.name for t in tables}
-    names.update({dg.AssetKey(["replica", t.config.name]): t.config.name for t in tables})
+    names.update({t.replica_key: t.config.name for t in tables})
     found = InFlight()
     for record in instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT, tags={SOURCE_TAG: source})):
         run = record.dagster_run
@@ -303,7 +303,7 @@ def build_source_sensor(source: str, tables: list[LandingTable], jobs: dict[str,
         jobs=list({job.name: job for job in jobs.values()}.values()),
         minimum_interval_seconds=config.sensors.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if config.sensors.enabled else dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={source_key, "landing"},
+        required_resource_keys={source_key, tables[0].landing_key},
         description=f"Probes the {len(tables)} table(s) of source `{source}` and requests runs that copy the ones "
                     "with new rows and merge them into the replica, a batch of tables per run; and merges of "
                     "windows the replica has not merged as landed (failed merges, backfills).",
@@ -315,7 +315,7 @@ def build_source_sensor(source: str, tables: list[LandingTable], jobs: dict[str,
         for message in flight.ended:
             context.log.warning(message)
         if flight.ended:  # the next copy of those tables may be far off: their temporary files go now
-            store = context.resources.landing.get()
+            store = getattr(context.resources, tables[0].landing_key).get()
             for table in tables:
                 if removed := store.remove_dead_temps(table.config.name):
                     context.log.warning(f"{table.config.name}: removed {removed} temporary file(s) left by a copy "
@@ -329,7 +329,7 @@ def build_source_sensor(source: str, tables: list[LandingTable], jobs: dict[str,
         copying = {t.config.name for b in runs for t in b.tables}
         merges, behind = replica_batches(
             source, [t for t in todo if t.config.name not in copying], replicas, context.instance,
-            context.resources.landing.get(), verified, max_tables=max_tables,
+            getattr(context.resources, tables[0].landing_key).get(), verified, max_tables=max_tables,
         )
         for batch in runs + merges:
             what = "merging" if batch.replica_only else "copying"

@@ -8,6 +8,7 @@ copied. The next run starts where the latest materialization's ``frontier`` ends
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import dagster as dg
 
 from ..config import ConfigError, ProjectConfig, TableConfig
 from ..landing import LandingError, LandingStore
+from ..progress import Progress, Throttled, interval_seconds
 from ..copying import (
     PlannedSlice,
     SliceCopy,
@@ -29,9 +31,13 @@ from ..copying import (
 from ..sources import (
     Horizon, IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind,
 )
-from ..state import OPEN, WatermarkState, next_frontier
-from .schema import arrow_columns, columns_metadata
-from .partitions import partitions_def_for, window
+from ..state import NEW, OPEN, PREVIOUS, WatermarkState, next_frontier
+from .schema import columns_metadata
+from .metadata import (
+    PARTITION_ROW_COUNT, progress_metadata, record_empty_windows, table_metadata, version_lag, window_row_counts,
+)
+from .partitions import key_for_time, partitions_def_for, window
+from .io import io_manager_key
 from .resources import source_resource_key
 
 TABLE_TAG = "incremental_assets/table"
@@ -64,10 +70,20 @@ class LandingTable:
     source_key: str
     #: the tables of the same source by name, this one included (shared by all of them)
     peers: dict[str, "LandingTable"] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    #: the asset's key and attributes when a component's translation set them (defs/specs.py)
+    spec: dg.AssetSpec | None = None
+    #: the key of the table's replica asset when a translation set it
+    replica_asset_key: dg.AssetKey | None = None
+    #: the landing store's resource key (one per component instance)
+    landing_key: str = "landing"
 
     @property
     def key(self) -> dg.AssetKey:
-        return dg.AssetKey(["landing", self.config.name])
+        return self.spec.key if self.spec is not None else dg.AssetKey(["landing", self.config.name])
+
+    @property
+    def replica_key(self) -> dg.AssetKey:
+        return self.replica_asset_key or dg.AssetKey(["replica", self.config.name])
 
     @property
     def pool(self) -> str:
@@ -88,9 +104,9 @@ class LandingTable:
     def run_peers(self, context: dg.AssetExecutionContext) -> list["LandingTable"]:
         """The other tables of this source that the step's run copies or merges: reflected
         together with this one when its reflection is due."""
-        names = {key.path[-1] for key in (context.run.asset_selection or ())
-                 if len(key.path) == 2 and key.path[0] in ("landing", "replica")}
-        return [t for name, t in self.peers.items() if name in names and name != self.config.name]
+        selection = set(context.run.asset_selection or ())
+        return [t for t in self.peers.values() if t is not self and (
+            t.key in selection or (t.replica_asset_key or dg.AssetKey(["replica", t.config.name])) in selection)]
 
     def _cache_key(self, source: Source) -> tuple:
         tc = self.config
@@ -112,14 +128,7 @@ class LandingTable:
         tc = self.config
         if self.tracks_changes:
             return ""
-        info = self.describe(source)
-        if info.watermark_indexed:
-            return ""
-        return (
-            f"no index leads with {tc.watermark_column!r} on {tc.table!r}: every incremental read scans the table "
-            f"(a run of several windows reads them in one sorted scan). Create one, e.g. "
-            f"{source.create_index_sql(info)}"
-        )
+        return source.missing_index_note(self.describe(source), table=tc.table, column=tc.watermark_column)
 
     @property
     def tracks_changes(self) -> bool:
@@ -225,6 +234,7 @@ class CopyRun:
     refresh: bool
     horizon: Horizon
     frontier: Any  # where the table's latest record says the next copy starts
+    progress: Progress | None = None
 
     @property
     def name(self) -> str:
@@ -233,7 +243,8 @@ class CopyRun:
     def land(self, planned: PlannedSlice, *, replace: bool) -> SliceCopy:
         copy = copy_slice(
             self.source, self.info, self.store, table=self.name, slice_=planned,
-            batch_size=self.table.config.batch_size, max_rows_per_file=_max_rows(self.context), replace=replace,
+            batch_size=self.table.config.batch_size, max_rows_per_file=_max_rows(self.context, self.table), replace=replace,
+            progress=self.progress,
         )
         _log_copy(self.context, self.table, self.info, copy)
         return copy
@@ -248,6 +259,8 @@ class Copied:
     high: Any
     frontier: Any
     mode: str
+    #: windows proven to hold no row, between the old frontier and the run's first window
+    empty: tuple[str, ...] = ()
 
 
 def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
@@ -255,11 +268,14 @@ def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
     windows = run.table.windows(keys)
     frontier, horizon = run.frontier, run.horizon.value
     planned = plan_window_slices(windows, frontier, horizon, refresh=run.refresh)
+    if planned and run.progress is not None:
+        run.progress.set_total(run.source.estimate_rows(run.info, planned[0].lo, planned[-1].hi))
     progress = _CopyProgress(run.context, run.table, run.info)
     try:
         copies = copy_window_slices(
             run.source, run.info, run.store, planned, table=run.name, batch_size=run.table.config.batch_size,
-            max_rows_per_file=_max_rows(run.context), replace=run.refresh, landed=progress.landed,
+            max_rows_per_file=_max_rows(run.context, run.table), replace=run.refresh, landed=progress.landed,
+            progress=run.progress,
         )
     finally:
         progress.flush()  # after a failure too: what was landed before it
@@ -268,6 +284,7 @@ def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
     # the first window (a run planned from the oldest row to copy)
     top = _top(copies)
     new_frontier, low = frontier, (planned[0].lo if planned else frontier)
+    empty: tuple[str, ...] = ()
     if top is not None and horizon is not None:
         first = windows[0]
         joined = first.open_start or (frontier is not None and first.start <= frontier)
@@ -275,8 +292,21 @@ def _copy_windows(run: CopyRun, keys: list[str]) -> Copied:
             new_frontier = next_frontier(run.info.kind, frontier, top, horizon)
             if not run.refresh:
                 low = frontier
+            if not joined:  # no row lies between the frontier and the first window
+                empty = _windows_within(run.table, frontier, first.start)
     high = max((c.hi for c in copies), default=None)
-    return Copied(copies, low, high, new_frontier, "refresh" if run.refresh else "incremental")
+    return Copied(copies, low, high, new_frontier, "refresh" if run.refresh else "incremental", empty)
+
+
+def _windows_within(table: LandingTable, lo: Any, hi: Any) -> tuple[str, ...]:
+    """The windows wholly inside ``[lo, hi)`` (``lo`` None: from the first window)."""
+    pdef = table.partitions_def
+    first = pdef.get_first_partition_key() if lo is None else key_for_time(pdef, lo)
+    last = key_for_time(pdef, hi)
+    if first is None or last is None or first >= last:
+        return ()
+    keys = pdef.get_partition_keys_in_range(dg.PartitionKeyRange(first, last))[:-1]  # the last holds hi
+    return tuple(k for k in keys if (lo is None or window(pdef, k)[0] >= lo) and window(pdef, k)[1] <= hi)
 
 
 def _copy_capture_windows(run: CopyRun, keys: list[str]) -> Copied:
@@ -290,6 +320,8 @@ def _copy_capture_windows(run: CopyRun, keys: list[str]) -> Copied:
             hi = run.horizon.value
             if hi is None or (frontier is not None and hi <= frontier):
                 continue
+            if run.progress is not None:
+                run.progress.set_total(run.source.estimate_rows(run.info, frontier, hi))
             copy = run.land(PlannedSlice(key, frontier, hi), replace=False)
             copies.append(copy)
             low, high = frontier, hi
@@ -327,6 +359,12 @@ def _log_copy(context, table: LandingTable, info, copy: SliceCopy) -> None:
     )
 
 
+def log_progress(context) -> Throttled:
+    """A progress listener writing a line to the run's log every ``$INCREMENTAL_ASSETS_PROGRESS_SECONDS``
+    (10 by default) during a copy or merge that lasts longer than that; nothing for a shorter one."""
+    return Throttled(lambda update: context.log.info(update.describe()), interval_seconds())
+
+
 class _CopyProgress:
     """The run's log of landed windows: a line once :attr:`EVERY_SECONDS` have passed since the
     line before, for the windows landed since (one window that takes that long has a line of its
@@ -360,48 +398,39 @@ class _CopyProgress:
             )
 
 
-def _after_crash(context, name: str) -> None:
+def _after_crash(context, table: LandingTable) -> None:
     """Record which process executes this run (so that its death can be told), and remove the
     temporary files that a killed copy of the table left in the landing store."""
     from .liveness import record_process
 
     record_process(context)
-    if removed := context.resources.landing.get().remove_dead_temps(name):
+    name = table.config.name
+    if removed := getattr(context.resources, table.landing_key).get().remove_dead_temps(name):
         context.log.warning(f"{name}: removed {removed} temporary file(s) left by a copy whose process died")
 
 
-def _max_rows(context) -> int | None:
-    return context.resources.landing.max_rows_per_file
+def _max_rows(context, table: LandingTable) -> int | None:
+    return getattr(context.resources, table.landing_key).max_rows_per_file
 
 
 def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.AssetsDefinition:
+    from .specs import asset_attributes, landing_spec
+
     tc = table.config
-    kinds = {"sql", config.landing.format}
-    if config.landing.url.startswith("azure://"):
-        kinds.add("azure")
+    replicated = config.replica_target(tc) is not None
 
     @dg.asset(
-        key=table.key,
+        **asset_attributes(table.spec or landing_spec(table, config)),
         partitions_def=table.partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=table.pool,
         retry_policy=config.run_retries.policy(),
-        required_resource_keys={table.source_key, "landing"},
-        group_name="landing",
-        kinds=kinds,
-        description=tc.description
-        or (f"Table `{tc.table}` of source `{tc.source}`, copied by change tracking (net inserts, updates, deletes)."
-            if table.tracks_changes else
-            f"Table `{tc.table}` of source `{tc.source}`, copied incrementally by `{tc.watermark_column}`."),
-        metadata={
-            "source": tc.source,
-            "source_table": tc.table,
-            "watermark_column": tc.watermark_column or "(change tracking)",
-        },
+        required_resource_keys={table.source_key, table.landing_key},
+        io_manager_key=io_manager_key(table.landing_key),  # downstream inputs read the landed files (defs/io.py)
     )
     def _asset(context: dg.AssetExecutionContext, config: CopyConfig) -> dg.MaterializeResult:
         try:
-            _after_crash(context, tc.name)
+            _after_crash(context, table)
             return _materialize(context, config)
         except SourceUnavailable:
             raise  # transient: the retry policy tries again later
@@ -414,7 +443,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             return _materialize_changes(context, table, _is_refresh(context, config))
         started = time.perf_counter()
         source: Source = getattr(context.resources, table.source_key).get()
-        store = context.resources.landing.get()
+        store = getattr(context.resources, table.landing_key).get()
         info = table.describe(source, along=table.run_peers(context))
         kind = info.kind
         if note := table.index_note(source):
@@ -431,8 +460,12 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             context.log.warning(f"{tc.name}: no safe upper bound yet ({horizon.note}); nothing copied this time")
         copier = _copy_windows if isinstance(kind, TimestampKind) else _copy_capture_windows
         keys = list(context.partition_keys)
-        run = CopyRun(context, table, source, info, store, refresh, horizon, frontier)
-        copied = copier(run, keys)
+        progress = Progress(tc.name, [log_progress(context)])
+        run = CopyRun(context, table, source, info, store, refresh, horizon, frontier, progress)
+        try:
+            copied = copier(run, keys)
+        finally:
+            progress.finish()
         copies, mode = copied.copies, copied.mode
         if frontier is None and mode == "incremental" and copies:
             mode = "initial"
@@ -444,68 +477,61 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             kind=kind, frontier=copied.frontier, previous=copied.low, new=copied.high, max_copied=top, highest=highest,
             horizon=horizon.value, horizon_note=horizon.note, held_back=horizon.held_back, run_mode=mode,
         )
+        copy_seconds = float(sum(c.seconds for c in copies))
+        counts = _window_counts(context, table, keys, copies, replaced=refresh or mode == "replay")
         metadata = {
             **state.to_metadata(),
-            "dagster/row_count": dg.MetadataValue.int(rows),
+            PARTITION_ROW_COUNT: dg.MetadataValue.int(counts[keys[0]] if len(keys) == 1 else rows),
+            "rows_copied": dg.MetadataValue.int(rows),
             "file_count": len(files),
             "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
             "landing": store.describe(),
+            **table_metadata(f"{store.describe()}/{tc.name}", info.schema),
+            **progress_metadata(source, info, copied.frontier, highest, rows, copy_seconds),
             "null_watermark_rows": nulls,
-            "copy_seconds": dg.MetadataValue.float(round(float(sum(c.seconds for c in copies)), 3)),
+            "copy_seconds": dg.MetadataValue.float(round(copy_seconds, 3)),
             "horizon_seconds": dg.MetadataValue.float(round(horizon_seconds, 3)),
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
-            **columns_metadata(context, tc.name, arrow_columns(info.schema), previous),
+            **columns_metadata(context, tc.name, info.schema, previous),
         }
         if len(files) > MAX_FILES_SHOWN:
             metadata["files_truncated"] = True
-        # a window this run added no file to, whose rows another run landed since this run was
-        # planned (two syncs, a sync and a sensor), keeps its record's figures: no empty record over a real one
-        kept = {} if refresh else _landed_before(context.instance, table.key, keys, copies)
-        if len(keys) > 1 or kept:
-            _add_partition_metadata(context, keys, copies, kept)
+        if len(keys) > 1:
+            _add_partition_metadata(context, keys, copies, counts)
+        if copied.empty:
+            # before this run's own records, so the latest record stays the run's; with the state
+            # as it was before the run, so that were the run's records lost, the next run would
+            # start where this one did, as after a crash
+            before = {k: v for k, v in recorded.to_metadata().items() if k not in (PREVIOUS, NEW)}
+            record_empty_windows(context.instance, table.key, list(copied.empty), before,
+                                 table.replica_key if replicated else None)
+            context.log.info(f"{tc.name}: {len(copied.empty)} window(s) between the frontier and the first one "
+                             f"copied hold no row: recorded as empty ({copied.empty[0]} ... {copied.empty[-1]})")
         return dg.MaterializeResult(metadata=metadata)
 
     return _asset
 
 
-#: a window's figures that a run adding nothing to it keeps from its latest record
-WINDOW_FIGURES = ("dagster/row_count", "file_count", "files", "files_truncated")
+def _window_counts(context, table: LandingTable, keys: list[str], copies: list[SliceCopy], *,
+                   replaced: bool) -> dict[str, int]:
+    """Each window's rows once this run's slices are in (see metadata.window_row_counts)."""
+    added = dict.fromkeys(keys, 0)
+    for copy in copies:
+        added[copy.partition] = added.get(copy.partition, 0) + copy.rows
+    return window_row_counts(context.instance, table.key, added, replaced=replaced)
 
 
-def _landed_before(instance: dg.DagsterInstance, key: dg.AssetKey, keys: list[str], copies: list[SliceCopy]) -> dict[str, dict]:
-    """The windows of ``keys`` this run landed no file in whose latest record names files: that
-    record's figures, and the run that landed them, by window."""
-    idle = set(keys) - {c.partition for c in copies if c.files}
-    if not idle:
-        return {}
-    latest = instance.get_latest_storage_id_by_partition(key, dg.DagsterEventType.ASSET_MATERIALIZATION, idle)
-    if not latest:
-        return {}
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, storage_ids=list(latest.values())), limit=len(latest)).records
-    out = {}
-    for record in records:
-        meta = record.asset_materialization.metadata
-        count = meta.get("file_count")
-        if record.partition_key in idle and count is not None and count.value:
-            out[record.partition_key] = {
-                **{k: meta[k] for k in WINDOW_FIGURES if k in meta},
-                "landed_by_run": meta.get("landed_by_run", dg.MetadataValue.text(record.run_id)),
-            }
-    return out
-
-
-def _add_partition_metadata(context, keys: list[str], copies: list[SliceCopy], kept: dict[str, dict]) -> None:
-    """Each window's materialization shows its own rows and files (the watermarks and the
-    frontier are the run's, the same on each); one this run added nothing to keeps those of its
-    latest record, ``kept`` (with the run that landed them)."""
+def _add_partition_metadata(context, keys: list[str], copies: list[SliceCopy], counts: dict[str, int]) -> None:
+    """A run of several windows: each window's materialization shows its own rows and files (the
+    watermarks and the frontier are the run's, the same on each)."""
     by_key: dict[str, list[SliceCopy]] = {k: [] for k in keys}
     for copy in copies:
         by_key[copy.partition].append(copy)
     for key, mine in by_key.items():
         files = [f.uri for c in mine for f in c.files]
-        metadata = kept.get(key) or {
-            "dagster/row_count": dg.MetadataValue.int(sum(c.rows for c in mine)),
+        metadata = {
+            PARTITION_ROW_COUNT: dg.MetadataValue.int(counts[key]),
+            "rows_copied": dg.MetadataValue.int(sum(c.rows for c in mine)),
             "file_count": len(files),
             "files": dg.MetadataValue.json(files[:MAX_FILES_SHOWN]),
             "files_truncated": len(files) > MAX_FILES_SHOWN,
@@ -524,7 +550,7 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
     tc = table.config
     started = time.perf_counter()
     source: Source = getattr(context.resources, table.source_key).get()
-    store = context.resources.landing.get()
+    store = getattr(context.resources, table.landing_key).get()
     kind = table.version_kind
     current = _current_window(context, table)
     past = [k for k in context.partition_keys if k != current]
@@ -537,9 +563,11 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
     recorded = WatermarkState.from_metadata(previous, kind)
     last = None if refresh else recorded.frontier
     reader = ChangeReader(source, tc.table, primary_key=tc.primary_key or None, columns=tc.columns)
-    with reader.read(last, on_expired=tc.on_expired, batch_size=tc.batch_size) as changes:
+    progress = Progress(tc.name, [log_progress(context)])
+    with _finishing(progress), reader.read(last, on_expired=tc.on_expired, batch_size=tc.batch_size) as changes:
         if changes.reinitialized:
             context.log.warning(f"{tc.name}: full copy at version {changes.new_version}: {changes.reason}")
+            progress.set_total(source.estimate_rows(table.describe(source)))
         moved = changes.reinitialized or last is None or changes.new_version != last
         files = []
         if moved:
@@ -547,10 +575,13 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             stem = slice_stem(kind, None if changes.reinitialized else last, changes.new_version)
             if changes.reinitialized:
                 stem += FULL_SUFFIX
-            files = store.write_slice(tc.name, current, stem, changes.schema, changes.batches,
-                                      max_rows_per_file=_max_rows(context))
+            files = store.write_slice(tc.name, current, stem, changes.schema, progress.count(changes.batches),
+                                      max_rows_per_file=_max_rows(context, table))
         counts = dict(changes.counts)
         new_version = changes.new_version
+        schema = changes.schema
+    rows = sum(counts.values())
+    window_rows = window_row_counts(context.instance, table.key, {current: rows}, replaced=False)[current]
     context.log.info(
         f"{tc.name} [{current}]: versions ({_text(kind, last)}, {new_version}]: "
         f"{counts.get('I', 0)} insert(s), {counts.get('U', 0)} update(s), {counts.get('D', 0)} delete(s)"
@@ -561,7 +592,10 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             "new_watermark": kind.to_text(new_version),
             "frontier": kind.to_text(new_version),
             "highest_watermark": kind.to_text(new_version),
-            "dagster/row_count": dg.MetadataValue.int(sum(counts.values())),
+            PARTITION_ROW_COUNT: dg.MetadataValue.int(window_rows),
+            "rows_copied": dg.MetadataValue.int(rows),
+            **table_metadata(f"{store.describe()}/{tc.name}", schema),
+            **version_lag(source, tc.table, new_version),
             "rows_inserted": counts.get("I", 0),
             "rows_updated": counts.get("U", 0),
             "rows_deleted": counts.get("D", 0),
@@ -570,13 +604,23 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             "reinitialize_reason": changes.reason,
             "run_mode": "initial" if last is None and not refresh else ("refresh" if refresh else "incremental"),
             "watermark_kind": "change_version",
+            # the change log's key, for downstream readers of its latest state (defs/io.py)
+            "primary_key": dg.MetadataValue.json(list(reader.info.primary_key)),
             "file_count": len(files),
             "files": dg.MetadataValue.json([f.uri for f in files][:MAX_FILES_SHOWN]),
             "landing": store.describe(),
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
-            **columns_metadata(context, tc.name, arrow_columns(changes.schema), previous),
+            **columns_metadata(context, tc.name, changes.schema, previous),
         }
     )
+
+
+@contextmanager
+def _finishing(progress: Progress):
+    try:
+        yield progress
+    finally:
+        progress.finish()
 
 
 #: a file holding a full snapshot (change tracking's initial or re-initialising copy)

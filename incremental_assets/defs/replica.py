@@ -18,11 +18,13 @@ import dagster as dg
 
 from ..config import ProjectConfig
 from ..landing import LandingError
+from ..progress import CHECKING, MERGING, Progress
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
-from .landing import FULL_SUFFIX, LandingTable, latest_metadata
+from .landing import FULL_SUFFIX, LandingTable, latest_metadata, log_progress
 from .schema import column_schema
 from .liveness import record_process
+from .metadata import COLUMN_SCHEMA, ROW_COUNT, table_metadata
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
 #: window's files it holds merged, and the storage id of the window's latest landing
@@ -48,10 +50,14 @@ class ReplicaTable:
     target: str
     soft_delete: bool
     on_schema_change: str
+    #: the asset's key and attributes when a component's translation set them (defs/specs.py)
+    spec: dg.AssetSpec | None = None
+    #: the replica database's resource key (one per component instance)
+    replica_key: str = "replica"
 
     @property
     def key(self) -> dg.AssetKey:
-        return dg.AssetKey(["replica", self.landing.config.name])
+        return self.landing.replica_key
 
     @property
     def check_name(self) -> str:
@@ -88,22 +94,18 @@ def merge_key(table: ReplicaTable, info) -> list[str]:
 
 
 def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.AssetsDefinition:
+    from .specs import asset_attributes, replica_spec
+
     tc = table.landing.config
     source_key = table.landing.source_key
 
     @dg.asset(
-        key=table.key,
-        deps=[table.landing.key],
+        **asset_attributes(table.spec or replica_spec(table, config)),
         partitions_def=table.landing.partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
         pool=f"incremental_assets/replica/{tc.name}",
         retry_policy=config.run_retries.policy(),
-        required_resource_keys={source_key, "landing", "replica"},
-        group_name="replica",
-        kinds={"sql"},
-        description=f"`{tc.table}` kept equal to the source in replica table `{table.target}`: landed slices "
-        f"merged by key, last writer wins by `{tc.watermark_column}`.",
-        metadata={"replica_table": table.target},
+        required_resource_keys={source_key, table.landing.landing_key, table.replica_key},
         check_specs=[dg.AssetCheckSpec(table.check_name, asset=table.key, blocking=False,
                                        description="Row count and key/version checksum equal the source's.")],
     )
@@ -120,8 +122,8 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         started_at = dt.datetime.now(dt.timezone.utc)
         t0 = time.perf_counter()
         source = getattr(context.resources, source_key).get()
-        store = context.resources.landing.get()
-        replica = context.resources.replica.get()
+        store = getattr(context.resources, table.landing.landing_key).get()
+        replica = getattr(context.resources, table.replica_key).get()
         info = table.landing.describe(source, along=table.landing.run_peers(context))
         key = merge_key(table, info)
         version, operation, schema = tc.watermark_column, None, info.schema
@@ -152,58 +154,73 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
         recorded = merged_state(context.instance, table, keys)
         totals = dict.fromkeys(FIGURES, 0)
         files_merged = 0
-        for partition in keys:
-            before = recorded.get(partition)
-            merged = before.files if before and before.files is not None else {}
-            current = store.file_versions(tc.name, partition)
-            figures = dict.fromkeys(FIGURES, 0)
-            todo = unmerged(current, merged)
-            for path in todo:
-                data = store.read_arrow(path, schema=schema)
-                result = replica.merge(table.target, data, key, version_column=version, operation_column=operation,
-                                       soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
+        progress = Progress(tc.name, [log_progress(context)], phase=MERGING)
+        try:
+            for partition in keys:
+                before = recorded.get(partition)
+                merged = before.files if before and before.files is not None else {}
+                current = store.file_versions(tc.name, partition)
+                figures = dict.fromkeys(FIGURES, 0)
+                todo = unmerged(current, merged)
+                for path in todo:
+                    data = store.read_arrow(path, schema=schema)
+                    result = replica.merge(table.target, data, key, version_column=version, operation_column=operation,
+                                           soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
+                    for name in FIGURES:
+                        figures[name] += getattr(result, name)
+                    widened.update(result.widened_columns)
+                    if operation and is_full_snapshot(path) and data.num_rows:
+                        # rows the snapshot no longer holds were deleted at the source meanwhile
+                        snapshot_version = max(data.column(version).to_pylist())
+                        figures["deleted"] += replica.delete_older_than(
+                            table.target, key, version_column=version, version=snapshot_version, soft_delete=table.soft_delete
+                        )
+                    progress.add(data.num_rows)
+                files_merged += len(todo)
                 for name in FIGURES:
-                    figures[name] += getattr(result, name)
-                widened.update(result.widened_columns)
-                if operation and is_full_snapshot(path) and data.num_rows:
-                    # rows the snapshot no longer holds were deleted at the source meanwhile
-                    snapshot_version = max(data.column(version).to_pylist())
-                    figures["deleted"] += replica.delete_older_than(
-                        table.target, key, version_column=version, version=snapshot_version, soft_delete=table.soft_delete
-                    )
-            files_merged += len(todo)
-            for name in FIGURES:
-                totals[name] += figures[name]
-            # each window's materialization carries its own figures and the files it now holds merged
-            context.add_asset_metadata(
-                {
-                    "files_merged": len(todo),
-                    **{f"rows_{name}": figures[name] for name in FIGURES},
-                    **_files_record(before, current, todo),
-                    LANDING_EVENT: dg.MetadataValue.int(landed.get(partition, 0)),
-                },
-                partition_key=partition,
-            )
+                    totals[name] += figures[name]
+                # each window's materialization carries its own figures and the files it now holds merged
+                context.add_asset_metadata(
+                    {
+                        "files_merged": len(todo),
+                        **{f"rows_{name}": figures[name] for name in FIGURES},
+                        **_files_record(before, current, todo),
+                        LANDING_EVENT: dg.MetadataValue.int(landed.get(partition, 0)),
+                    },
+                    partition_key=partition,
+                )
+        finally:
+            progress.finish()  # after a failure too: its display ends
         _, through = check_windows(context.instance, store, table, int(previous.get(MERGED_THROUGH) or 0),
                                    merged_now={p: landed.get(p, 0) for p in keys})
         context.log.info(
             f"{tc.name}: merged {files_merged} file(s) of {len(keys)} window(s) into {table.target!r}: "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in totals.items())
         )
-        yield dg.MaterializeResult(
-            metadata={
-                "merge_started": started_at.isoformat(),
-                "added_columns": dg.MetadataValue.json(added),
-                "widened_columns": dg.MetadataValue.json(widened),
-                NOT_IN_SOURCE: dg.MetadataValue.json(changes.kept),
-                "dagster/column_schema": column_schema(changes.columns),
-                "replica_table": table.target,
-                "replica": replica.redacted_url,
-                "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
-                MERGED_THROUGH: dg.MetadataValue.int(through),
-            }
-        )
-        yield reconcile(table, source, info, replica, key)
+        qualified = f"{replica.schema}.{table.target}" if replica.schema else table.target
+        metadata = {
+            "merge_started": started_at.isoformat(),
+            "added_columns": dg.MetadataValue.json(added),
+            "replica_table": table.target,
+            "replica": replica.redacted_url,
+            "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
+            **table_metadata(qualified, schema),
+            MERGED_THROUGH: dg.MetadataValue.int(through),
+            "widened_columns": dg.MetadataValue.json(widened),
+            NOT_IN_SOURCE: dg.MetadataValue.json(changes.kept),
+        }
+        if changes.columns:  # the replica table's own columns, those kept from the source's past included
+            metadata[COLUMN_SCHEMA] = dg.MetadataValue.table_schema(column_schema(changes.columns))
+        try:
+            check = reconcile(table, source, info, replica, key, [log_progress(context)])  # its count is the table's total
+        except Exception:
+            yield dg.MaterializeResult(metadata=metadata)  # the merge is recorded whatever the check
+            raise
+        total = check.metadata["replica_rows"].value
+        if isinstance(total, int):
+            metadata[ROW_COUNT] = dg.MetadataValue.int(total)
+        yield dg.MaterializeResult(metadata=metadata)
+        yield check
 
     return _asset
 
@@ -333,17 +350,23 @@ def check_windows(instance: dg.DagsterInstance, store, table: ReplicaTable, veri
     return out, (min(waiting) - 1 if waiting else max(landed.values()))
 
 
-def reconcile(table: ReplicaTable, source, info, replica, key: list[str]) -> dg.AssetCheckResult:
+def reconcile(table: ReplicaTable, source, info, replica, key: list[str], listeners=()) -> dg.AssetCheckResult:
     """Source and replica agree on row count and on an order-independent checksum of keys and
-    watermarks. Rows landing has not copied yet (above the frontier) show as a difference."""
+    watermarks. Rows landing has not copied yet (above the frontier) show as a difference.
+    ``listeners`` follow its progress: the source's rows read, then the replica's."""
     from ..replica import reconcile_source
 
     version = None if table.landing.tracks_changes else table.landing.config.watermark_column
-    with source.connect() as conn:
-        src_count, src_sum = reconcile_source(
-            conn, info.table, key, version, column_timezone=table.landing.config.watermark_timezone
-        )
-    rep_count, rep_sum = replica.reconcile(table.target, key, version)
+    progress = Progress(table.landing.config.name, listeners, phase=CHECKING, total=source.estimate_rows(info))
+    try:
+        with source.connect() as conn:
+            src_count, src_sum = reconcile_source(
+                conn, info.table, key, version, column_timezone=table.landing.config.watermark_timezone, progress=progress
+            )
+        progress.start_phase(CHECKING, total=src_count)  # the replica's rows, as many when they agree
+        rep_count, rep_sum = replica.reconcile(table.target, key, version, progress=progress)
+    finally:
+        progress.finish()
     passed = (src_count, src_sum) == (rep_count, rep_sum)
     return dg.AssetCheckResult(
         asset_key=table.key,

@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from ..progress import Progress
 from ..landing.formats import list_json_text
 from ..sources.base import is_authentication_failure, redact_url, scrub
 from ..sources.types import is_binary_type
@@ -878,8 +879,10 @@ def _kind_of_sa_type(sa_type: sa.types.TypeEngine) -> str | None:
     return None
 
 
-def _streamed(result: sa.CursorResult, size: int = 10_000) -> Iterator[Sequence[Any]]:
+def _streamed(result: sa.CursorResult, size: int = 10_000, progress: Progress | None = None) -> Iterator[Sequence[Any]]:
     for part in result.partitions(size):
+        if progress is not None:
+            progress.add(len(part))
         yield from part
 
 
@@ -890,11 +893,13 @@ def reconcile_source(
     version_column: str | None = None,
     *,
     column_timezone: str | None = None,
+    progress: Progress | None = None,
 ) -> tuple[int, str]:
     """(row count, checksum) of a source table's keys [and versions], comparable with :meth:`Replica.reconcile`.
 
     Rows are streamed and hashed in Python in bounded memory. ``column_timezone`` is the zone of
-    naive source timestamps that the landing converted to UTC (as configured for the copy).
+    naive source timestamps that the landing converted to UTC (as configured for the copy);
+    ``progress`` is told of the rows as they are read.
     """
     source = sa_table_or_select
     if isinstance(source, sa.Select):
@@ -913,7 +918,7 @@ def reconcile_source(
 
     def run(conn: sa.Connection) -> tuple[int, str]:
         result = conn.execute(query, execution_options={"stream_results": True, "max_row_buffer": 10_000})
-        return checksum(_streamed(result), kinds, zone)
+        return checksum(_streamed(result, progress=progress), kinds, zone)
 
     if isinstance(engine_or_connection, sa.Engine):
         with engine_or_connection.connect() as conn:
@@ -1228,6 +1233,46 @@ class Replica:
         """
         layout = self._layout(table, arrow_schema, key, version_column, operation_column)
         return self._ensure(table, layout, on_schema_change, soft_delete=False)[1]
+
+    def ping(self) -> None:
+        """Connect once (:class:`ReplicaError` naming the replica when it cannot: authentication
+        refused, or unreachable after the retries)."""
+        self._connect().close()
+
+    def check_table(
+        self,
+        table: str,
+        arrow_schema: pa.Schema,
+        key: list[str],
+        *,
+        version_column: str,
+        on_schema_change: Literal["fail", "add_columns"] = "add_columns",
+        operation_column: str | None = None,
+    ) -> str:
+        """What :meth:`adapt_table` would find, changing nothing: a :class:`ReplicaError` where it
+        would fail (no unique key on ``key``, a type it cannot widen itself, any change with
+        ``on_schema_change: fail``), else what it would do, in words."""
+        layout = self._layout(table, arrow_schema, key, version_column, operation_column)
+        with self._transaction(table, lock=False, read_only=True) as conn:
+            columns = self._column_types(layout)
+            shape = self.dialect.reflect(conn, self.schema, table)
+            if shape is None:
+                return "missing: the first merge creates it"
+            kept, retyped = self._check_table(table, shape, layout)
+        new = [c[0] for c in columns if c[0] not in shape.columns]
+        if on_schema_change == "fail" and (new or kept or retyped):
+            changed = new + kept + [f.name for f in retyped]
+            raise self._error(f"the data has changed shape (column(s) {changed}) and on_schema_change is 'fail'",
+                              table, changed[0])
+        for f in retyped:
+            st = shape.columns[f.name]
+            if widened(st, f.type) is None or not self.dialect.alters_types:
+                raise self._error(f"has type {st} in the replica, which cannot hold the data's {f.type}; the next "
+                                  "merge fails giving the statement that changes it", table, f.name)
+        said = [f"adds column(s) {new}"] if new else []
+        said += [f"widens column(s) {[f.name for f in retyped]}"] if retyped else []
+        said += [f"keeps column(s) {kept} the source no longer has"] if kept else []
+        return "compatible" + (f"; the next merge {', '.join(said)}" if said else "")
 
     def _ensure(
         self, table: str, layout: _Layout, on_schema_change: str, *, soft_delete: bool
@@ -1625,7 +1670,8 @@ class Replica:
             return result.rowcount or 0
 
     # -- reconcile --------------------------------------------------------------------------------
-    def reconcile(self, table: str, key: list[str], version_column: str | None = None) -> tuple[int, str]:
+    def reconcile(self, table: str, key: list[str], version_column: str | None = None, *,
+                  progress: Progress | None = None) -> tuple[int, str]:
         """(row count, checksum) of the replica table's keys [and versions], soft-deleted rows excluded.
 
         Equal to :func:`reconcile_source` on the source table when the two are in sync.
@@ -1646,4 +1692,4 @@ class Replica:
                 sql += f" WHERE {self._q(DELETED)} IS NULL OR {self._q(DELETED)} = {PARAM}"
                 params = (False,)
             result = self._execute(conn, sql, params, stream_results=True, max_row_buffer=10_000)
-            return checksum(_streamed(result), kinds)
+            return checksum(_streamed(result, progress=progress), kinds)

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import quoted_name
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from .types import arrow_type, base_type, column_converter, is_timezone_aware, rows_to_batch, text_fallback
 from .watermarks import IntegerKind, RowversionKind, TimestampKind, WatermarkKind
@@ -197,6 +199,22 @@ class RunRead:
     rows: float | None = None
 
 
+class Explain(Executable, ClauseElement):
+    """``<prefix> <statement>`` (e.g. ``EXPLAIN (FORMAT JSON) SELECT ...``), its parameters bound
+    as the statement's own (SQLAlchemy's documented recipe for custom constructs)."""
+
+    inherit_cache = False
+
+    def __init__(self, prefix: str, statement: sa.Select):
+        self.prefix = prefix
+        self.statement = statement
+
+
+@compiles(Explain)
+def _compile_explain(element: Explain, compiler, **kw) -> str:
+    return f"{element.prefix} {compiler.process(element.statement, **kw)}"
+
+
 class EngineDialect:
     """Engine-specific behaviour. Subclasses override what their engine does differently."""
 
@@ -273,6 +291,23 @@ class EngineDialect:
     def refine_table(self, conn: sa.Connection, table: sa.Table) -> None:
         """Complete what reflection left out of ``table``'s column types (a domain's numeric
         precision, an array's declared dimensions, a geometry column...); nothing by default."""
+
+    def refine_tables(self, conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
+        """:meth:`refine_table` for many tables (engines that can do it in one statement do)."""
+        for table in tables:
+            self.refine_table(conn, table)
+
+    def estimate_rows(self, conn: sa.Connection, source: Source, info: TableInfo, lo: Any, hi: Any) -> float | None:
+        """How many rows of ``info``'s table lie in ``[lo, hi)`` (the whole table when both are
+        None; :meth:`Source.select_rows` selects them), by the engine's statistics or an index,
+        without reading the table (None: unknown)."""
+        return None
+
+    def missing_privileges(self, conn: sa.Connection) -> str | None:
+        """What the source user lacks to see other sessions' transactions (which the safe horizon
+        needs), with the statement that grants it; None when nothing is missing or the engine
+        needs nothing."""
+        return None
 
     def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> RunRead | None:
         """How one read of ``select`` (a range of windows in the order of the watermark
@@ -495,16 +530,21 @@ class Source:
                     conn.rollback()
                     alone += [(name, spec) for name, _, spec in items]
                     continue
+                found: dict[str, tuple[sa.Table, list[dict]]] = {}
+                for ref_name in present:
+                    sa_table = metadata.tables.get(ref_name if schema is None else f"{schema}.{ref_name}")
+                    if sa_table is not None:
+                        found[ref_name] = self.dialect.reflected(
+                            conn, sa_table, [dict(ix) for ix in indexes.get((schema, ref_name), [])])
+                self.dialect.refine_tables(conn, [t for t, _ in found.values()])
                 for name, ref, spec in items:
-                    sa_table = metadata.tables.get(ref.name if schema is None else f"{schema}.{ref.name}")
-                    if sa_table is None:
+                    if ref.name not in found:
                         alone.append((name, spec))
                         continue
-                    found, table_indexes = self.dialect.reflected(conn, sa_table, [dict(ix) for ix in indexes.get((schema, ref.name), [])])
-                    self.dialect.refine_table(conn, found)
+                    sa_table, table_indexes = found[ref.name]
                     kwargs = {k: v for k, v in spec.items() if k != "table"}
                     try:
-                        out[name] = self.table_info(found, indexes=table_indexes, ref=ref, **kwargs)
+                        out[name] = self.table_info(sa_table, indexes=table_indexes, ref=ref, **kwargs)
                     except SourceError as exc:
                         out[name] = exc
         for name, spec in alone:
@@ -814,6 +854,38 @@ class Source:
         query = sa.select(sa.func.count()).select_from(info.table).where(col.is_(None))
         with self.connect() as conn:
             return int(conn.execute(query).scalar())
+
+    def estimate_rows(self, info: TableInfo, lo: Any = None, hi: Any = None) -> int | None:
+        """The rows of ``[lo, hi)`` (the whole table when both are None), estimated from the
+        engine's statistics (:meth:`EngineDialect.estimate_rows`), never by reading the rows; None
+        when the engine cannot tell or the question fails (an estimate never fails a copy)."""
+        if info.watermark_column is None:
+            lo = hi = None
+        try:
+            with self.connect() as conn:
+                rows = self.dialect.estimate_rows(conn, self, info, lo, hi)
+        except Exception as exc:  # noqa: BLE001 - an estimate is optional
+            log.debug("source %r: no row estimate for %s: %s", self.name, info.ref, scrub(str(exc), self.url))
+            return None
+        return None if rows is None else max(0, int(round(rows)))
+
+    def select_rows(self, info: TableInfo, lo: Any = None, hi: Any = None) -> sa.Select:
+        """``SELECT 1 FROM <table> [WHERE lo <= watermark < hi]``: what an estimate is asked of."""
+        query: sa.Select[Any] = sa.select(sa.literal_column("1")).select_from(info.table)
+        if lo is not None or hi is not None:
+            query = query.where(*self.range_filter(info, lo, hi))
+        return query
+
+    def missing_index_note(self, info: TableInfo, *, table: str | None = None, column: str | None = None) -> str:
+        """What to tell the user when no index leads with the watermark column ("" when one does),
+        with the statement that creates one; ``table`` and ``column`` as the configuration names them."""
+        if info.watermark_column is None or info.watermark_indexed:
+            return ""
+        return (
+            f"no index leads with {column or info.watermark_column!r} on {table or str(info.ref)!r}: every incremental "
+            f"read scans the table (a run of several windows reads them in one sorted scan). Create one, e.g. "
+            f"{self.create_index_sql(info)}"
+        )
 
     def create_index_sql(self, info: TableInfo) -> str:
         """The statement that creates an index on the watermark column, every name quoted by the

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+from typing import Any
+
 import sqlalchemy as sa
 
-from .base import EngineDialect, SourceError, register
+from .base import EngineDialect, Source, SourceError, TableInfo, register
 
 UTC = dt.timezone.utc
 
@@ -32,6 +34,15 @@ RUNNING_REQUESTS = sa.text(
     f"{TO_UTC.format('r.start_time')} AS started_utc "
     "FROM sys.dm_exec_requests AS r JOIN sys.dm_exec_sessions AS s ON s.session_id = r.session_id "
     "WHERE r.session_id <> @@SPID AND s.is_user_process = 1 AND r.database_id = DB_ID()"
+)
+#: the rows of a table, from its heap or clustered index's partitions (no scan)
+TABLE_ROWS = sa.text(
+    "SELECT SUM(p.rows) FROM sys.partitions AS p WHERE p.object_id = OBJECT_ID(:name) AND p.index_id IN (0, 1)"
+)
+#: whether the user may read the transaction DMVs the horizon reads
+HAS_STATE_PERMISSION = sa.text(
+    "SELECT CASE WHEN HAS_PERMS_BY_NAME(NULL, NULL, 'VIEW SERVER STATE') = 1 "
+    "OR HAS_PERMS_BY_NAME(DB_NAME(), 'DATABASE', 'VIEW DATABASE STATE') = 1 THEN 1 ELSE 0 END"
 )
 PERMISSION_HINT = (
     "cannot read the transaction DMVs to find a safe horizon; "
@@ -66,6 +77,21 @@ class MSSQLDialect(EngineDialect):
 
     def timestamp_holds(self, conn: sa.Connection):
         return self._since(conn, RUNNING_REQUESTS) + self.open_transactions(conn)
+
+    def estimate_rows(self, conn: sa.Connection, source: Source, info: TableInfo, lo: Any, hi: Any) -> float | None:
+        """The table's rows from ``sys.partitions`` for the whole table (an initial load's range
+        up to now included); unknown for a range (the histogram is not read here)."""
+        if lo is not None:
+            return None
+        table = info.table
+        name = ".".join("[" + part.replace("]", "]]") + "]" for part in (table.schema, table.name) if part)
+        rows = conn.execute(TABLE_ROWS, {"name": name}).scalar()
+        return None if rows is None else float(rows)
+
+    def missing_privileges(self, conn: sa.Connection) -> str | None:
+        if conn.execute(HAS_STATE_PERMISSION).scalar():
+            return None
+        return PERMISSION_HINT
 
     def rowversion_horizon(self, conn: sa.Connection) -> int:
         return int.from_bytes(bytes(conn.execute(ROWVERSION_HORIZON).scalar()), "big")

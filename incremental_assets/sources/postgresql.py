@@ -9,23 +9,15 @@ transactions are listed from ``pg_prepared_xacts``; their start is unknown too.
 
 Reads (:meth:`PostgreSQLDialect.read_batches`) take a columnar fast path through ADBC
 (``adbc_driver_postgresql``), which streams a query's result through ``COPY ... TO STDOUT (FORMAT
-binary)`` and decodes it into Arrow in C. ``COPY`` takes no parameters, and ADBC loads the whole
-result of a parameterised query into memory, so the slice's bounds are bound parameters of a
-``set_config`` call instead (``SELECT set_config('incremental_assets.p1', CAST($1 AS text), true)``,
-transaction-local) and the SELECT reads them back with ``CAST(current_setting(...) AS <type>)``:
-values are never formatted into SQL. The planner estimates with those values (stable functions
-are folded for estimation), so the plan is the one the real bounds deserve; where that plan is a
-sequential scan, the bounds are wrapped in scalar subqueries (evaluated once, not per row) and
-index scans are disabled for that statement so the plan stays a sequential scan. ``real`` columns
-are selected as text (the generic path parses the server's text too; see :func:`as_text`). A
-background thread reads and converts the next batch while the caller writes the previous one, so
-memory holds a few batches of at most ``batch_size`` rows (and about ``batch_bytes``), whatever
-the size of the slice. Every column is converted to exactly the Arrow type and values the generic
-SQLAlchemy path produces (``info.schema``), chosen by the column's PostgreSQL type: the driver's
-field metadata where it has some (newer drivers than the 1.8 the project pins), else the
-catalog's, read in the slice's own transaction. A column whose type has no exact conversion here
-(money, arrays of ``real``, ...) sends the whole read down the generic path, and says so in the
-log.
+binary)`` and decodes it into Arrow in C. The slice's bounds travel as transaction-local settings
+(``pg_query.py``), and the plan is checked so that a scan does not compute them for every row
+(``pg_plans.py``). A background thread reads and converts the next batch while the caller writes
+the previous one, so memory holds a few batches of at most ``batch_size`` rows (and about
+``batch_bytes``), whatever the size of the slice. Every column is converted to exactly the Arrow
+type and values the generic SQLAlchemy path produces (``pg_arrow.py``); a column whose type has no
+exact conversion sends the whole read down the generic path, and says so in the log.
+The ADBC connections and the reader (``_CopyReader``) stay here with the dialect: the reader takes
+its connections from the dialect's pool and gives them back.
 
 Types (both paths alike, see :meth:`PostgreSQLDialect.result_column`): a domain is read as its
 base type; a one-dimensional array as an Arrow list of its element's type (NULL elements kept);
@@ -39,33 +31,33 @@ composite and unknown types as the server's text, named in the log.
 
 from __future__ import annotations
 
-import array
 import datetime as dt
-import decimal
 import json
 import logging
 import queue
 import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.sql.elements import BindParameter
-from sqlalchemy.sql.visitors import replacement_traverse
 
-from .base import ORDER_OPTION, STORAGE_ORDER_OPTION, EngineDialect, RunRead, register
-from .types import _to_text, arrow_type, base_type, text_fallback
+from .base import EngineDialect, Explain, RunRead, register
+from .pg_arrow import NoFastPath, _string_array, batch_converter
+from .pg_arrow import column_converter  # noqa: F401  (public names of the parts moved out stay importable here)
+from .pg_plans import CORRELATION, IN_ORDER_CORRELATION  # noqa: F401
+from .pg_plans import _KEEP_SCAN, _SORTS, _STORAGE_ORDER, _explain, _plan_bytes, _plan_nodes, _plan_top, _run_query, _run_update
+from .pg_plans import _stored_in_order, per_row_scan
+from .pg_query import SETTING_PREFIX, as_text  # noqa: F401
+from .pg_query import SliceQuery, _compile_dialect, interval_iso, slice_query
+from .types import arrow_type, base_type, text_fallback
 
 if TYPE_CHECKING:
-    from .base import Source
+    from .base import Source, TableInfo
 
 log = logging.getLogger("incremental_assets")
 T = TypeVar("T")
@@ -113,9 +105,16 @@ class PostgreSQLDialect(EngineDialect):
     def refine_table(self, conn: sa.Connection, table: sa.Table) -> None:
         """A domain over ``numeric(p,s)`` keeps its precision and scale (reflection drops them),
         and an array column its declared dimensions."""
+        self.refine_tables(conn, [table])
+
+    def refine_tables(self, conn: sa.Connection, tables) -> None:
+        """:meth:`refine_table` for many tables, in one statement."""
+        if not tables:
+            return
         quote = _compile_dialect().identifier_preparer.quote_identifier  # quotes, never doubles '%'
-        relation = ".".join(quote(p) for p in (table.schema, table.name) if p)
-        for name, ndims, base in conn.execute(REFINE, {"relation": relation}):
+        by_relation = {".".join(quote(p) for p in (t.schema, t.name) if p): t for t in tables}
+        for relation, name, ndims, base in conn.execute(REFINE, {"relations": list(by_relation)}):
+            table = by_relation[relation]
             if name not in table.c:
                 continue
             column = table.c[name]
@@ -171,6 +170,25 @@ class PostgreSQLDialect(EngineDialect):
     #: table stored in another order than its watermark's is read as one scan the server sorts,
     #: rather than a read per window: the server's temporary files hold about that much
     SORTED_READ_MAX_BYTES = 1 << 30
+
+    def estimate_rows(self, conn: sa.Connection, source: Source, info: TableInfo, lo: Any, hi: Any) -> float | None:
+        """The planner's estimate (``EXPLAIN``: the statistics' histogram of the watermark, and
+        ``pg_class.reltuples`` scaled to the table's current size); nothing is read."""
+        plan = conn.execute(Explain("EXPLAIN (FORMAT JSON)", source.select_rows(info, lo, hi))).scalar()
+        plan = json.loads(plan) if isinstance(plan, (str, bytes)) else plan
+        rows = _plan_top(plan).get("Plan Rows")
+        return float(rows) if isinstance(rows, (int, float)) else None
+
+    def missing_privileges(self, conn: sa.Connection) -> str | None:
+        ok = conn.execute(sa.text(
+            "SELECT r.rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') "
+            "FROM pg_roles r WHERE r.rolname = current_user"
+        )).scalar()
+        if ok:
+            return None
+        user = conn.execute(sa.text("SELECT quote_ident(current_user)")).scalar()
+        return (f"role {user} cannot see other roles' transactions in pg_stat_activity, so their start is unknown and "
+                f"holds the horizon back: GRANT pg_read_all_stats TO {user};")
 
     def one_ordered_read(self, source: Source, select: sa.Select, column: str) -> RunRead | None:
         """One read in watermark order serves a run of windows better than a read per window:
@@ -312,181 +330,14 @@ class PostgreSQLDialect(EngineDialect):
 
 
 REFINE = sa.text(
-    "SELECT a.attname, a.attndims, CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END "
-    "FROM pg_catalog.pg_attribute AS a JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid "
-    "WHERE a.attrelid = to_regclass(:relation) AND a.attnum > 0 AND NOT a.attisdropped"
+    "SELECT r.relation, a.attname, a.attndims, "
+    "CASE WHEN t.typtype = 'd' THEN format_type(t.typbasetype, t.typtypmod) END "
+    "FROM unnest(CAST(:relations AS text[])) AS r(relation) "
+    "JOIN pg_catalog.pg_attribute AS a ON a.attrelid = to_regclass(r.relation) "
+    "JOIN pg_catalog.pg_type AS t ON t.oid = a.atttypid "
+    "WHERE a.attnum > 0 AND NOT a.attisdropped AND (t.typtype = 'd' OR a.attndims > 1)"
 )
 _NUMERIC = re.compile(r"numeric\((\d+)(?:,(\d+))?\)")
-
-
-def interval_iso(column: sa.ColumnElement) -> sa.ColumnElement:
-    """An interval as ISO 8601 text with every field and its sign (``P0Y-1M2DT3H4M5.000006S``),
-    whatever the session's IntervalStyle: exact (months, days and time kept apart, microseconds
-    kept), and PostgreSQL reads it back as the same interval. NULL stays NULL."""
-    text: sa.ColumnElement = sa.literal_column("'P'", sa.Text)
-    for part, mark in (("year", "Y"), ("month", "M"), ("day", "D"), ("hour", "H"), ("minute", "M"), ("second", "S")):
-        text = text + sa.cast(sa.extract(part, column), sa.Text) + sa.literal_column(f"'{mark}'", sa.Text)
-        if part == "day":
-            text = text + sa.literal_column("'T'", sa.Text)
-    return text
-
-
-class NoFastPath(Exception):
-    """The columnar path cannot reproduce the generic path exactly here (the reason says why)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# SQL and connection
-
-
-_COMPILE_DIALECT: sa.Dialect | None = None
-
-
-def _compile_dialect() -> sa.Dialect:
-    global _COMPILE_DIALECT
-    if _COMPILE_DIALECT is None:
-        from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
-
-        # the psycopg dialect renders a cast on every bound parameter ($1::TIMESTAMP WITH TIME
-        # ZONE), so the server types them exactly as the generic path does
-        _COMPILE_DIALECT = PGDialect_psycopg(paramstyle="numeric_dollar")
-    return _COMPILE_DIALECT
-
-
-def as_text(select: sa.Select) -> tuple[sa.Select, dict[str, str]]:
-    """``real`` columns selected as ``CAST(col AS TEXT)``; returns which (name -> kind).
-
-    The generic path parses the server's text of a real (``4.9910328e+07``, ``1.1``) into a
-    double; the binary float4 widened to double would differ (``1.100000023841858``), and no
-    client-side shortest-digits algorithm is guaranteed to print what the server prints.
-    ``numeric`` travels in binary: the driver turns it into the text the server would print
-    (checked against the generic path in the tests), and the server sends it for less than it
-    costs to print it (measured: 2M rows COPY'd with 0.94 s of server CPU instead of 1.08 s).
-    """
-    columns: list[sa.ColumnElement] = []
-    kinds: dict[str, str] = {}
-    changed = False
-    for column in select.selected_columns:
-        kind = None
-        if isinstance(column, sa.Label):
-            t = column.type
-            if isinstance(t, sa.REAL):
-                kind = "real"
-            elif not isinstance(column.element, sa.Column) and isinstance(t, sa.String):
-                kinds[column.name] = "text"  # text the server renders (see PostgreSQLDialect.result_column)
-            elif isinstance(column.element, sa.Column) and isinstance(base_type(t), sa.ARRAY):
-                columns.append(_one_dimensional(column.element).label(column.name))
-                changed = True
-                continue
-        if kind is None:
-            columns.append(column)
-        else:
-            columns.append(sa.cast(column.element, sa.Text).label(column.name))
-            kinds[column.name] = kind
-            changed = True
-    if not changed:
-        return select, kinds
-    return select.with_only_columns(*columns, maintain_column_froms=True), kinds
-
-
-def _one_dimensional(column: sa.Column) -> sa.ColumnElement:
-    """The array column, or an error naming it for a value of more than one dimension: ADBC
-    would flatten such a value into one list without a word. The error is a cast of a text that
-    is not an array literal, computed from the row (so never folded into a constant)."""
-    name = column.name.replace("'", "''")
-    message = sa.cast(sa.func.array_ndims(column), sa.Text) + sa.literal_column(
-        f"' dimensions in column \"{name}\", declared with one: declare its dimensions to land it as JSON text'", sa.Text
-    )
-    return sa.case((sa.func.array_ndims(column) > 1, sa.cast(message, column.type)), else_=column)
-
-
-SETTING_PREFIX = "incremental_assets.p"
-
-
-@dataclass(frozen=True)
-class SliceQuery:
-    """A SELECT prepared for ``COPY``: its bound values travel through transaction-local settings."""
-
-    #: the SELECT reading each value as ``CAST(current_setting('incremental_assets.pN') AS type)``
-    direct: str
-    #: the same with each of those in a scalar subquery: evaluated once, also in a sequential scan
-    once: str
-    #: ``SELECT set_config('incremental_assets.p1', CAST($1 AS TEXT), true), ...``, or None
-    settings: str | None
-    #: the values of ``$1, $2...`` as a one-row Arrow batch, or None
-    params: pa.RecordBatch | None
-    #: columns selected as text: name -> "real" (see :func:`as_text`)
-    text_columns: dict[str, str] = field(default_factory=dict)
-    #: the table read, as ``to_regclass`` takes it (quoted), or None
-    relation: str | None = None
-    #: result column -> the table column it reads (for its type in the catalog)
-    table_columns: dict[str, str] = field(default_factory=dict)
-    #: the column the SELECT is ordered by, for a read of several windows (see ``ORDER_OPTION``)
-    order_column: str | None = None
-    #: rows in the table's storage order, for a read of several windows (see ``STORAGE_ORDER_OPTION``)
-    storage_order: bool = False
-
-
-def slice_query(select: sa.Select) -> SliceQuery:
-    """Compile ``select`` for the fast path; raises NoFastPath for parameters it cannot carry."""
-    relation, table_columns = _table_columns(select)  # before as_text() wraps any column
-    select, text_columns = as_text(select)
-    dialect = _compile_dialect()
-    binds: dict[str, tuple[int, BindParameter]] = {}
-
-    def rewrite(once: bool) -> str:
-        def replace(element):
-            if not isinstance(element, BindParameter):
-                return None
-            if element.expanding or element.literal_execute:
-                raise NoFastPath(f"parameter {element.key!r} is expanded into the SQL")
-            number, _ = binds.setdefault(element.key, (len(binds) + 1, element))
-            # the setting's name is this module's constant, never a value
-            name = sa.literal_column(f"'{SETTING_PREFIX}{number}'")
-            value = sa.cast(sa.func.current_setting(name), element.type)
-            return sa.select(value).scalar_subquery() if once else value
-
-        rewritten = replacement_traverse(select, {}, replace)  # type: ignore[call-overload]  # a Select is traversible
-        compiled = rewritten.compile(dialect=dialect)
-        if compiled.positiontup:
-            raise NoFastPath("the statement still has bound parameters")
-        return compiled.string
-
-    direct = rewrite(False)
-    once = rewrite(True)
-    options = select.get_execution_options()
-    order_column, storage_order = options.get(ORDER_OPTION), bool(options.get(STORAGE_ORDER_OPTION))
-    if not binds:
-        return SliceQuery(direct, once, None, None, text_columns, relation, table_columns, order_column, storage_order)
-    arrays, calls = [], []
-    for number, element in sorted(binds.values(), key=lambda b: b[0]):
-        value = element.effective_value
-        processor = element.type.dialect_impl(dialect).bind_processor(dialect)
-        if processor is not None:
-            value = processor(value)
-        arrays.append(_param_array(value, element.key))
-        calls.append(f"set_config('{SETTING_PREFIX}{number}', CAST(${number} AS TEXT), true)")
-    params = pa.record_batch(arrays, names=[str(n + 1) for n in range(len(arrays))])
-    return SliceQuery(
-        direct, once, "SELECT " + ", ".join(calls), params, text_columns, relation, table_columns, order_column, storage_order
-    )
-
-
-def _table_columns(select: sa.Select) -> tuple[str | None, dict[str, str]]:
-    """The one table ``select`` reads plain columns of (quoted for ``to_regclass``), and which."""
-    relation, columns = None, {}
-    for column in select.selected_columns:
-        element = column.element if isinstance(column, sa.Label) else column
-        if not (isinstance(element, sa.Column) and isinstance(element.table, sa.Table)):
-            continue
-        table = element.table
-        quote = _compile_dialect().identifier_preparer.quote_identifier  # always quotes
-        name = ".".join(quote(p) for p in (table.schema, table.name) if p)
-        if relation not in (None, name):
-            return None, {}
-        relation = name
-        columns[column.name] = element.name
-    return relation, columns
 
 
 # the type of each column of a table as the server describes a result: a domain as its base
@@ -499,65 +350,6 @@ COLUMN_TYPES = (
     "LEFT JOIN pg_catalog.pg_type AS e ON e.oid = t.typelem AND t.typcategory = 'A' "
     "WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped"
 )
-
-
-# the planner's correlation of a column with the table's storage order (no statistics: no row)
-CORRELATION = (
-    "SELECT s.correlation FROM pg_catalog.pg_stats AS s "
-    "JOIN pg_catalog.pg_class AS c ON c.relname = s.tablename "
-    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace AND n.nspname = s.schemaname "
-    "WHERE c.oid = to_regclass($1) AND s.attname = $2"
-)
-
-
-_EPOCH = dt.datetime(1970, 1, 1)
-_EPOCH_UTC = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_MICROSECOND = dt.timedelta(microseconds=1)
-
-
-def _param_array(value: Any, name: str) -> pa.Array:
-    """A one-value Arrow array typed so that ADBC binds it as the server type of the value.
-
-    Built from buffers: ``pa.array`` on Python objects imports pandas (about 40 MB) on first use.
-    """
-    if isinstance(value, bool):
-        return pa.Array.from_buffers(pa.bool_(), 1, [None, pa.py_buffer(b"\x01" if value else b"\x00")])
-    if isinstance(value, int):
-        return pa.Array.from_buffers(pa.int64(), 1, [None, pa.py_buffer(struct.pack("<q", value))])
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            micros, t = (value - _EPOCH) // _MICROSECOND, pa.timestamp("us")
-        else:
-            micros, t = (value - _EPOCH_UTC) // _MICROSECOND, pa.timestamp("us", tz="UTC")
-        return pa.Array.from_buffers(t, 1, [None, pa.py_buffer(struct.pack("<q", micros))])
-    if isinstance(value, dt.date):
-        days = (value - _EPOCH.date()).days
-        return pa.Array.from_buffers(pa.date32(), 1, [None, pa.py_buffer(struct.pack("<i", days))])
-    if isinstance(value, str):
-        return _string_array([value])
-    if isinstance(value, (bytes, bytearray)):
-        return _string_array([bytes(value)], pa.binary())
-    raise NoFastPath(f"parameter {name} of type {type(value).__name__}")
-
-
-def _string_array(values: list, type_: pa.DataType = pa.string()) -> pa.Array:
-    """A string (or binary) array from Python values, without ``pa.array`` (see :func:`_param_array`)."""
-    n = len(values)
-    offsets = array.array("i", [0])
-    validity = bytearray((n + 7) // 8)
-    data = bytearray()
-    nulls = 0
-    for i, value in enumerate(values):
-        if value is None:
-            nulls += 1
-        else:
-            data += value.encode() if isinstance(value, str) else value
-            validity[i >> 3] |= 1 << (i & 7)
-        offsets.append(len(data))
-    if len(data) >= 2**31 or offsets.itemsize != 4:
-        return pa.array(values, type=type_)
-    buffers = [pa.py_buffer(validity) if nulls else None, pa.py_buffer(offsets), pa.py_buffer(bytes(data))]
-    return pa.Array.from_buffers(type_, n, buffers, null_count=nulls)
 
 
 def libpq_uri(url: str | sa.URL) -> str:
@@ -769,267 +561,3 @@ def _close_all(closeables) -> None:
                 closeable.close()
             except Exception:  # noqa: BLE001
                 pass
-
-
-def _run_query(conn, sql: str, params: pa.RecordBatch | None = None) -> pa.Table:
-    import adbc_driver_manager
-
-    statement = adbc_driver_manager.AdbcStatement(conn)
-    try:
-        statement.set_options(**{"adbc.postgresql.use_copy": "false"})
-        statement.set_sql_query(sql)
-        if params is not None:
-            statement.bind(params)
-        handle, _ = statement.execute_query()
-        with pa.RecordBatchReader.from_stream(handle) as reader:
-            return reader.read_all()
-    finally:
-        statement.close()
-
-
-def _run_update(conn, sql: str) -> None:
-    import adbc_driver_manager
-
-    statement = adbc_driver_manager.AdbcStatement(conn)
-    try:
-        statement.set_sql_query(sql)
-        statement.execute_update()
-    finally:
-        statement.close()
-
-
-_KEEP_SCAN = {
-    "Seq Scan": ("enable_indexscan", "enable_indexonlyscan", "enable_bitmapscan", "enable_tidscan"),
-    "Bitmap Heap Scan": ("enable_seqscan", "enable_indexscan", "enable_indexonlyscan", "enable_tidscan"),
-}
-
-
-_STORAGE_ORDER = ("SET LOCAL synchronize_seqscans = off", "SET LOCAL max_parallel_workers_per_gather = 0")
-_SORTS = {"Sort", "Incremental Sort"}
-#: the planner's correlation of a column with the table's storage order from which an index read
-#: in the column's order reads the table about in storage order (1: exactly)
-IN_ORDER_CORRELATION = 0.9
-
-
-def _explain(conn, sql: str) -> Any:
-    plan = _run_query(conn, "EXPLAIN (FORMAT JSON) " + sql).column(0)[0].as_py()
-    return json.loads(plan) if isinstance(plan, (str, bytes)) else plan
-
-
-def _plan_top(plan: Any) -> dict:
-    """The top node of an EXPLAIN (FORMAT JSON) plan ({} if none)."""
-    top = plan[0] if isinstance(plan, list) and plan else plan
-    node = top.get("Plan", {}) if isinstance(top, dict) else {}
-    return node if isinstance(node, dict) else {}
-
-
-def _plan_bytes(plan: Any) -> float | None:
-    """The planner's estimate of the bytes a plan returns: its rows times their width."""
-    node = _plan_top(plan)
-    rows, width = node.get("Plan Rows"), node.get("Plan Width")
-    if not isinstance(rows, (int, float)) or not isinstance(width, (int, float)):
-        return None
-    return rows * width
-
-
-def _stored_in_order(conn, relation: str, column: str) -> bool:
-    """Whether the planner's statistics say the table is stored about in ``column``'s order
-    (no statistics: no)."""
-    params = pa.record_batch([_string_array([relation]), _string_array([column])], names=["1", "2"])
-    correlations = _run_query(conn, CORRELATION, params).column(0).to_pylist()
-    return bool(correlations) and all(c is not None and abs(c) >= IN_ORDER_CORRELATION for c in correlations)
-
-
-def _plan_nodes(plan: Any, kinds: set[str]) -> list[dict]:
-    """The nodes of an EXPLAIN (FORMAT JSON) plan whose type is one of ``kinds``."""
-    found = []
-    nodes = list(plan) if isinstance(plan, list) else [plan]
-    while nodes:
-        node = nodes.pop()
-        if not isinstance(node, dict):
-            continue
-        if node.get("Node Type") in kinds:
-            found.append(node)
-        for value in node.values():
-            if isinstance(value, dict):
-                nodes.append(value)
-            elif isinstance(value, list):
-                nodes.extend(value)
-    return found
-
-
-def per_row_scan(plan: Any) -> str | None:
-    """The scan of an EXPLAIN (FORMAT JSON) plan that would read the settings for every row:
-    ``"Seq Scan"``, ``"Bitmap Heap Scan"``, or None (index scans compute their bounds once)."""
-    found = None
-    for node in _plan_nodes(plan, set(_KEEP_SCAN)):
-        if "current_setting" in str(node.get("Filter", "")) + str(node.get("Recheck Cond", "")):
-            if node["Node Type"] == "Seq Scan" or found is None:
-                found = node["Node Type"]
-    return found
-
-
-# ------------------------------------------------------------------------------------------------
-# exact conversion to the generic path's types and values
-
-_INTEGERS = {"int2", "int4", "int8"}
-_TEXTS = {"text", "varchar", "bpchar", "name", "enum"}
-_SAME = {"bool", "float8", "date", "time", "timestamp", "timestamptz", "bytea"}
-
-
-def batch_converter(
-    source: pa.Schema, target: pa.Schema, text_columns: dict[str, str] | None = None,
-    pg_types: dict[str, str] | None = None,
-) -> Callable[[pa.RecordBatch], pa.RecordBatch]:
-    """Per-column conversions from ADBC's Arrow (``source``) to ``target``; raises NoFastPath.
-
-    ``pg_types`` (column -> PostgreSQL type name) stands in for field metadata the driver lacks.
-    """
-    if len(source) != len(target):
-        raise NoFastPath(f"result has {len(source)} columns, expected {len(target)}")
-    converters = [
-        column_converter(s, t, text_columns or {}, (pg_types or {}).get(t.name, ""))
-        for s, t in zip(source, target)
-    ]
-
-    def convert(batch: pa.RecordBatch) -> pa.RecordBatch:
-        arrays = [conv(column) for conv, column in zip(converters, batch.columns)]
-        return pa.RecordBatch.from_arrays(arrays, schema=target)
-
-    return convert
-
-
-def column_converter(
-    source: pa.Field, target: pa.Field, text_columns: dict[str, str] | None = None, pg_type: str = ""
-) -> Callable[[pa.Array], pa.Array]:
-    """The conversion of one column, by its PostgreSQL type: the field's metadata, else ``pg_type``."""
-    meta = source.metadata or {}
-    as_text = (text_columns or {}).get(target.name)
-    pg_type = meta.get(b"POSTGRESQL:type", b"").decode() or ("text" if as_text is not None else pg_type)
-    st, tt = source.type, target.type
-    if as_text is not None:  # selected as CAST(... AS TEXT): see as_text()
-        if pg_type == "text" and pa.types.is_string(st):
-            if as_text == "text" and pa.types.is_string(tt):
-                return _same
-            if as_text == "real" and pa.types.is_float64(tt):
-                return lambda a: a.cast(pa.float64())  # float(text), as the generic path
-            if as_text == "numeric":
-                return _numeric_converter(tt)
-        raise NoFastPath(f"column {target.name!r}: PostgreSQL {as_text} as {tt}")
-    if pg_type.startswith("_") and pa.types.is_list(st) and pa.types.is_list(tt):
-        item = column_converter(pa.field(target.name, st.value_type), pa.field(target.name, tt.value_type), None, pg_type[1:])
-        return _list_converter(item, tt)
-    if pg_type in _INTEGERS and pa.types.is_integer(st) and pa.types.is_integer(tt):
-        return _same if st == tt else (lambda a: a.cast(tt, safe=True))
-    if pg_type in _SAME and st == tt:
-        return _same
-    if pg_type in _TEXTS and pa.types.is_string(st) and pa.types.is_string(tt):
-        return _same
-    if pg_type == "numeric" and _storage_is_string(st):
-        return _numeric_converter(tt)
-    if pg_type == "uuid" and pa.types.is_string(tt) and _storage_width(st) == 16:
-        return _uuid_text
-    if pg_type == "uuid" and pa.types.is_string(tt) and _storage_is_binary(st):
-        return lambda a: _uuid_text(_storage(a).cast(pa.binary(16)))
-    if pg_type in ("json", "jsonb") and pa.types.is_string(tt) and _storage_is_string(st):
-        return _json_text
-    raise NoFastPath(f"column {target.name!r}: PostgreSQL {pg_type or st} as {tt}")
-
-
-def _list_converter(item: Callable[[pa.Array], pa.Array], tt: pa.DataType) -> Callable[[pa.Array], pa.Array]:
-    """A list column: its elements converted as a column of their own, the lists kept."""
-
-    def convert(a: pa.Array) -> pa.Array:
-        offsets = a.offsets  # of a slice: they point into the elements of the whole array
-        start = offsets[0].as_py()
-        values = item(a.values.slice(start, offsets[-1].as_py() - start))
-        offsets = pc.subtract(offsets, pa.scalar(start, pa.int32())) if start else offsets
-        return pa.ListArray.from_arrays(offsets, values, type=tt, mask=a.is_null() if a.null_count else None)
-
-    return convert
-
-
-def _numeric_converter(tt: pa.DataType) -> Callable[[pa.Array], pa.Array]:
-    """numeric text -> the generic path's decimal (exact parse) or text (str(Decimal))."""
-    if pa.types.is_decimal(tt) and 0 <= tt.scale <= tt.precision:
-        return lambda a: _storage(a).cast(tt)
-    if pa.types.is_string(tt):
-        return _numeric_text
-    raise NoFastPath(f"numeric as {tt}")
-
-
-def _same(a: pa.Array) -> pa.Array:
-    return a
-
-
-def _storage(a: pa.Array) -> pa.Array:
-    return a.storage if isinstance(a, pa.ExtensionArray) else a
-
-
-def _storage_is_string(t: pa.DataType) -> bool:
-    return pa.types.is_string(t.storage_type if isinstance(t, pa.BaseExtensionType) else t)
-
-
-def _storage_is_binary(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t.storage_type if isinstance(t, pa.BaseExtensionType) else t)
-
-
-def _storage_width(t: pa.DataType) -> int | None:
-    t = t.storage_type if isinstance(t, pa.BaseExtensionType) else t
-    return t.byte_width if pa.types.is_fixed_size_binary(t) else None
-
-
-# unconstrained numeric: the generic path gives str(Decimal(text)), which differs from the
-# server's text only below 1e-6 (scientific notation: 1.230E-7, 0E-8) and for NaN / infinities
-_DECIMAL_SPECIAL = r"^-?0\.000000|^-?[A-Za-z]"
-_SPECIAL_WORDS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity", "infinity": "Infinity", "-infinity": "-Infinity"}
-
-
-def _decimal_text(value: str | None) -> str | None:
-    if value is None:
-        return None
-    word = _SPECIAL_WORDS.get(value.lower())
-    return word if word is not None else str(decimal.Decimal(value))
-
-
-def _numeric_text(a: pa.Array) -> pa.Array:
-    text = _storage(a)
-    special = pc.match_substring_regex(text, _DECIMAL_SPECIAL)
-    if not pc.any(special).as_py():
-        return text
-    fixed = _string_array([_decimal_text(v) for v in text.to_pylist()])
-    return pc.if_else(special, fixed, text)
-
-
-def _json_text(a: pa.Array) -> pa.Array:
-    # the generic path deserialises json/jsonb (json.loads) and renders the value with its
-    # own text rule: exactly that, per value (no columnar equivalent)
-    return _string_array([None if v is None else _to_text(json.loads(v)) for v in _storage(a).to_pylist()])
-
-
-def _uuid_text(a: pa.Array) -> pa.Array:
-    """16-byte UUIDs as lower-case 8-4-4-4-12 text, vectorised."""
-    import numpy as np
-
-    storage = _storage(a)
-    n = len(storage)
-    if n == 0:
-        return pa.nulls(0, pa.string())
-    data = storage.buffers()[1]
-    raw = np.frombuffer(data, dtype=np.uint8, count=(storage.offset + n) * 16, offset=0)[storage.offset * 16:]
-    raw = raw.reshape(n, 16)
-    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-    hexed = np.empty((n, 32), dtype=np.uint8)
-    hexed[:, 0::2] = digits[raw >> 4]
-    hexed[:, 1::2] = digits[raw & 0x0F]
-    out = np.full((n, 36), ord("-"), dtype=np.uint8)
-    out[:, 0:8] = hexed[:, 0:8]
-    out[:, 9:13] = hexed[:, 8:12]
-    out[:, 14:18] = hexed[:, 12:16]
-    out[:, 19:23] = hexed[:, 16:20]
-    out[:, 24:36] = hexed[:, 20:32]
-    offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
-    text = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(out.tobytes()))
-    if storage.null_count:
-        text = pc.if_else(storage.is_valid(), text, pa.nulls(1, pa.string())[0])
-    return text

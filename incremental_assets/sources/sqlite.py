@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 
+from typing import Any
+
 import sqlalchemy as sa
 
-from .base import EngineDialect, register
+from .base import EngineDialect, Source, TableInfo, register
 from .watermarks import TimestampKind
 
 UTC = dt.timezone.utc
@@ -44,6 +46,14 @@ class SQLiteDialect(EngineDialect):
                 return [("a writer holding the database lock", None)]
             # read-only file: nobody else can write through it either
         return []
+
+    def estimate_rows(self, conn: sa.Connection, source: Source, info: TableInfo, lo: Any, hi: Any) -> float | None:
+        """SQLite keeps no row statistics: a count, read from the watermark's index for a range
+        (a local file: a few milliseconds per hundred thousand rows); unknown for a range of a
+        table without one (that count would scan the table)."""
+        if (lo is not None or hi is not None) and not info.watermark_indexed:
+            return None
+        return float(conn.execute(sa.select(sa.func.count()).select_from(source.select_rows(info, lo, hi).subquery())).scalar())
 
     def bind_timestamp(self, kind: TimestampKind, value: dt.datetime):
         text = sqlite_text(kind.to_column_value(value)) if not kind.timezone_aware else value.astimezone(UTC).isoformat()

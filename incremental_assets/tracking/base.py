@@ -23,6 +23,11 @@ Net changes are one row per key, the operation relative to ``last``: insert + up
 update + delete is D, insert + delete is D (the key was seen in between by nobody, but a D is
 harmless and is what SQL Server reports), delete + re-insert is U. The key comes from the change
 table (so deletes keep it); the other columns are joined from the current table (NULL for D).
+
+This module holds the tracker interface every engine implements, its registry and the public API
+over them, with what the installed engines share (the metadata table, the change table's column
+and object names). What a read returns and how it is decided and streamed is in ``changes.py``;
+the logic of the installed engines in ``installed.py``. Both are importable from here too.
 """
 
 from __future__ import annotations
@@ -30,56 +35,38 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import json
-import logging
-import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from ..sources.base import Source, SourceError, TableInfo, TableRef, scrub
-from ..sources.types import column_converter, rows_to_batch
-
-log = logging.getLogger("incremental_assets")
-
-SYS_CHANGE_VERSION = "SYS_CHANGE_VERSION"
-SYS_CHANGE_OPERATION = "SYS_CHANGE_OPERATION"
-OPERATIONS = ("I", "U", "D")
+from ..sources.base import Source, TableInfo, TableRef
+from .changes import (  # noqa: F401  (moved there, still importable from here)
+    ENABLE_COMMAND,
+    OPERATIONS,
+    SYS_CHANGE_OPERATION,
+    SYS_CHANGE_VERSION,
+    ChangeSet,
+    ChangeTrackingError,
+    change_schema,
+    check_columns,
+    db_error,
+    decide,
+    not_enabled,
+    open_change_set,
+    result_columns,
+    select_full,
+    stream,
+)
 
 #: the metadata table installed next to tracked tables (one row per tracked table)
 META_TABLE = "ia_change_tracking"
 #: columns of a change table besides the key columns
 VERSION, SEQUENCE, OPERATION, TIME = "__ct_version", "__ct_seq", "__ct_op", "__ct_time"
-ENABLE_COMMAND = "incremental-assets enable-change-tracking --table {table}"
-
-
-class ChangeTrackingError(SourceError):
-    """Change tracking is missing, misconfigured or cannot serve a read; the message names the table."""
-
-
-# -- results ---------------------------------------------------------------------------------
-@dataclass
-class ChangeSet:
-    """One read of a tracked table, all in one snapshot; ``batches`` stream while the read is open."""
-
-    previous_version: int | None
-    new_version: int
-    min_valid_version: int
-    reinitialized: bool
-    reason: str
-    schema: pa.Schema
-    batches: Iterator[pa.RecordBatch]
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OPERATIONS, 0))
-
-    @property
-    def rows(self) -> int:
-        return sum(self.counts.values())
 
 
 @dataclass
@@ -96,10 +83,6 @@ class Tracked:
     min_valid_version: int
     retention: dt.timedelta | None
     identity: str | None
-
-
-def change_schema(table_schema: pa.Schema) -> pa.Schema:
-    return table_schema.append(pa.field(SYS_CHANGE_VERSION, pa.int64())).append(pa.field(SYS_CHANGE_OPERATION, pa.string()))
 
 
 def derived_name(base: str, suffix: str, limit: int) -> str:
@@ -181,471 +164,6 @@ def tracker_for(source: Source) -> Tracker:
         return _TRACKERS[backend]()
     except KeyError:
         raise ChangeTrackingError(f"source {source.name!r}: change tracking is not available for {backend!r}") from None
-
-
-# -- shared helpers ---------------------------------------------------------------------------
-def not_enabled(source: Source, ref: TableRef, detail: str = "") -> ChangeTrackingError:
-    return ChangeTrackingError(
-        f"change tracking is not enabled on table {str(ref)!r} in source {source.name!r}{detail}; "
-        f"enable it with: {ENABLE_COMMAND.format(table=str(ref))}"
-    )
-
-
-def db_error(source: Source, ref: TableRef | str, action: str, exc: BaseException) -> ChangeTrackingError:
-    orig = getattr(exc, "orig", None) or exc
-    return ChangeTrackingError(
-        f"{action} table {str(ref)!r} in source {source.name!r} failed: {scrub(str(orig), source.url).strip()}"
-    )
-
-
-def decide(last: int | None, current: int, min_valid: int, on_expired: str, source: Source, ref: TableRef) -> tuple[bool, str]:
-    """Whether a read is a full copy, and why (Microsoft's recipe, plus a version from elsewhere)."""
-    if last is None:
-        return True, "first run"
-    if last < min_valid:
-        reason = f"last synced version {last} is below the minimum valid version {min_valid}"
-    elif last > current:
-        reason = f"last synced version {last} is ahead of the current version {current} (change tracking was reset?)"
-    else:
-        return False, ""
-    if on_expired == "fail":
-        raise ChangeTrackingError(
-            f"table {str(ref)!r} in source {source.name!r}: {reason}; the changes since then are gone: "
-            "re-initialise with a full copy (on_expired='reinitialize')"
-        )
-    log.warning("table %r in source %r: %s; re-initialising with a full copy", str(ref), source.name, reason)
-    return True, reason
-
-
-def result_columns(source: Source, info: TableInfo, keys: Sequence[str], key_source: Any | None) -> list:
-    """The table's selected columns, keys taken from ``key_source`` (the change table) when given."""
-    cols = []
-    for name in info.columns:
-        column = key_source.c[name] if (key_source is not None and name in keys) else info.table.c[name]
-        cols.append(source.dialect.result_column(column).label(name))
-    return cols
-
-
-def select_full(source: Source, info: TableInfo, new_version: int) -> sa.Select:
-    return sa.select(
-        *result_columns(source, info, info.primary_key, None),
-        sa.literal(new_version, sa.BigInteger).label(SYS_CHANGE_VERSION),
-        sa.literal("I", sa.String(1)).label(SYS_CHANGE_OPERATION),
-    ).select_from(info.table)
-
-
-def stream(conn: sa.Connection, select: sa.Select, schema: pa.Schema, batch_size: int, counts: dict[str, int]) -> Generator[pa.RecordBatch, None, None]:
-    """Stream a SELECT on an open (snapshot) connection as Arrow batches, counting operations."""
-    converters = [column_converter(f.type) for f in schema]
-    result = conn.execute(select, execution_options={"stream_results": True, "max_row_buffer": batch_size})
-    try:
-        for rows in result.partitions(batch_size):
-            batch = rows_to_batch(rows, schema, converters)
-            for entry in pc.value_counts(batch.column(SYS_CHANGE_OPERATION)).to_pylist():
-                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
-            yield batch
-    finally:
-        result.close()
-
-
-@contextmanager
-def open_change_set(
-    conn: sa.Connection, source: Source, ref: TableRef, info: TableInfo, *, last: int | None, current: int,
-    min_valid: int, on_expired: str, batch_size: int, changes: Callable[[], sa.Select],
-) -> Iterator[ChangeSet]:
-    """The full copy or the net changes, decided and streamed inside the caller's snapshot."""
-    full, reason = decide(last, current, min_valid, on_expired, source, ref)
-    select = select_full(source, info, current) if full else changes()
-    change_set = ChangeSet(
-        previous_version=last,
-        new_version=current,
-        min_valid_version=min_valid,
-        reinitialized=full,
-        reason=reason,
-        schema=change_schema(info.schema),
-        batches=iter(()),
-    )
-    batches = stream(conn, select, change_set.schema, batch_size, change_set.counts)
-    change_set.batches = _wrapped(batches, source, ref)
-    try:
-        yield change_set
-    finally:
-        batches.close()
-
-
-def check_columns(source: Source, info: TableInfo, keys: Sequence[str]) -> None:
-    clash = [c for c in info.columns if c.upper() in (SYS_CHANGE_VERSION, SYS_CHANGE_OPERATION)]
-    if clash:
-        raise ChangeTrackingError(f"table {str(info.ref)!r} in source {source.name!r} has column(s) {clash}, reserved for change tracking")
-
-
-# -- installed change tracking (triggers + change table) ----------------------------------------
-class InstalledTracker(Tracker):
-    """Shared logic of the engines where change tracking is installed; the engine modules supply
-    the SQL that differs (triggers, snapshots, the current version)."""
-
-    @staticmethod
-    def clock_version() -> int:
-        """Microseconds since the epoch: a counter started there stays above every version an
-        earlier, forgotten counter of the same table reached (unless it counted faster than 1/µs),
-        so a reader's old version is never mistaken for a valid one."""
-        return time.time_ns() // 1000
-
-    #: the change table has a separate per-change sequence (else the version orders changes)
-    separate_sequence = False
-
-    # hooks ------------------------------------------------------------------------------------
-    def resolve_schema(self, conn: sa.Connection, ref: TableRef) -> str | None:
-        """The schema the table lives in (where the change and metadata tables go)."""
-        return ref.schema
-
-    def begin(self, conn: sa.Connection) -> None:
-        """Start the transaction in which enable/disable install or remove everything."""
-
-    def trigger_statements(self, conn: sa.Connection, tracked: Tracked, table: str, names: dict[str, str]) -> dict[str, str]:
-        """CREATE TRIGGER statements by event (insert, update, delete), for engines with row triggers."""
-        raise NotImplementedError
-
-    def install(self, conn: sa.Connection, tracked: Tracked, info: TableInfo, names: dict[str, str]) -> None:
-        """Create the triggers (and whatever else the engine needs) for ``tracked``."""
-        for event, statement in self.trigger_statements(conn, tracked, info.ref.name, names).items():
-            ddl(conn, f"DROP TRIGGER IF EXISTS {qualified(conn, tracked.schema, names[event])}")
-            ddl(conn, statement)
-
-    def uninstall(self, conn: sa.Connection, tracked: Tracked, names: dict[str, str], table_exists: bool) -> None:
-        for event in ("insert", "update", "delete"):
-            ddl(conn, f"DROP TRIGGER IF EXISTS {qualified(conn, tracked.schema, names[event])}")
-
-    def installed(self, conn: sa.Connection, tracked: Tracked, names: dict[str, str]) -> list[str]:
-        """Problems with the installed triggers (missing, disabled); empty when all is well."""
-        raise NotImplementedError
-
-    def restart_versions(self, conn: sa.Connection, meta: sa.Table, tracked: Tracked) -> None:
-        """Make every version given out so far invalid (a (re-)enable, a detected truncation)."""
-        raise NotImplementedError
-
-    def before_snapshot(self, source: Source, conn: sa.Connection, meta: sa.Table, tracked: Tracked) -> None:
-        """Engine checks done before the read's snapshot (e.g. detecting a TRUNCATE)."""
-
-    def begin_snapshot(self, conn: sa.Connection, info: TableInfo, ct: sa.Table) -> None:
-        raise NotImplementedError
-
-    def versions(self, conn: sa.Connection, meta: sa.Table, tracked: Tracked) -> tuple[int, int]:
-        """(current version, min valid version) read in the snapshot."""
-        raise NotImplementedError
-
-    def end_snapshot(self, conn: sa.Connection) -> None:
-        conn.rollback()
-
-    def identity(self, conn: sa.Connection, schema: str | None, table: str) -> str | None:
-        """Something that changes when the table is truncated, where TRUNCATE fires no trigger."""
-        return None
-
-    def now_epoch(self) -> sa.ColumnElement:
-        """The database clock in seconds since the epoch (for retention)."""
-        raise NotImplementedError
-
-    def cleanup_horizon(self, conn: sa.Connection) -> int | None:
-        """The highest version cleanup may delete (every change at or below it is finished)."""
-        return None
-
-    def first_version(self) -> int:
-        """Where a new metadata row's counter starts (engines that count)."""
-        return 0
-
-    def identifier_limit(self, conn: sa.Connection) -> int:
-        return int(getattr(conn.dialect, "max_identifier_length", 63) or 63)
-
-    # shared ------------------------------------------------------------------------------------
-    def names(self, conn: sa.Connection, table: str) -> dict[str, str]:
-        limit = min(self.identifier_limit(conn), 63)
-        return {
-            "change_table": derived_name(table, "__ct", limit),
-            "index": derived_name(table, "__ct_v", limit),
-            "function": derived_name(table, "__ct_fn", limit),
-            "insert": derived_name(table, "__ct_i", limit),
-            "update": derived_name(table, "__ct_u", limit),
-            "delete": derived_name(table, "__ct_d", limit),
-            "truncate": derived_name(table, "__ct_t", limit),
-        }
-
-    def change_table(self, info: TableInfo, schema: str | None, name: str, keys: Sequence[str]) -> sa.Table:
-        columns = [sa.Column(k, info.table.c[k].type, nullable=False) for k in keys]
-        if self.separate_sequence:
-            columns.append(sa.Column(SEQUENCE, sa.BigInteger, primary_key=True, autoincrement=True))
-            columns.append(sa.Column(VERSION, sa.BigInteger, nullable=False, index=False))
-        else:
-            columns.append(sa.Column(VERSION, sa.BigInteger, primary_key=True, autoincrement=False))
-        columns.append(sa.Column(OPERATION, sa.String(1), nullable=False))
-        columns.append(sa.Column(TIME, sa.Float(53), nullable=False))
-        sa_schema = None if schema is None else TableRef(schema, name).sa_schema
-        return sa.Table(name, sa.MetaData(), *columns, schema=sa_schema, **self.change_table_options(info))
-
-    def change_table_options(self, info: TableInfo) -> dict[str, Any]:
-        """Table options the change table copies from the tracked table (so keys compare alike)."""
-        return {}
-
-    def sequence_column(self) -> str:
-        return SEQUENCE if self.separate_sequence else VERSION
-
-    def load(self, conn: sa.Connection, meta: sa.Table, table: str) -> Tracked | None:
-        if not sa.inspect(conn).has_table(META_TABLE, schema=meta.schema):
-            return None
-        row = conn.execute(sa.select(meta).where(meta.c.table_name == table)).mappings().first()
-        if row is None:
-            return None
-        return Tracked(
-            id=int(row["id"]),
-            schema=meta.schema,
-            table=table,
-            change_table=row["change_table"],
-            primary_key=json.loads(row["primary_key"]),
-            enabled=bool(row["enabled"]),
-            current_version=int(row["current_version"]),
-            min_valid_version=int(row["min_valid_version"]),
-            retention=None if row["retention_seconds"] is None else dt.timedelta(seconds=int(row["retention_seconds"])),
-            identity=row["table_identity"],
-        )
-
-    def _located(self, conn: sa.Connection, ref: TableRef) -> tuple[str | None, sa.Table]:
-        schema = self.resolve_schema(conn, ref)
-        return schema, meta_table(schema)
-
-    def enable(self, source: Source, info: TableInfo, *, retention: dt.timedelta | None) -> str:
-        ref, keys = info.ref, info.primary_key
-        check_columns(source, info, keys)
-        try:
-            with source.connect() as conn:
-                self.begin(conn)
-                schema, meta = self._located(conn, ref)
-                names = self.names(conn, ref.name)
-                meta.create(conn, checkfirst=True)
-                tracked = self.load(conn, meta, ref.name)
-                if tracked is not None and tracked.enabled:
-                    if tracked.primary_key != keys:
-                        raise ChangeTrackingError(
-                            f"change tracking on table {str(ref)!r} in source {source.name!r} is keyed by "
-                            f"{tracked.primary_key}, not {keys}: disable it first to change the key"
-                        )
-                    problems = self.installed(conn, tracked, names)
-                    if not problems:
-                        if retention is not None and retention != tracked.retention:
-                            conn.execute(meta.update().where(meta.c.id == tracked.id).values(retention_seconds=int(retention.total_seconds())))
-                            conn.commit()
-                            return f"change tracking on {str(ref)!r} was already enabled; retention set to {retention}"
-                        conn.commit()
-                        return f"change tracking on {str(ref)!r} was already enabled (change table {tracked.change_table!r})"
-                    log.warning("table %r: %s; re-installing, every earlier version becomes invalid", str(ref), "; ".join(problems))
-                ct = self.change_table(info, schema, names["change_table"], keys)
-                if tracked is None or not tracked.enabled:
-                    if sa.inspect(conn).has_table(names["change_table"], schema=meta.schema):
-                        raise ChangeTrackingError(
-                            f"cannot enable change tracking on table {str(ref)!r} in source {source.name!r}: "
-                            f"a table named {names['change_table']!r} already exists"
-                        )
-                values = dict(
-                    change_table=names["change_table"],
-                    primary_key=json.dumps(keys),
-                    enabled=1,
-                    retention_seconds=None if retention is None else int(retention.total_seconds()),
-                    table_identity=self.identity(conn, schema, ref.name),
-                )
-                if tracked is None:
-                    start = self.first_version()
-                    conn.execute(meta.insert().values(table_name=ref.name, current_version=start, min_valid_version=start, **values))
-                else:
-                    if retention is None:
-                        values.pop("retention_seconds")
-                    conn.execute(meta.update().where(meta.c.id == tracked.id).values(**values))
-                tracked = self.load(conn, meta, ref.name)
-                ct.create(conn, checkfirst=True)
-                if self.separate_sequence:
-                    sa.Index(names["index"], ct.c[VERSION]).create(conn, checkfirst=True)
-                self.install(conn, tracked, info, names)
-                # changes made before the triggers existed were not recorded: no older version is valid
-                self.restart_versions(conn, meta, tracked)
-                conn.commit()
-        except SourceError:
-            raise
-        except sa.exc.DBAPIError as exc:
-            raise db_error(source, ref, "enabling change tracking on", exc) from None
-        return (
-            f"change tracking enabled on {str(ref)!r} in source {source.name!r}: key {keys}, change table "
-            f"{names['change_table']!r}, triggers {names['insert']!r}, {names['update']!r}, {names['delete']!r}"
-            + (f", retention {retention}" if retention else "")
-        )
-
-    def disable(self, source: Source, ref: TableRef, *, forget: bool) -> str:
-        try:
-            with source.connect() as conn:
-                self.begin(conn)
-                schema, meta = self._located(conn, ref)
-                names = self.names(conn, ref.name)
-                tracked = self.load(conn, meta, ref.name)
-                if tracked is None:
-                    conn.rollback()
-                    return f"change tracking was not enabled on {str(ref)!r}"
-                table_exists = sa.inspect(conn).has_table(ref.name, schema=meta.schema)
-                self.uninstall(conn, tracked, names, table_exists)
-                ct = sa.Table(tracked.change_table, sa.MetaData(), schema=meta.schema)
-                ct.drop(conn, checkfirst=True)
-                if forget:
-                    conn.execute(meta.delete().where(meta.c.id == tracked.id))
-                    if conn.execute(sa.select(sa.func.count()).select_from(meta)).scalar() == 0:
-                        meta.drop(conn)
-                else:
-                    # the row stays (disabled) so a later enable continues the versions instead of reusing them
-                    conn.execute(meta.update().where(meta.c.id == tracked.id).values(enabled=0))
-                conn.commit()
-        except sa.exc.DBAPIError as exc:
-            raise db_error(source, ref, "disabling change tracking on", exc) from None
-        was = "was already disabled; " if not tracked.enabled else ""
-        return f"change tracking on {str(ref)!r} {was}removed: triggers and change table {tracked.change_table!r} dropped"
-
-    def status(self, source: Source, ref: TableRef) -> dict[str, Any]:
-        try:
-            with source.connect() as conn:
-                schema, meta = self._located(conn, ref)
-                names = self.names(conn, ref.name)
-                tracked = self.load(conn, meta, ref.name)
-                status: dict[str, Any] = {
-                    "table": str(ref), "native": False, "enabled": False, "current_version": None,
-                    "min_valid_version": None, "retention": None,
-                }
-                if tracked is None:
-                    return status
-                problems = self.installed(conn, tracked, names) if tracked.enabled else []
-                self.begin_status(conn)
-                current, min_valid = self.versions(conn, meta, tracked)
-                conn.rollback()
-        except sa.exc.DBAPIError as exc:
-            raise db_error(source, ref, "reading the change tracking status of", exc) from None
-        status.update(
-            enabled=tracked.enabled and not problems,
-            change_table=tracked.change_table,
-            primary_key=tracked.primary_key,
-            current_version=current,
-            min_valid_version=min_valid,
-            retention=tracked.retention,
-            problems=problems,
-        )
-        return status
-
-    def begin_status(self, conn: sa.Connection) -> None:
-        conn.rollback()
-
-    def cleanup(self, source: Source, ref: TableRef, *, retention: dt.timedelta | None) -> str:
-        try:
-            with source.connect() as conn:
-                self.begin(conn)
-                schema, meta = self._located(conn, ref)
-                tracked = self.load(conn, meta, ref.name)
-                if tracked is None or not tracked.enabled:
-                    raise not_enabled(source, ref)
-                keep = retention if retention is not None else tracked.retention
-                if keep is None:
-                    conn.rollback()
-                    return f"table {str(ref)!r}: no retention configured, nothing cleaned up"
-                ct = sa.Table(tracked.change_table, sa.MetaData(), sa.Column(VERSION, sa.BigInteger), sa.Column(TIME, sa.Float(53)), schema=meta.schema)
-                cutoff = self.now_epoch() - keep.total_seconds()
-                query = sa.select(sa.func.max(ct.c[VERSION])).where(ct.c[TIME] < cutoff)
-                horizon = self.cleanup_horizon(conn)
-                if horizon is not None:
-                    query = query.where(ct.c[VERSION] <= horizon)
-                top = conn.execute(query).scalar()
-                if top is None:
-                    conn.rollback()
-                    return f"table {str(ref)!r}: no change older than {keep}"
-                deleted = conn.execute(ct.delete().where(ct.c[VERSION] <= top)).rowcount
-                conn.execute(
-                    meta.update()
-                    .where(meta.c.id == tracked.id, meta.c.min_valid_version < top)
-                    .values(min_valid_version=int(top))
-                )
-                conn.commit()
-        except SourceError:
-            raise
-        except sa.exc.DBAPIError as exc:
-            raise db_error(source, ref, "cleaning up the change table of", exc) from None
-        return f"table {str(ref)!r}: deleted {deleted} change(s) up to version {top}; minimum valid version is now {max(top, tracked.min_valid_version)}"
-
-    @contextmanager
-    def read(self, source: Source, info: TableInfo, last: int | None, *, on_expired: str, batch_size: int) -> Iterator[ChangeSet]:
-        ref, keys = info.ref, info.primary_key
-        with source.connect() as conn:
-            try:
-                schema, meta = self._located(conn, ref)
-                tracked = self.load(conn, meta, ref.name)
-                if tracked is None or not tracked.enabled:
-                    raise not_enabled(source, ref)
-                if tracked.primary_key != keys:
-                    raise ChangeTrackingError(
-                        f"change tracking on table {str(ref)!r} in source {source.name!r} is keyed by {tracked.primary_key}, "
-                        f"not {keys}: configure that primary key, or disable and enable it again with {keys}"
-                    )
-                problems = self.installed(conn, tracked, self.names(conn, ref.name))
-                if problems:
-                    raise not_enabled(source, ref, f" ({'; '.join(problems)}: changes may have been missed)")
-                self.before_snapshot(source, conn, meta, tracked)
-                conn.commit()
-                ct = self.change_table(info, schema, tracked.change_table, keys)
-                self.begin_snapshot(conn, info, ct)
-                current, min_valid = self.versions(conn, meta, tracked)
-            except SourceError:
-                conn.rollback()
-                raise
-            except sa.exc.DBAPIError as exc:
-                conn.rollback()
-                raise db_error(source, ref, "reading the changes of", exc) from None
-            try:
-                with open_change_set(
-                    conn, source, ref, info, last=last, current=current, min_valid=min_valid, on_expired=on_expired,
-                    batch_size=batch_size, changes=lambda: self.select_changes(source, info, ct, keys, last, current),
-                ) as changes:
-                    yield changes
-            finally:
-                self.end_snapshot(conn)
-
-    def select_changes(self, source: Source, info: TableInfo, ct: sa.Table, keys: Sequence[str], last: int, new: int) -> sa.Select:
-        """Net changes per key in ``(last, new]``, SQL Server's rules (see the module docstring).
-
-        The operation: D when the row is not in the table (in this snapshot), I when the key's
-        first change in the range is an insert, U otherwise; the version is the key's latest.
-        Deciding D from the row's presence, not from the range's last change, keeps an engine
-        whose versions may order two transactions' changes of one key differently from their
-        real order (PostgreSQL) from reporting a key deleted while it exists.
-        """
-        version, seq = ct.c[VERSION], ct.c[self.sequence_column()]
-        grouped = (
-            sa.select(
-                *[ct.c[k] for k in keys],
-                sa.func.max(version).label("ia_ct_version"),
-                sa.func.min(seq).label("ia_ct_first"),
-            )
-            .where(version > sa.bindparam("last", last, sa.BigInteger), version <= sa.bindparam("new", new, sa.BigInteger))
-            .group_by(*[ct.c[k] for k in keys])
-            .subquery("ia_ct_keys")
-        )
-        first = ct.alias("ia_ct_first_change")
-        table = info.table
-        absent = table.c[keys[0]].is_(None)
-        operation = sa.case((absent, "D"), (first.c[OPERATION] == "I", "I"), else_="U")
-        return sa.select(
-            *result_columns(source, info, keys, grouped),
-            grouped.c.ia_ct_version.label(SYS_CHANGE_VERSION),
-            operation.label(SYS_CHANGE_OPERATION),
-        ).select_from(
-            grouped.join(first, first.c[self.sequence_column()] == grouped.c.ia_ct_first).outerjoin(
-                table, sa.and_(*[table.c[k] == grouped.c[k] for k in keys])
-            )
-        )
-
-
-def _wrapped(batches: Iterator[pa.RecordBatch], source: Source, ref: TableRef) -> Iterator[pa.RecordBatch]:
-    try:
-        yield from batches
-    except sa.exc.DBAPIError as exc:
-        raise db_error(source, ref, "reading the changes of", exc) from None
 
 
 def ddl(conn: sa.Connection, sql: str) -> None:
@@ -791,3 +309,7 @@ class ChangeReader:
             raise ValueError(f"on_expired must be 'reinitialize' or 'fail', not {on_expired!r}")
         with self.tracker.read(self.source, self.info, last_version, on_expired=on_expired, batch_size=batch_size) as changes:
             yield changes
+
+
+# last: InstalledTracker subclasses Tracker, defined above (the package imports this module first)
+from .installed import InstalledTracker  # noqa: E402, F401
