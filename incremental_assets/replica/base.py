@@ -1266,9 +1266,12 @@ class Replica:
                               table, changed[0])
         for f in retyped:
             st = shape.columns[f.name]
-            if widened(st, f.type) is None or not self.dialect.alters_types:
+            if widened(st, f.type) is None:
+                raise self._error(f"has type {st} in the replica, which cannot hold the data's {f.type}: convert "
+                                  "the column, or drop the table to have it created again", table, f.name)
+            if not self.dialect.alters_types:
                 raise self._error(f"has type {st} in the replica, which cannot hold the data's {f.type}; the next "
-                                  "merge fails giving the statement that changes it", table, f.name)
+                                  "merge fails giving the statements that change it", table, f.name)
         said = [f"adds column(s) {new}"] if new else []
         said += [f"widens column(s) {[f.name for f in retyped]}"] if retyped else []
         said += [f"keeps column(s) {kept} the source no longer has"] if kept else []
