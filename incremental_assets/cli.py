@@ -59,18 +59,37 @@ def _prepare_environment(config: str | None) -> None:
     home.mkdir(parents=True, exist_ok=True)
     yaml_file = home / "dagster.yaml"
     if not yaml_file.exists():  # one copy of a table at a time: every table has a pool of its own
-        yaml_file.write_text(INSTANCE_YAML)
+        # whole or not at all: another command starting now reads it
+        temp = home / f".dagster.yaml.{os.getpid()}.tmp"
+        temp.write_text(INSTANCE_YAML)
+        os.replace(temp, yaml_file)
     # Dagster's notices on the beta and preview APIs the project uses knowingly (dg.BetaWarning,
     # dg.PreviewWarning), told by their message so that commands which do not load Dagster need not
     # import it (about 1.3 s); its deprecation warnings are shown
     warnings.filterwarnings("ignore", message=r".* is currently in (beta|preview)\b")
 
 
+#: taken while the instance is opened: the first command on a new ``DAGSTER_HOME`` creates its
+#: storage (SQLite databases and their schema version), which two commands starting at once
+#: would both do, leaving "table runs already exists" or two rows in ``alembic_version``
+INSTANCE_LOCK = ".incremental_assets.lock"
+
+
 def _instance():
-    """The instance of ``$DAGSTER_HOME``, as its dagster.yaml configures it."""
+    """The instance of ``$DAGSTER_HOME``, as its dagster.yaml configures it; opened by one
+    command at a time (see :data:`INSTANCE_LOCK`)."""
     import dagster as dg
 
-    return dg.DagsterInstance.get()
+    home = os.environ.get("DAGSTER_HOME")
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        fcntl = None
+    if fcntl is None or not home:
+        return dg.DagsterInstance.get()
+    with open(Path(home) / INSTANCE_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        return dg.DagsterInstance.get()
 
 
 class _Project:

@@ -550,7 +550,7 @@ def test_timezone_aware_versions(any_db, replica):
 # -- schema drift ---------------------------------------------------------------------------------
 
 
-def test_schema_drift_adds_new_columns_and_fails_on_dropped_ones(any_db, replica):
+def test_schema_drift_adds_new_columns_and_keeps_dropped_ones(any_db, replica):
     replica.merge("customer_table", customers(FIRST[:2]), KEY, version_column=V)
     wider = customers([(3, "Alice", ts("2017-09-03 02:36:00"))]).append_column("Age", pa.array([30], pa.int32()))
     result = replica.merge("customer_table", wider, KEY, version_column=V)
@@ -558,14 +558,102 @@ def test_schema_drift_adds_new_columns_and_fails_on_dropped_ones(any_db, replica
     assert read(any_db, "customer_table", columns=("PersonID", "Age"), kinds=(None, None)) == [(1, None), (2, None), (3, 30)]
     assert replica.ensure_table("customer_table", wider.schema, KEY, version_column=V) == []
 
-    with pytest.raises(ReplicaError, match=r"table 'customer_table', column 'Age': is in the replica table but not in the data"):
-        replica.merge("customer_table", customers(FIRST[:1]), KEY, version_column=V)
+    # data without Age (landed before it was added, or dropped at the source): merged, Age kept
+    # as stored for updated rows, NULL for new ones
+    older = customers([(3, "Alice B.", ts("2017-09-04 00:00:00")), (4, "Andy", ts("2017-09-04 03:21:00"))])
+    result = replica.merge("customer_table", older, KEY, version_column=V)
+    assert (result.inserted, result.updated, result.kept_columns) == (1, 1, ["Age"])
+    assert read(any_db, "customer_table", columns=("PersonID", "Name", "Age"), kinds=(None, None, None)) == [
+        (1, "John", None), (2, "Mike", None), (3, "Alice B.", 30), (4, "Andy", None)]
+
     even_wider = wider.append_column("City", pa.array(["Oslo"]))
     with pytest.raises(ReplicaError, match=r"column 'City'.*new column.*'fail'"):
         replica.ensure_table("customer_table", even_wider.schema, KEY, version_column=V, on_schema_change="fail")
+    with pytest.raises(ReplicaError, match=r"column 'Age'.*lacks column\(s\) \['Age'\].*'fail'"):
+        replica.ensure_table("customer_table", older.schema, KEY, version_column=V, on_schema_change="fail")
     retyped = wider.set_column(3, "Age", pa.array(["thirty"]))
     with pytest.raises(ReplicaError, match=r"table 'customer_table', column 'Age': has type .* cannot hold"):
         replica.merge("customer_table", retyped, KEY, version_column=V)
+
+
+def test_widened_source_types_widen_the_replica_or_name_the_statement(any_db, replica):
+    """int -> bigint (in the key too), numeric(10,2) -> numeric(12,4), real -> double: PostgreSQL
+    and MariaDB change the column in place; SQLite names the statements to run."""
+    import decimal
+
+    def rows(ids, amounts, ratios, int_type, dec_type, float_type):
+        return pa.table({"id": pa.array(ids, int_type), "amount": pa.array([decimal.Decimal(a) for a in amounts], dec_type),
+                         "ratio": pa.array(ratios, float_type),
+                         V: pa.array([dt.datetime(2024, 1, i) for i in ids], pa.timestamp("us"))})
+
+    replica.merge("w", rows([1], ["12345678.12"], [0.5], pa.int32(), pa.decimal128(10, 2), pa.float32()), ["id"], version_column=V)
+    big = rows([2], ["12345678.1234"], [1 / 3], pa.int64(), pa.decimal128(12, 4), pa.float64())
+    big = big.set_column(0, "id", pa.array([5_000_000_000], pa.int64()))
+    if any_db.engine.dialect.name == "sqlite":
+        # SQLite's INTEGER holds 64 bits already; its decimals are text, declared with their digits
+        with pytest.raises(ReplicaError, match=r"column 'amount': has type DECIMAL_TEXT\(10,2\).*by running: "
+                           r'ALTER TABLE "w" RENAME COLUMN "amount" TO "amount__old"; ALTER TABLE "w" ADD COLUMN "amount" '
+                           r'DECIMAL_TEXT\(12,4\); UPDATE "w" SET "amount" = "amount__old"; ALTER TABLE "w" DROP COLUMN "amount__old"'):
+            replica.merge("w", big, ["id"], version_column=V)
+        with any_db.engine.begin() as conn:  # the statements given, as the user runs them
+            for statement in ('ALTER TABLE "w" RENAME COLUMN "amount" TO "amount__old"',
+                              'ALTER TABLE "w" ADD COLUMN "amount" DECIMAL_TEXT(12,4)',
+                              'UPDATE "w" SET "amount" = "amount__old"', 'ALTER TABLE "w" DROP COLUMN "amount__old"'):
+                conn.exec_driver_sql(statement)
+    result = replica.merge("w", big, ["id"], version_column=V)
+    assert result.inserted == 1
+    if any_db.engine.dialect.name != "sqlite":
+        assert set(result.widened_columns) == {"id", "amount", "ratio"}
+    got = read(any_db, "w", columns=("id", "amount", "ratio"), kinds=(None, "decimal", None))
+    assert [(i, str(a)) for i, a, _ in got] == [(1, "12345678.12"), (5_000_000_000, "12345678.1234")]
+    assert abs(got[1][2] - 1 / 3) < 1e-15  # a double, not a real
+    # the tombstone table's key was widened with the table's
+    assert replica.merge("w", big, ["id"], version_column=V).unchanged == 1
+    assert replica.adapt_table("w", big.schema, ["id"], version_column=V).widened == {}
+
+
+def test_wall_clock_timestamps_becoming_instants(any_db, replica):
+    """timestamp -> timestamptz at the source: PostgreSQL converts a column holding no value, and
+    for one holding values gives the statement to run (their zone is the user's to say); once run,
+    the merge goes on. The other engines' timestamp columns hold UTC instants already."""
+    def rows(ids, tz, with_value):
+        when = [dt.datetime(2024, 1, i, tzinfo=UTC if tz else None) for i in ids]
+        return pa.table({"id": pa.array(ids, pa.int64()), V: pa.array(when, pa.timestamp("us", tz=tz)),
+                         "seen": pa.array([w if with_value else None for w in when], pa.timestamp("us", tz=tz))})
+
+    replica.merge("z", rows([1], None, False), ["id"], version_column=V)
+    instants = rows([2], None, False).set_column(2, "seen", pa.array([None], pa.timestamp("us", tz="UTC")))
+    engine = any_db.engine.dialect.name
+    if engine == "mysql":  # DATETIME(6) holds UTC instants already
+        assert replica.merge("z", rows([3], "UTC", True), ["id"], version_column=V).inserted == 1
+        return
+    if engine == "postgresql":  # a column holding no value yet: converted
+        assert list(replica.merge("z", instants, ["id"], version_column=V).widened_columns) == ["seen"]
+        statement = "; ".join(
+            f'ALTER TABLE "{t}" ALTER COLUMN "{V}" TYPE timestamp with time zone USING "{V}" AT TIME ZONE \'UTC\''
+            for t in ("z", "z__deleted"))
+    else:
+        with pytest.raises(ReplicaError, match=r"column 'seen'.*change it by running") as caught:
+            replica.merge("z", instants, ["id"], version_column=V)
+        with any_db.engine.begin() as conn:  # SQLite changes no type in place: the statements given
+            for one in str(caught.value).split("change it by running: ")[1].split("; "):
+                conn.exec_driver_sql(one)
+        assert replica.merge("z", instants, ["id"], version_column=V).inserted == 1
+        statement = "; ".join(
+            f'ALTER TABLE "{t}" RENAME COLUMN "{V}" TO "{V}__old"; ALTER TABLE "{t}" ADD COLUMN "{V}" TIMESTAMPTZ; '
+            f'UPDATE "{t}" SET "{V}" = "{V}__old" || \'+00:00\'; ALTER TABLE "{t}" DROP COLUMN "{V}__old"'
+            for t in ("z", "z__deleted"))
+    # the version column holds values: the statements to run, for the table and its tombstones
+    with pytest.raises(ReplicaError, match=rf"column '{V}': has type .*reads them as UTC.*change it by running") as caught:
+        replica.merge("z", rows([3], "UTC", True), ["id"], version_column=V)
+    assert str(caught.value).endswith(statement)
+    with any_db.engine.begin() as conn:
+        for one in statement.split("; "):
+            conn.exec_driver_sql(one)
+    assert replica.merge("z", rows([3], "UTC", True), ["id"], version_column=V).inserted == 1
+    assert read(any_db, "z", columns=("id", V), kinds=(None, "timestamp")) == [
+        (1, canonical(dt.datetime(2024, 1, 1, tzinfo=UTC), "timestamp")), (2, canonical(dt.datetime(2024, 1, 2, tzinfo=UTC), "timestamp")),
+        (3, canonical(dt.datetime(2024, 1, 3, tzinfo=UTC), "timestamp"))]
 
 
 def test_existing_table_without_the_key_as_primary_key_fails(any_db, replica):

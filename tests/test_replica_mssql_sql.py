@@ -174,6 +174,19 @@ def test_new_columns_and_the_soft_delete_flag_are_added_nullable_or_defaulted():
     )
 
 
+def test_a_widened_column_is_changed_by_a_statement_the_merge_gives():
+    """SQL Server's ALTER COLUMN must restate nullability; the merge does not run it (a key
+    column's constraint must be dropped around it) but gives it to run."""
+    dialect = MSSQLReplica()
+    assert not dialect.alters_types
+    assert dialect.alter_type_sql("[dbo].[t]", "[amount]", "DECIMAL(12,4)", not_null=False) == (
+        "ALTER TABLE [dbo].[t] ALTER COLUMN [amount] DECIMAL(12,4) NULL"
+    )
+    assert dialect.alter_type_sql("[dbo].[t]", "[id]", "BIGINT", not_null=True) == (
+        "ALTER TABLE [dbo].[t] ALTER COLUMN [id] BIGINT NOT NULL"
+    )
+
+
 def test_values_are_sent_as_text_the_server_converts_exactly():
     dialect = MSSQLReplica()
     at = pa.chunked_array([pa.array([dt.datetime(2024, 1, 31, 10, 0, 0, 123456, tzinfo=UTC), None], pa.timestamp("us", tz="UTC"))])

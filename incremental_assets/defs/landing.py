@@ -32,6 +32,7 @@ from ..sources import (
     Horizon, IntegerKind, Source, SourceError, SourceUnavailable, TableInfo, TimestampKind, WatermarkKind,
 )
 from ..state import NEW, OPEN, PREVIOUS, WatermarkState, next_frontier
+from .schema import columns_metadata
 from .metadata import (
     PARTITION_ROW_COUNT, progress_metadata, record_empty_windows, table_metadata, version_lag, window_row_counts,
 )
@@ -449,7 +450,8 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             context.log.warning(f"{tc.name}: {note}")
         nulls = check_null_watermarks(source, info, tc.null_watermark, tc.name)
         refresh = _is_refresh(context, config)
-        recorded = recorded_state(context.instance, table.key, kind)
+        previous = latest_metadata(context.instance, table.key)
+        recorded = WatermarkState.from_metadata(previous, kind)
         frontier = recorded.frontier
         t0 = time.perf_counter()
         horizon = source.safe_horizon(info, lag=tc.lag)
@@ -490,6 +492,7 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             "copy_seconds": dg.MetadataValue.float(round(copy_seconds, 3)),
             "horizon_seconds": dg.MetadataValue.float(round(horizon_seconds, 3)),
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
+            **columns_metadata(context, tc.name, info.schema, previous),
         }
         if len(files) > MAX_FILES_SHOWN:
             metadata["files_truncated"] = True
@@ -556,7 +559,8 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             f"{tc.name}: change tracking cannot re-read past window(s) {past[:3]}: it serves the changes since a "
             f"version up to now. Backfill the current window ({current}) to re-initialise with a full copy"
         )
-    recorded = recorded_state(context.instance, table.key, kind)
+    previous = latest_metadata(context.instance, table.key)
+    recorded = WatermarkState.from_metadata(previous, kind)
     last = None if refresh else recorded.frontier
     reader = ChangeReader(source, tc.table, primary_key=tc.primary_key or None, columns=tc.columns)
     progress = Progress(tc.name, [log_progress(context)])
@@ -606,6 +610,7 @@ def _materialize_changes(context: dg.AssetExecutionContext, table: LandingTable,
             "files": dg.MetadataValue.json([f.uri for f in files][:MAX_FILES_SHOWN]),
             "landing": store.describe(),
             "total_seconds": dg.MetadataValue.float(round(time.perf_counter() - started, 3)),
+            **columns_metadata(context, tc.name, changes.schema, previous),
         }
     )
 

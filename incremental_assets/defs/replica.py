@@ -22,8 +22,9 @@ from ..progress import CHECKING, MERGING, Progress
 from ..replica import ReplicaError, ReplicaUnavailable
 from ..sources import SourceError, SourceUnavailable
 from .landing import FULL_SUFFIX, LandingTable, latest_metadata, log_progress
+from .schema import column_schema
 from .liveness import record_process
-from .metadata import ROW_COUNT, table_metadata
+from .metadata import COLUMN_SCHEMA, ROW_COUNT, table_metadata
 
 #: metadata of each window's replica materialization: ``{file name: version token}`` of the
 #: window's files it holds merged, and the storage id of the window's latest landing
@@ -35,6 +36,8 @@ MERGED_FILES = "merged_files"
 MERGED_BASE = "merged_files_base"
 LANDING_EVENT = "landing_storage_id"
 FILES_SINCE_BASE = 64
+#: the replica table's columns that the source no longer has (dropped or renamed there): kept
+NOT_IN_SOURCE = "columns_not_in_source"
 #: metadata of every replica materialization: the storage id up to which every landing
 #: materialization of the table (all windows) is known merged once this merge is done. The
 #: source's sensor and ``sync`` read it, with the landing's latest, from the asset records of all
@@ -129,12 +132,22 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
             from ..tracking.base import change_schema
 
             version, operation, schema = SYS_CHANGE_VERSION, SYS_CHANGE_OPERATION, change_schema(info.schema)
-        added = replica.ensure_table(
+        changes = replica.adapt_table(
             table.target, schema, key, version_column=version, on_schema_change=table.on_schema_change,
             operation_column=operation,
         )
+        added, widened = changes.added, dict(changes.widened)
         if added:
             context.log.warning(f"replica table {table.target!r}: added column(s) {added} (schema drift)")
+        if widened:
+            context.log.warning(f"replica table {table.target!r}: widened column(s) "
+                                + ", ".join(f"{c} ({w})" for c, w in widened.items()) + " (schema drift)")
+        previous = latest_metadata(context.instance, table.key) or {}
+        if changes.kept and changes.kept != previous.get(NOT_IN_SOURCE):
+            context.log.warning(
+                f"replica table {table.target!r}: column(s) {changes.kept} are no longer in the source (dropped or "
+                "renamed there): kept in the replica, NULL in new rows, as they were in rows merged before"
+            )
         keys = list(context.partition_keys)
         # the landing events first, then the files: a window landed meanwhile stays pending
         landed = landing_events(context.instance, table, keys)
@@ -155,6 +168,7 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                                            soft_delete=table.soft_delete, on_schema_change=table.on_schema_change)
                     for name in FIGURES:
                         figures[name] += getattr(result, name)
+                    widened.update(result.widened_columns)
                     if operation and is_full_snapshot(path) and data.num_rows:
                         # rows the snapshot no longer holds were deleted at the source meanwhile
                         snapshot_version = max(data.column(version).to_pylist())
@@ -177,7 +191,6 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
                 )
         finally:
             progress.finish()  # after a failure too: its display ends
-        previous = latest_metadata(context.instance, table.key) or {}
         _, through = check_windows(context.instance, store, table, int(previous.get(MERGED_THROUGH) or 0),
                                    merged_now={p: landed.get(p, 0) for p in keys})
         context.log.info(
@@ -193,7 +206,11 @@ def build_replica_asset(table: ReplicaTable, config: ProjectConfig) -> dg.Assets
             "merge_seconds": dg.MetadataValue.float(round(time.perf_counter() - t0, 3)),
             **table_metadata(qualified, schema),
             MERGED_THROUGH: dg.MetadataValue.int(through),
+            "widened_columns": dg.MetadataValue.json(widened),
+            NOT_IN_SOURCE: dg.MetadataValue.json(changes.kept),
         }
+        if changes.columns:  # the replica table's own columns, those kept from the source's past included
+            metadata[COLUMN_SCHEMA] = dg.MetadataValue.table_schema(column_schema(changes.columns))
         try:
             check = reconcile(table, source, info, replica, key, [log_progress(context)])  # its count is the table's total
         except Exception:

@@ -448,11 +448,17 @@ def _read_csv(source: Any, schema: pa.Schema | None) -> pa.Table:
     table = pacsv.read_csv(source, parse_options=parse, convert_options=convert)
     if schema is None:
         return table
-    columns = []
-    for f in schema:
-        if f.name not in table.column_names:
-            raise ValueError(f"CSV file has no column {f.name!r} (columns: {table.column_names})")
-        col = table.column(f.name)
+    # a file landed before a column was added lacks it, one landed before a column was dropped
+    # has it: the file's own columns, those of ``schema`` with its types
+    columns, fields = [], []
+    for name in table.column_names:
+        col = table.column(name)
+        if name not in schema.names:
+            columns.append(col)
+            fields.append(pa.field(name, col.type))
+            continue
+        f = schema.field(name)
+        fields.append(f)
         t = f.type
         if _is_binary(t):
             col = pa.chunked_array(
@@ -470,4 +476,4 @@ def _read_csv(source: Any, schema: pa.Schema | None) -> pa.Table:
         elif not col.type.equals(t):
             col = col.cast(t)
         columns.append(col)
-    return pa.Table.from_arrays(columns, schema=schema)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))

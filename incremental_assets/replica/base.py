@@ -101,6 +101,23 @@ class MergeResult:
     seconds: float = 0.0
     #: columns the merge added to the replica table (schema drift, or ``_deleted`` for soft deletes)
     added_columns: list[str] = field(default_factory=list)
+    #: columns whose type the merge widened: ``{column: "old -> new"}``
+    widened_columns: dict[str, str] = field(default_factory=dict)
+    #: columns of the replica table the data lacks (dropped or renamed at the source, or added
+    #: after the data was landed): kept, and left as they are by the merge (NULL in new rows)
+    kept_columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SchemaChanges:
+    """What :meth:`Replica.adapt_table` found and did: the replica table against the data's columns."""
+
+    created: bool = False
+    added: list[str] = field(default_factory=list)
+    widened: dict[str, str] = field(default_factory=dict)
+    kept: list[str] = field(default_factory=list)
+    #: the table's columns and types afterwards, as the database shows them
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 # -- types ------------------------------------------------------------------------------------
@@ -167,6 +184,47 @@ def fits(arrow_type: pa.DataType, st: SqlType) -> bool:
     if pa.types.is_list(t):
         return f == "array" and st.item is not None and fits(t.value_type, st.item)
     return False
+
+
+def _int_bounds(bits: int, unsigned: bool) -> tuple[int, int]:
+    return (0, 2**bits - 1) if unsigned else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def _digits(bounds: tuple[int, int]) -> int:
+    return max(len(str(abs(bounds[0]))), len(str(bounds[1])))
+
+
+def _decimal(precision: int, scale: int) -> pa.DataType:
+    return pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)
+
+
+def widened(st: SqlType, arrow_type: pa.DataType) -> pa.DataType | None:
+    """The Arrow type of a column that holds exactly every value of a column of type ``st`` and
+    of ``arrow_type`` (a source column widened: int -> bigint, numeric(10,2) -> numeric(12,4)...);
+    None when there is none short of changing the kind of value (text, a time zone)."""
+    t = arrow_type
+    if st.family == "int" and pa.types.is_integer(t):
+        old = _int_bounds(st.bits or 64, st.unsigned)
+        new = _int_bounds(t.bit_width, pa.types.is_unsigned_integer(t))
+        lo, hi = min(old[0], new[0]), max(old[1], new[1])
+        for bits in (16, 32, 64):
+            if _int_bounds(bits, False)[0] <= lo and hi <= _int_bounds(bits, False)[1]:
+                return {16: pa.int16(), 32: pa.int32(), 64: pa.int64()}[bits]
+        return pa.decimal128(20, 0)
+    if st.family == "decimal" and st.precision is not None and (pa.types.is_decimal(t) or pa.types.is_integer(t)):
+        scale = st.scale or 0
+        whole = st.precision - scale
+        if pa.types.is_decimal(t):
+            whole, scale = max(whole, t.precision - t.scale), max(scale, t.scale)
+        else:
+            whole = max(whole, _digits(_int_bounds(t.bit_width, pa.types.is_unsigned_integer(t))))
+        return _decimal(whole + scale, scale)
+    if st.family == "int" and pa.types.is_decimal(t):
+        whole = max(_digits(_int_bounds(st.bits or 64, st.unsigned)), t.precision - t.scale)
+        return _decimal(whole + t.scale, t.scale)
+    if st.family == "float" and pa.types.is_floating(t):
+        return pa.float64()
+    return None
 
 
 def storable(t: pa.DataType) -> pa.DataType:
@@ -386,6 +444,20 @@ class ReplicaDialect:
 
     def add_column_sql(self, name: str, column: str, type_sql: str) -> str:
         return f"ALTER TABLE {name} ADD COLUMN {column} {type_sql}"
+
+    #: whether :meth:`alter_type_sql` is run by the merge itself (else it is given to the user)
+    alters_types = False
+
+    def alter_type_sql(self, name: str, column: str, type_sql: str, *, not_null: bool, using: str | None = None) -> str | None:
+        """The statement that changes ``column``'s type to ``type_sql``, keeping its values
+        (``using``: an expression of the old value, where a cast needs one); None if the engine
+        has none."""
+        return None
+
+    def utc_instants_sql(self, column: str) -> str | None:
+        """The expression that reads a wall-clock timestamp column as UTC instants, for
+        :meth:`alter_type_sql` (None: the engine's own cast does it)."""
+        return None
 
     # -- staging ------------------------------------------------------------------------------
     def staging_name(self, token: str) -> str:
@@ -891,8 +963,8 @@ class Replica:
         self.retry_delay = retry_delay
         self.chunk_rows = chunk_rows
         self._prepared = False
-        #: tables ensured lately, by table and layout: (when, the table's columns)
-        self._ensured: dict[tuple, tuple[float, tuple[str, ...]]] = {}
+        #: tables ensured lately, by table and layout: (when, the table's columns, what was found)
+        self._ensured: dict[tuple, tuple[float, tuple[str, ...], SchemaChanges]] = {}
         try:
             parsed = make_url(url)
         except Exception:
@@ -1131,11 +1203,33 @@ class Replica:
         on_schema_change: Literal["fail", "add_columns"] = "add_columns",
         operation_column: str | None = None,
     ) -> list[str]:
-        """Create ``table`` (and ``<table>__deleted``) when missing; else check it and add new columns.
+        """Create ``table`` (and ``<table>__deleted``) when missing; else adapt it to the data.
 
-        Returns the columns added. A replica column missing from ``arrow_schema``, a type that cannot
-        hold the data, or a table whose primary key is not ``key`` is a :class:`ReplicaError`.
-        ``operation_column`` (if in the schema) is not stored.
+        Returns the columns added; :meth:`adapt_table` tells every change.
+        """
+        return self.adapt_table(
+            table, arrow_schema, key, version_column=version_column, on_schema_change=on_schema_change,
+            operation_column=operation_column,
+        ).added
+
+    def adapt_table(
+        self,
+        table: str,
+        arrow_schema: pa.Schema,
+        key: list[str],
+        *,
+        version_column: str,
+        on_schema_change: Literal["fail", "add_columns"] = "add_columns",
+        operation_column: str | None = None,
+    ) -> SchemaChanges:
+        """Create ``table`` (and ``<table>__deleted``) when missing; else follow the data's shape.
+
+        With ``on_schema_change="add_columns"``: a column new in the data is added; a replica column
+        the data lacks (dropped or renamed at the source) is kept, and merges leave it as it is;
+        a column whose type cannot hold the data's is widened where the engine can do it without
+        loss (int -> bigint, numeric(10,2) -> numeric(12,4)), else the :class:`ReplicaError` gives
+        the statement to run. ``"fail"`` refuses any of these changes. A table whose primary key
+        is not ``key`` is a :class:`ReplicaError`. ``operation_column`` (if in the schema) is not stored.
         """
         layout = self._layout(table, arrow_schema, key, version_column, operation_column)
         return self._ensure(table, layout, on_schema_change, soft_delete=False)[1]
@@ -1155,71 +1249,102 @@ class Replica:
         on_schema_change: Literal["fail", "add_columns"] = "add_columns",
         operation_column: str | None = None,
     ) -> str:
-        """What :meth:`ensure_table` would find, changing nothing: a :class:`ReplicaError` where it
-        would fail (a column dropped or retyped at the source, no unique key on ``key``, new
-        columns with ``on_schema_change: fail``), else what it would do, in words."""
+        """What :meth:`adapt_table` would find, changing nothing: a :class:`ReplicaError` where it
+        would fail (no unique key on ``key``, a type it cannot widen itself, any change with
+        ``on_schema_change: fail``), else what it would do, in words."""
         layout = self._layout(table, arrow_schema, key, version_column, operation_column)
         with self._transaction(table, lock=False, read_only=True) as conn:
             columns = self._column_types(layout)
             shape = self.dialect.reflect(conn, self.schema, table)
             if shape is None:
                 return "missing: the first merge creates it"
-            self._check_table(table, shape, layout, columns)
+            kept, retyped = self._check_table(table, shape, layout)
         new = [c[0] for c in columns if c[0] not in shape.columns]
-        if new and on_schema_change == "fail":
-            raise self._error(f"the data has new column(s) {new} and on_schema_change is 'fail'", table, new[0])
-        return "compatible" + (f"; the next merge adds column(s) {new}" if new else "")
+        if on_schema_change == "fail" and (new or kept or retyped):
+            changed = new + kept + [f.name for f in retyped]
+            raise self._error(f"the data has changed shape (column(s) {changed}) and on_schema_change is 'fail'",
+                              table, changed[0])
+        for f in retyped:
+            st = shape.columns[f.name]
+            if widened(st, f.type) is None:
+                raise self._error(f"has type {st} in the replica, which cannot hold the data's {f.type}: convert "
+                                  "the column, or drop the table to have it created again", table, f.name)
+            if not self.dialect.alters_types:
+                raise self._error(f"has type {st} in the replica, which cannot hold the data's {f.type}; the next "
+                                  "merge fails giving the statements that change it", table, f.name)
+        said = [f"adds column(s) {new}"] if new else []
+        said += [f"widens column(s) {[f.name for f in retyped]}"] if retyped else []
+        said += [f"keeps column(s) {kept} the source no longer has"] if kept else []
+        return "compatible" + (f"; the next merge {', '.join(said)}" if said else "")
 
     def _ensure(
         self, table: str, layout: _Layout, on_schema_change: str, *, soft_delete: bool
-    ) -> tuple[list[str], list[str]]:
-        """Returns (the table's columns, the columns added). The same table ensured for the same
-        layout moments ago (a merge step's :meth:`ensure_table`, then its :meth:`merge` of each
-        file) is not reflected again: see :data:`ENSURED_TTL_SECONDS`."""
+    ) -> tuple[list[str], SchemaChanges]:
+        """Returns (the table's columns, what changed). The same table ensured for the same
+        layout moments ago (a merge step's :meth:`adapt_table`, then its :meth:`merge` of each
+        file) is not reflected again: see :data:`ENSURED_TTL_SECONDS`; it is then as it was, unchanged."""
         if on_schema_change not in ("fail", "add_columns"):
             raise self._error(f"on_schema_change must be 'fail' or 'add_columns', not {on_schema_change!r}", table)
         memo = (table, layout.schema, tuple(layout.key), layout.version, on_schema_change, soft_delete)
         ensured = self._ensured.get(memo)
         if ensured is not None and time.monotonic() - ensured[0] < ENSURED_TTL_SECONDS:
-            return list(ensured[1]), []
-        existing, added = self._ensure_now(table, layout, on_schema_change, soft_delete=soft_delete)
-        if added:  # the table changed: what was ensured for other layouts is out of date
+            _, columns, seen = ensured
+            return list(columns), SchemaChanges(kept=list(seen.kept), columns=dict(seen.columns))
+        existing, changes = self._ensure_now(table, layout, on_schema_change, soft_delete=soft_delete)
+        if changes.created or changes.added or changes.widened:
+            # the table changed: what was ensured for other layouts is out of date
             self._ensured = {m: v for m, v in self._ensured.items() if m[0] != table}
-        self._ensured[memo] = (time.monotonic(), tuple(existing))
-        return existing, added
+        self._ensured[memo] = (time.monotonic(), tuple(existing), changes)
+        return existing, changes
 
     def _ensure_now(
         self, table: str, layout: _Layout, on_schema_change: str, *, soft_delete: bool
-    ) -> tuple[list[str], list[str]]:
+    ) -> tuple[list[str], SchemaChanges]:
         q, T = self._q, self._qualified(table)
-        added: list[str] = []
+        changes = SchemaChanges()
         with self._transaction(table) as conn:
             columns = self._column_types(layout)  # after connecting: types may depend on the server
             shape = self.dialect.reflect(conn, self.schema, table)
             if shape is None:
                 self._execute(conn, self.dialect.create_table_sql(T, columns, layout.key, q))
                 existing = [c[0] for c in columns]
+                changes.created = True
                 log.info("replica %s: created table %r", self.redacted_url, table)
             else:
-                self._check_table(table, shape, layout, columns)
+                kept, retyped = self._check_table(table, shape, layout)
                 new = [c for c in columns if c[0] not in shape.columns]
-                if new and on_schema_change == "fail":
+                if on_schema_change == "fail" and (new or kept or retyped):
+                    what = [f"new column(s) {[c[0] for c in new]}"] if new else []
+                    what += [f"lacks column(s) {kept} of the replica table"] if kept else []
+                    what += [f"column(s) {[f.name for f in retyped]} of a type the replica's cannot hold"] if retyped else []
                     raise self._error(
-                        f"the data has new column(s) {[c[0] for c in new]} and on_schema_change is 'fail'", table, new[0][0]
+                        f"the data has changed shape ({'; '.join(what)}) and on_schema_change is 'fail'", table,
+                        (new[0][0] if new else kept[0] if kept else retyped[0].name),
                     )
+                tombstones = self._qualified(table + TOMBSTONE_SUFFIX)
+                for f in retyped:
+                    companion = tombstones if f.name in layout.key or f.name == layout.version else None
+                    changes.widened[f.name] = self._widen(conn, table, T, f, shape.columns[f.name], f.name in layout.key,
+                                                          companion=companion)
                 for name, type_sql, _ in new:
                     self._execute(conn, self.dialect.add_column_sql(T, q(name), type_sql))
-                    added.append(name)
+                    changes.added.append(name)
                     log.info("replica %s: added column %r to table %r", self.redacted_url, name, table)
-                existing = list(shape.columns) + added
+                changes.kept = kept
+                existing = list(shape.columns) + changes.added
             if soft_delete and DELETED not in existing:
                 self._execute(conn, self.dialect.add_column_sql(T, q(DELETED), self.dialect.flag_column_sql))
                 existing.append(DELETED)
-                added.append(DELETED)
+                changes.added.append(DELETED)
             self._ensure_tombstones(conn, table, layout, columns)
-        return existing, added
+            if changes.widened or changes.created or changes.added:
+                shape = self.dialect.reflect(conn, self.schema, table)
+            changes.columns = {c: str(st) for c, st in shape.columns.items()} if shape is not None else {}
+        return existing, changes
 
-    def _check_table(self, table: str, shape: TableShape, layout: _Layout, columns) -> None:
+    def _check_table(self, table: str, shape: TableShape, layout: _Layout) -> tuple[list[str], list[pa.Field]]:
+        """Refuses a table whose key is not the merge key; returns its columns the data lacks, and
+        the data's columns whose replica type cannot hold them."""
         for k in layout.key:
             if k not in shape.columns:
                 raise self._error("the merge key column is missing from the replica table", table, k)
@@ -1231,21 +1356,53 @@ class Replica:
                 layout.key[0],
             )
         names = set(layout.schema.names)
-        for name in shape.columns:
-            if name not in names and name != DELETED:
-                raise self._error(
-                    "is in the replica table but not in the data (dropped or renamed at the source?); "
-                    "drop it from the replica or restore it in the copy",
-                    table,
-                    name,
-                )
-        for f in layout.schema:
-            st = shape.columns.get(f.name)
-            if st is not None and not fits(f.type, st):
-                raise self._error(f"has type {st} in the replica, which cannot hold the data's {f.type}", table, f.name)
+        kept = [name for name in shape.columns if name not in names and name != DELETED]
+        retyped = [f for f in layout.schema if f.name in shape.columns and not fits(f.type, shape.columns[f.name])]
         flag = shape.columns.get(DELETED)
         if flag is not None and flag.family not in ("bool", "int"):
             raise self._error(f"the soft-delete flag has type {flag}, not boolean", table, DELETED)
+        return kept, retyped
+
+    def _widen(
+        self, conn: sa.Connection, table: str, name: str, f: pa.Field, st: SqlType, is_key: bool, *,
+        companion: str | None = None,
+    ) -> str:
+        """Change column ``f.name`` of ``name`` (of type ``st``) to a type that holds its values and
+        the data's, where the engine does it without loss; else fail giving the statement to run,
+        and the one for the same column of ``companion`` (the tombstone table, for a key or
+        version column). Returns ``"old -> new"``."""
+        column = self._q(f.name)
+        target = widened(st, f.type)
+        using, zone_change = None, False
+        if target is None and pa.types.is_timestamp(f.type) and st.family == "timestamp" and f.type.tz is not None:
+            # wall-clock values to instants: which zone they were in is the user's to say, unless none is stored
+            target, using, zone_change = f.type, self.dialect.utc_instants_sql(column), True
+        sql = type_sql = None
+        if target is not None:
+            try:
+                type_sql = self.dialect.column_type(target, key_bytes=(self.dialect.max_key_bytes or 0) if is_key else None)
+            except ValueError:
+                type_sql = None
+            if type_sql is not None:
+                sql = self.dialect.alter_type_sql(name, column, type_sql, not_null=is_key, using=using)
+        if sql is not None and self.dialect.alters_types and (not zone_change or self._all_null(conn, name, column)):
+            self._execute(conn, sql)
+            log.warning("replica %s: table %r: widened column %r from %s to %s", self.redacted_url, table, f.name, st, type_sql)
+            return f"{st} -> {type_sql}"
+        why = f"has type {st} in the replica, which cannot hold the data's {f.type}"
+        if sql is None:
+            raise self._error(
+                f"{why}; this engine cannot change it in place: convert the column, or drop the table to have it "
+                "created again (and merge every window again)", table, f.name)
+        if zone_change:
+            why += (" (its values hold no time zone: the statement reads them as UTC; if they were wall-clock times "
+                    "of another zone, name that zone in it instead)")
+        if companion is not None and type_sql is not None:
+            sql += "; " + (self.dialect.alter_type_sql(companion, column, type_sql, not_null=is_key, using=using) or "")
+        raise self._error(f"{why}; change it by running: {sql}", table, f.name)
+
+    def _all_null(self, conn: sa.Connection, name: str, column: str) -> bool:
+        return self._execute(conn, f"SELECT COUNT(*) FROM {name} WHERE {column} IS NOT NULL").scalar() == 0
 
     def _ensure_tombstones(self, conn: sa.Connection, table: str, layout: _Layout, columns) -> None:
         name = table + TOMBSTONE_SUFFIX
@@ -1258,8 +1415,8 @@ class Replica:
             st = shape.columns.get(col)
             if st is None:
                 raise self._error("is missing from the tombstone table (key or version changed?)", name, col)
-            if not fits(layout.schema.field(col).type, st):
-                raise self._error(f"has type {st} in the tombstone table, which cannot hold {layout.schema.field(col).type}", name, col)
+            if not fits(layout.schema.field(col).type, st):  # widened in the table just before
+                self._widen(conn, name, self._qualified(name), layout.schema.field(col), st, col in layout.key)
         if frozenset(layout.key) not in shape.unique_keys:
             raise self._error(f"the tombstone table's primary key is {shape.primary_key}, not {layout.key}", name)
 
@@ -1340,8 +1497,8 @@ class Replica:
         if operation_column is not None and operation_column not in first.column_names:
             raise self._error(f"operation column is not in the data; it has {first.column_names}", table, operation_column)
         layout = self._layout(table, first.schema, key, version_column, operation_column)
-        table_columns, added = self._ensure(table, layout, on_schema_change, soft_delete=soft_delete)
-        result = MergeResult(added_columns=added)
+        table_columns, changes = self._ensure(table, layout, on_schema_change, soft_delete=soft_delete)
+        result = MergeResult(added_columns=changes.added, widened_columns=changes.widened, kept_columns=changes.kept)
         plan = self._plan(
             table, layout, table_columns, deletes=operation_column is not None, soft_delete=soft_delete,
             staging=self.dialect.staging_name(uuid.uuid4().hex[:12]),

@@ -92,6 +92,11 @@ class MSSQLReplica(ReplicaDialect):
     def add_column_sql(self, name: str, column: str, type_sql: str) -> str:
         return f"ALTER TABLE {name} ADD {column} {type_sql}" + ("" if "NULL" in type_sql else " NULL")
 
+    # not run by the merge: a key column's constraint (and any index on the column) must be
+    # dropped and created again around it, which is the table owner's call
+    def alter_type_sql(self, name: str, column: str, type_sql: str, *, not_null: bool, using: str | None = None) -> str:
+        return f"ALTER TABLE {name} ALTER COLUMN {column} {type_sql} {'NOT NULL' if not_null else 'NULL'}"
+
     # -- staging ------------------------------------------------------------------------------
     def create_staging_sql(self, plan: MergePlan) -> list[str]:
         return [

@@ -39,6 +39,11 @@ class MySQLReplica(ReplicaDialect):
     }
     max_key_bytes = 3072
     flag_column_sql = "BOOLEAN NOT NULL DEFAULT 0"
+    alters_types = True  # MODIFY COLUMN copies the table, converting every value (strict mode: none may not fit)
+
+    def alter_type_sql(self, name: str, column: str, type_sql: str, *, not_null: bool, using: str | None = None) -> str:
+        # MODIFY restates the whole column: its nullability too (replica columns have no default)
+        return f"ALTER TABLE {name} MODIFY COLUMN {column} {type_sql} {'NOT NULL' if not_null else 'NULL'}"
     op_column_sql = "CAST(0 AS SIGNED)"
 
     def __init__(self) -> None:
@@ -95,6 +100,9 @@ class MySQLReplica(ReplicaDialect):
             return SqlType("timestamp", tz=True, text=str(sa_type))
         if name == "YEAR":
             return SqlType("int", bits=16, text=str(sa_type))
+        if name == "FLOAT":  # 4 bytes, unless declared with more than 24 bits of precision
+            precision = getattr(sa_type, "precision", None)
+            return SqlType("float", bits=64 if precision is not None and precision > 24 else 32, text=str(sa_type))
         return super().sql_type(sa_type)
 
     def reflect(self, conn: sa.Connection, schema: str | None, table: str) -> TableShape | None:

@@ -289,6 +289,13 @@ class _SideStaging:
 @register("postgresql")
 class PostgreSQLReplica(ReplicaDialect):
     flag_column_sql = "boolean NOT NULL DEFAULT false"
+    alters_types = True  # ALTER COLUMN ... TYPE rewrites the table, converting every value
+
+    def alter_type_sql(self, name: str, column: str, type_sql: str, *, not_null: bool, using: str | None = None) -> str:
+        return f"ALTER TABLE {name} ALTER COLUMN {column} TYPE {type_sql}" + (f" USING {using}" if using else "")
+
+    def utc_instants_sql(self, column: str) -> str:
+        return f"{column} AT TIME ZONE 'UTC'"
     array_columns = True
     name_rule = "compares quoted column names exactly"
     #: steps of at least this many rows are staged by ADBC's binary COPY (None: never); below it,

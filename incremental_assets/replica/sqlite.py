@@ -66,6 +66,18 @@ class SQLiteReplica(ReplicaDialect):
             return "BIGINT"  # microseconds
         raise ValueError(f"type {t} has no SQLite mapping")
 
+    def alter_type_sql(self, name: str, column: str, type_sql: str, *, not_null: bool, using: str | None = None) -> str | None:
+        if not_null:
+            return None  # a key column: SQLite cannot drop it; the table must be made again
+        # SQLite changes no column's type: a new column takes the values (kept as stored), the old one goes
+        old = column[:-1] + '__old"' if column.endswith('"') else column + "__old"
+        value = old if using is None else using.replace(column, old)
+        return (f"ALTER TABLE {name} RENAME COLUMN {column} TO {old}; ALTER TABLE {name} ADD COLUMN {column} {type_sql}; "
+                f"UPDATE {name} SET {column} = {value}; ALTER TABLE {name} DROP COLUMN {old}")
+
+    def utc_instants_sql(self, column: str) -> str:
+        return f"{column} || '+00:00'"  # how instants are written here (NULL stays NULL)
+
     def orders_versions_of(self, t: pa.DataType) -> bool:
         # decimals and uint64 are stored as text here, which compares character by character
         return not (pa.types.is_decimal(t) or pa.types.is_uint64(t))
