@@ -173,6 +173,10 @@ def test_daemon_sync_and_a_command_line_materialization_together(pg_db, tmp_path
     home.mkdir()
     (home / "dagster.yaml").write_text(INSTANCE_YAML)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
+    # the instance made first, as the docs say: Dagster's own commands (the daemon's) do not
+    # take the project's lock around its creation
+    status = _cli(config, home, "status")
+    assert status.wait(timeout=300) == 0, status.communicate()[0]
     log = (tmp_path / "daemon.log").open("w")
     daemon = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-m", "incremental_assets.definitions"],
