@@ -34,7 +34,7 @@ from ..sources import (
 from ..state import NEW, OPEN, PREVIOUS, WatermarkState, next_frontier
 from .schema import columns_metadata
 from .metadata import (
-    PARTITION_ROW_COUNT, progress_metadata, record_empty_windows, table_metadata, version_lag, window_row_counts,
+    MAX_EMPTY_WINDOWS, PARTITION_ROW_COUNT, progress_metadata, record_empty_windows, table_metadata, version_lag, window_row_counts,
 )
 from .partitions import key_for_time, partitions_def_for, window
 from .io import io_manager_key
@@ -498,7 +498,12 @@ def build_landing_asset(table: LandingTable, config: ProjectConfig) -> dg.Assets
             metadata["files_truncated"] = True
         if len(keys) > 1:
             _add_partition_metadata(context, keys, copies, counts)
-        if copied.empty:
+        if len(copied.empty) > MAX_EMPTY_WINDOWS:
+            context.log.info(
+                f"{tc.name}: {len(copied.empty)} window(s) between the frontier and the first one copied hold no "
+                f"row ({copied.empty[0]} ... {copied.empty[-1]}): left unmaterialized, more than {MAX_EMPTY_WINDOWS} "
+                f"to record; a partitions.start nearer the first row keeps them out of the catalog")
+        elif copied.empty:
             # before this run's own records, so the latest record stays the run's; with the state
             # as it was before the run, so that were the run's records lost, the next run would
             # start where this one did, as after a crash

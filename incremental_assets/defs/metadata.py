@@ -72,6 +72,13 @@ def window_row_counts(instance: dg.DagsterInstance, key: dg.AssetKey, added: dic
     return {window: before.get(window, 0) + rows for window, rows in added.items()}
 
 
+#: at most this many empty windows are recorded by one run (two runless events each with a
+#: replica): a table whose ``partitions.start`` lies hundreds of windows before its first row
+#: would cost an initial load of hundreds of tables minutes of Dagster storage writes; beyond it
+#: the windows stay unmaterialized and the run says how to avoid them (``partitions.start``)
+MAX_EMPTY_WINDOWS = 120
+
+
 def record_empty_windows(instance: dg.DagsterInstance, key: dg.AssetKey, windows: list[str],
                          metadata: dict[str, Any], replica_key: dg.AssetKey | None = None) -> None:
     """Record ``windows``, proven to hold no row, as materialized with no row and no file, with
