@@ -383,7 +383,8 @@ def test_a_run_spans_the_windows_holding_rows_not_every_window_since_the_start(s
 def test_rows_far_apart_are_copied_in_a_run_each_not_one_over_the_empty_windows(sqlite_db, tmp_path, capsys, dagster_home):
     create_adf_table(sqlite_db)  # one row on each day from 2017-09-01 to 2017-09-05
     insert_rows(sqlite_db, [(6, "later", dt.datetime(2017, 11, 20, 12)), (7, "later", dt.datetime(2017, 11, 22, 12))])
-    config = write_config(tmp_path, sqlite_db.url, [adf_table(partitions={"granularity": "daily", "start": "2017-01-01"})])
+    # 92 windows before the first row, 75 in the gap: each under what a run records as empty (120)
+    config = write_config(tmp_path, sqlite_db.url, [adf_table(partitions={"granularity": "daily", "start": "2017-06-01"})])
     code, out, err = run_cli(capsys, "--config", str(config), "sync")
     assert code == 0, err
     lines = out.splitlines()

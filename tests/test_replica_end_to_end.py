@@ -151,7 +151,7 @@ def test_replica_down_keeps_landing_and_merge_reruns(sqlite_db, tmp_path, capsys
     sqlite_db.run("CREATE TABLE customer_table (PersonID int, Name varchar(255), LastModifytime datetime)",
                   "INSERT INTO customer_table VALUES (1, 'John', '2017-09-01 00:56:00')")
     monkeypatch.setenv("REPLICA_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:1/x")
-    daily = [{**TABLES[0], "partitions": {"granularity": "daily", "start": "2017-01-01"}}]
+    daily = [{**TABLES[0], "partitions": {"granularity": "daily", "start": "2017-06-01"}}]  # 92 empty windows
     config = write_config(tmp_path, sqlite_db.url, daily,
                           replica={"url": "${REPLICA_URL}", "retries": 1, "retry_delay_seconds": 0.1},
                           run_retries={"max_retries": 0})
