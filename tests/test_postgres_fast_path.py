@@ -607,7 +607,9 @@ def test_windows_without_an_index_come_from_one_copy(pg_db, sources, tmp_path, n
     on_publish(lambda staged: sessions.append(_copy_sessions(pg_db)))
     copies = copy_window_slices(source, info, store, planned, table="w", batch_size=1000)
     assert [(c.partition, c.rows) for c in copies] == [("2024-01", 30000), ("2024-03", 30000)]
-    assert sessions == [1, 0]  # the same COPY still streams March when January is published
+    # never a second COPY: at January's publication the one COPY is still streaming March (1), or
+    # the kernel's socket buffers already took the rest of this small table and it has ended (0)
+    assert sessions[0] <= 1 and sessions[1] == 0, sessions
     for copy in copies:
         stamps = [a for f in copy.files for a in pq.read_table(f.uri).column("at").to_pylist()]
         assert stamps == sorted(stamps) and (copy.lo is None or min(stamps) >= copy.lo) and max(stamps) < copy.hi
